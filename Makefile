@@ -1,0 +1,38 @@
+# Quick start: `make demo` (tiny random-weight checkpoint, or CHECKPOINT=/path/to/stable-diffusion-v1-4)
+# and `make test`. Both create the virtualenv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out
+CHECKPOINT ?=
+PROMPT ?= a photo of an astronaut riding a horse on mars
+STEPS ?= 20
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint clean
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# CPU torch comes from the constraints file, never from the package metadata.
+	$(BIN)/pip install --quiet -c constraints/cpu.txt -e ".[dev]"
+	# Only for the CLIP vocabulary file of sd-tiny-checkpoint; its dependencies would pull torchvision.
+	$(BIN)/pip install --quiet --no-deps "open-clip-torch==3.3.0"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	PATH="$(abspath $(BIN)):$$PATH" OUT="$(OUT)" CHECKPOINT="$(CHECKPOINT)" PROMPT="$(PROMPT)" STEPS="$(STEPS)" \
+		bash scripts/demo.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(OUT)

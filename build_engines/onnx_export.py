@@ -1,0 +1,276 @@
+"""Export a checkpoint's text encoder, UNet and VAE halves to ONNX, and check them against torch.
+
+Every axis named in `shapes.engine_specs` is exported dynamic. Each model.onnx gets a JSON sidecar
+recording what it was made from; a later build with the same source and settings skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from python_backend.shapes import (
+    TEXT_ENCODER,
+    TOKENS_PER_CHUNK,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    EngineSpec,
+    ModelGeometry,
+)
+
+OPSET = 17  # LayerNormalization is a single op from 17 on (no fp16 overflow in a decomposed one)
+EXPORT_FORMAT = 2  # bump when the export itself changes, so cached ONNX files are redone
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA = "model.onnx.data"
+# ONNX Runtime vs torch, fp32; measured differences are 1e-6..1e-4 (see README).
+MAX_ABS_DIFF = 1e-3
+
+COMPONENT_OF = {TEXT_ENCODER: "text_encoder", UNET: "unet", VAE_DECODER: "vae", VAE_ENCODER: "vae"}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+
+
+class _UNet(nn.Module):
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+
+class _VaeDecoder(nn.Module):
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class _VaeEncoder(nn.Module):
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(image).latent_dist
+        return dist.mean, dist.std
+
+
+def read_geometry(checkpoint: Path) -> ModelGeometry:
+    """The checkpoint's fixed sizes, from its component configs (no weights loaded)."""
+
+    def config(component: str) -> dict:
+        return json.loads((checkpoint / component / "config.json").read_text())
+
+    unet, vae, text = config("unet"), config("vae"), config("text_encoder")
+    return ModelGeometry(
+        unet_in_channels=unet["in_channels"],
+        latent_channels=vae["latent_channels"],
+        text_hidden_size=text["hidden_size"],
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+    )
+
+
+class ModuleLoader:
+    """Loads a checkpoint's torch modules on first use, so a fully cached build loads none."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self._loaded: dict[str, nn.Module] = {}
+
+    def _component(self, component: str) -> nn.Module:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        if component not in self._loaded:
+            classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+            cls = classes[component]
+            self._loaded[component] = cls.from_pretrained(self.checkpoint, subfolder=component).eval()
+        return self._loaded[component]
+
+    def module(self, engine: str) -> nn.Module:
+        wrapper = {
+            TEXT_ENCODER: _TextEncoder,
+            UNET: _UNet,
+            VAE_DECODER: _VaeDecoder,
+            VAE_ENCODER: _VaeEncoder,
+        }
+        return wrapper[engine](self._component(COMPONENT_OF[engine]))
+
+
+def sample_inputs(spec: EngineSpec, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for `spec` with each dynamic axis set from `sizes`."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in tensor.dims)
+        if tensor.dtype == np.int32:
+            out[tensor.name] = rng.integers(0, 49406, size=shape, dtype=np.int32)
+        elif tensor.name == "timestep":
+            out[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+        else:
+            out[tensor.name] = rng.standard_normal(shape, dtype=np.float32)
+    return out
+
+
+# The export traces at these sizes. Latent sides not divisible by 8 make the UNet trace take
+# diffusers' explicit-upsample-size path, which is correct for every size (a multiple of 8 would
+# bake in plain 2x upsampling and break odd sizes). Batch 2 keeps batch-1 specialisation out.
+TRACE_SIZES = {
+    "batch": 2,
+    "guided_batch": 2,
+    "latent_height": 12,
+    "latent_width": 10,
+    "height": 96,
+    "width": 80,
+    "text_sequence": TOKENS_PER_CHUNK,
+}
+# ...and are checked at other sizes, to prove the axes are dynamic.
+CHECK_SIZES = {
+    "batch": 1,
+    "guided_batch": 3,
+    "latent_height": 8,
+    "latent_width": 16,
+    "height": 64,
+    "width": 128,
+    "text_sequence": TOKENS_PER_CHUNK,
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    max_abs_diff: float
+    reused: bool
+
+
+def export_engine(
+    spec: EngineSpec, module: Callable[[], nn.Module], source_digest: str, out_dir: Path
+) -> ExportResult:
+    """Write out_dir/model.onnx for one engine unless an up-to-date one is there; check it vs torch."""
+    target = out_dir / "model.onnx"
+    sidecar = out_dir / "model.onnx.json"
+    key = {
+        "source_sha256": source_digest,
+        "opset": OPSET,
+        "export_format": EXPORT_FORMAT,
+        "torch": torch.__version__.split("+")[0],
+    }
+    if target.exists() and sidecar.exists():
+        recorded = json.loads(sidecar.read_text())
+        if recorded.get("key") == key:
+            return ExportResult(target, recorded["max_abs_diff"], reused=True)
+
+    model = module()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (target, sidecar, out_dir / EXTERNAL_DATA):
+        stale.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        raw = Path(tmp) / "model.onnx"
+        _torch_export(spec, model, raw)
+        _save_checked(spec, raw, target)
+    diff = check_against_torch(spec, model, target)
+    if diff > MAX_ABS_DIFF:
+        raise ExportError(
+            f"{spec.name}: ONNX Runtime differs from torch by {diff:.2e} (limit {MAX_ABS_DIFF:.0e})"
+        )
+    sidecar.write_text(json.dumps({"key": key, "max_abs_diff": diff}, indent=2) + "\n")
+    return ExportResult(target, diff, reused=False)
+
+
+def _torch_export(spec: EngineSpec, model: nn.Module, path: Path) -> None:
+    inputs = sample_inputs(spec, TRACE_SIZES)
+    args = tuple(torch.from_numpy(inputs[t.name]) for t in spec.inputs)
+    names = [t.name for t in (*spec.inputs, *spec.outputs)]
+    dynamic_axes = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
+    # Tracer and exporter warnings (python branches on shapes, the legacy exporter's deprecation)
+    # are expected here; check_against_torch proves the result at other shapes.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_axes={n: dynamic_axes[n] for n in names},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,  # the TorchScript exporter handles diffusers' data-dependent shapes
+        )
+
+
+def _save_checked(spec: EngineSpec, raw: Path, target: Path) -> None:
+    """Name the graph's axes as `spec` does, save (one external data file past protobuf's 2 GB), check."""
+    size = sum(f.stat().st_size for f in raw.parent.iterdir() if f.is_file())
+    model = onnx.load(str(raw), load_external_data=True)
+    declared = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+    for tensor in (*spec.inputs, *spec.outputs):
+        dims = declared[tensor.name].type.tensor_type.shape.dim
+        for dim, value in zip(dims, tensor.dims, strict=True):
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
+    if size < PROTOBUF_LIMIT:
+        onnx.save_model(model, str(target))
+    else:
+        onnx.save_model(
+            model,
+            str(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA,
+            size_threshold=1024,
+        )
+    onnx.checker.check_model(str(target), full_check=True)
+
+
+def check_against_torch(spec: EngineSpec, model: nn.Module, path: Path) -> float:
+    """Max abs difference between ONNX Runtime and torch on random inputs at non-trace sizes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = sample_inputs(spec, CHECK_SIZES, seed=1)
+    got = session.run([t.name for t in spec.outputs], inputs)
+    with torch.inference_mode():
+        expected = model(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
+    if isinstance(expected, torch.Tensor):
+        expected = (expected,)
+    return max(float(np.max(np.abs(g - e.numpy()))) for g, e in zip(got, expected, strict=True))
+
+
+def digest_folder(folder: Path) -> str:
+    """sha256 over a checkpoint component folder's file names and bytes."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        with f.open("rb") as stream:
+            while chunk := stream.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,105 @@
+"""Write a Triton model repository: one model per engine plus the `pipeline` model.
+
+config.pbtxt files are built as Triton's own ModelConfig protobuf from `shapes.engine_specs` and
+`request.REQUEST_INPUTS`, so names, dtypes and dims cannot drift from what the code expects.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from python_backend import schedulers
+from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
+from python_backend.request import REQUEST_INPUTS
+from python_backend.shapes import PIPELINE_MANIFEST, EngineSpec, PipelineManifest, TensorSpec
+
+# The hand-written python models that build-engines copies into the repository it writes.
+SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
+PIPELINE = "pipeline"
+
+TRITON_DTYPES = {
+    np.float32: mc.TYPE_FP32,
+    np.float16: mc.TYPE_FP16,
+    np.int32: mc.TYPE_INT32,
+    np.int64: mc.TYPE_INT64,
+    np.uint8: mc.TYPE_UINT8,
+    np.object_: mc.TYPE_STRING,
+}
+
+
+def _tensor(
+    message: mc.ModelInput | mc.ModelOutput, name: str, dtype: type[np.generic], dims: tuple[int, ...]
+):
+    message.name = name
+    message.data_type = TRITON_DTYPES[dtype]
+    message.dims.extend(dims)
+    return message
+
+
+def _add_io(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+    for t in inputs:
+        _tensor(config.input.add(), t.name, t.dtype, t.concrete_dims())
+    for t in outputs:
+        _tensor(config.output.add(), t.name, t.dtype, t.concrete_dims())
+
+
+def onnx_runtime_engine_config(spec: EngineSpec) -> mc.ModelConfig:
+    """A python-backend model running the engine's ONNX file on ONNX Runtime (CPU)."""
+    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=0)
+    _add_io(config, spec.inputs, spec.outputs)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    return config
+
+
+def pipeline_config(default_scheduler: schedulers.SchedulerChoice) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
+    for name, dtype in REQUEST_INPUTS.items():
+        _tensor(config.input.add(), name, dtype, (1,)).optional = name != "prompt"
+    _tensor(config.output.add(), "images", np.uint8, (-1, -1, -1, 3))
+    _tensor(config.output.add(), "info", np.object_, (1,))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    listing = [
+        {"name": s.name, "a1111": s.a1111, **({"default": True} if s == default_scheduler else {})}
+        for s in schedulers.SCHEDULERS
+    ]
+    config.parameters["schedulers"].string_value = json.dumps(listing)
+    return config
+
+
+def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def write_engine_model(repository: Path, spec: EngineSpec) -> None:
+    """config.pbtxt and model.py of an ONNX Runtime engine model (its model.onnx is exported there)."""
+    model_dir = repository / spec.name
+    write_config(model_dir, onnx_runtime_engine_config(spec))
+    (model_dir / "1").mkdir(exist_ok=True)
+    shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
+
+
+def write_pipeline_model(repository: Path, checkpoint: Path, manifest: PipelineManifest) -> None:
+    """The pipeline model with what it needs from the checkpoint: tokenizer, scheduler config, manifest."""
+    model_dir = repository / PIPELINE
+    version = model_dir / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
+    default = schedulers.choice_for_class(scheduler_config["_class_name"])
+    write_config(model_dir, pipeline_config(default))
+    shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
+    shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)
+    shutil.copytree(checkpoint / TOKENIZER_DIR, version / TOKENIZER_DIR)
+    (version / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
+    shutil.copyfile(checkpoint / SCHEDULER_CONFIG, version / SCHEDULER_CONFIG)
+    manifest.write(version / PIPELINE_MANIFEST)

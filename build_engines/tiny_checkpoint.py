@@ -1,0 +1,225 @@
+"""`sd-tiny-checkpoint`: a diffusers-format Stable Diffusion v1.x checkpoint with random weights.
+
+Tests and benchmarks need a checkpoint but cannot download one. This writes v1-4's layout (UNet, VAE, CLIP
+text encoder, the real CLIP tokenizer, v1-4's PNDM scheduler) from a fixed seed: by default a tiny model that
+keeps v1-4's block structure (3 UNet downsamplings, VAE factor 8) and runs in milliseconds on CPU, or with
+``--full-size`` v1-4's own architecture for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from build_engines.clip_vocab import (
+    END_OF_TEXT,
+    START_OF_TEXT,
+    VOCAB_SIZE,
+    find_clip_bpe_file,
+    write_clip_vocab_files,
+)
+
+OPEN_CLIP_HINT = (
+    "the CLIP tokenizer vocabulary (bpe_simple_vocab_16e6.txt.gz) comes from the open-clip-torch package, "
+    "which is not installed; run `pip install --no-deps open-clip-torch` (--no-deps: its dependencies pull "
+    "torchvision) and try again"
+)
+
+MAX_TOKENS = 77
+BOS_TOKEN_ID = VOCAB_SIZE - 2  # <|startoftext|>
+EOS_TOKEN_ID = VOCAB_SIZE - 1  # <|endoftext|>, also SD 1.x's padding token
+
+# stable-diffusion-v1-4/scheduler/scheduler_config.json
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class MissingClipVocabError(RuntimeError):
+    """open-clip-torch, which ships CLIP's BPE file, is not installed."""
+
+
+def component_configs(full_size: bool = False, inpainting: bool = False) -> dict[str, dict[str, Any]]:
+    """Kwargs for UNet2DConditionModel ("unet"), AutoencoderKL ("vae") and CLIPTextConfig ("text_encoder").
+
+    Both sizes keep v1-4's block types, so the tiny UNet downsamples 3 times (odd latent sizes take diffusers'
+    forward_upsample_size path as in the real model) and the tiny VAE by 8.
+    """
+    if full_size:
+        unet_channels, unet_layers, heads, text_dim = (320, 640, 1280, 1280), 2, 8, 768
+        vae_channels, vae_layers, groups, vae_sample_size = (128, 256, 512, 512), 2, 32, 512
+        text_layers, text_heads, text_intermediate = 12, 12, 3072
+    else:
+        unet_channels, unet_layers, heads, text_dim = (32, 32, 64, 64), 1, 2, 32
+        vae_channels, vae_layers, groups, vae_sample_size = (32, 64, 64, 64), 1, 8, 64
+        text_layers, text_heads, text_intermediate = 2, 4, 64
+    vae_factor = 2 ** (len(vae_channels) - 1)
+    return {
+        "unet": {
+            "sample_size": vae_sample_size // vae_factor,
+            # Inpainting UNets also take the masked image's latents (4) and the mask (1).
+            "in_channels": 9 if inpainting else 4,
+            "out_channels": 4,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "block_out_channels": unet_channels,
+            "layers_per_block": unet_layers,
+            "attention_head_dim": heads,  # diffusers' legacy name: this is the number of heads
+            "cross_attention_dim": text_dim,
+            "norm_num_groups": groups,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": vae_channels,
+            "layers_per_block": vae_layers,
+            "latent_channels": 4,
+            "norm_num_groups": groups,
+            "sample_size": vae_sample_size,
+            "scaling_factor": 0.18215,
+        },
+        "text_encoder": {
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": text_dim,
+            "intermediate_size": text_intermediate,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_heads,
+            "max_position_embeddings": MAX_TOKENS,
+            "hidden_act": "quick_gelu",
+            "projection_dim": text_dim,
+            "bos_token_id": BOS_TOKEN_ID,
+            # With the real EOS id transformers pools at the first <|endoftext|>, like CLIP's argmax.
+            "eos_token_id": EOS_TOKEN_ID,
+            "pad_token_id": EOS_TOKEN_ID,
+        },
+    }
+
+
+def model_index(inpainting: bool, diffusers_version: str) -> dict[str, Any]:
+    """model_index.json as diffusers writes it for a pipeline saved without safety checker."""
+    return {
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def write_tiny_checkpoint(
+    out_dir: Path, seed: int = 0, inpainting: bool = False, full_size: bool = False
+) -> Path:
+    """Write the checkpoint folder (overwriting its files if present) and return its path.
+
+    The same seed gives byte-identical files. Raises MissingClipVocabError, before writing anything, when
+    open-clip-torch is not installed.
+    """
+    bpe_file = find_clip_bpe_file()
+    if bpe_file is None:
+        raise MissingClipVocabError(OPEN_CLIP_HINT)
+
+    # Imported here so that --help and the open_clip hint do not wait for torch.
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configs = component_configs(full_size=full_size, inpainting=inpainting)
+    builders: dict[str, Callable[[], Any]] = {
+        "unet": lambda: UNet2DConditionModel(**configs["unet"]),
+        "vae": lambda: AutoencoderKL(**configs["vae"]),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+    }
+    for name, build in builders.items():
+        torch.manual_seed(seed)  # per component: each one's weights depend on the seed alone
+        model = build()
+        model.save_pretrained(out_dir / name, safe_serialization=True)
+        del model  # full-size weights are GBs: hold one component at a time
+
+    # from_config, unlike the constructor, keeps clip_sample (a DDIM key, as in v1-4's file), so a DDIM
+    # scheduler made from this config does not fall back to its default clip_sample=True.
+    PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
+
+    tokenizer_dir = out_dir / "tokenizer"
+    vocab_file, merges_file = write_clip_vocab_files(bpe_file, tokenizer_dir)
+    # Positional file arguments fit both transformers 4 (vocab_file, merges_file) and 5 (vocab, merges).
+    tokenizer = CLIPTokenizer(
+        str(vocab_file),
+        str(merges_file),
+        bos_token=START_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        model_max_length=MAX_TOKENS,
+    )
+    tokenizer.save_pretrained(tokenizer_dir)
+
+    index = model_index(inpainting, diffusers.__version__)
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def checkpoint_files(out_dir: Path) -> list[Path]:
+    """The files of the checkpoint in out_dir (others that share the folder are left out)."""
+    files = [out_dir / "model_index.json"]
+    for name in COMPONENTS:
+        files += sorted(p for p in (out_dir / name).rglob("*") if p.is_file())
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sd-tiny-checkpoint",
+        description="Write a diffusers-format Stable Diffusion v1.x checkpoint with random weights "
+        "(tiny by default) and the real CLIP tokenizer.",
+    )
+    parser.add_argument("out_dir", type=Path, help="checkpoint folder to write (its files are overwritten)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed; one seed gives identical files")
+    parser.add_argument("--inpainting", action="store_true", help="9-channel inpainting UNet and pipeline")
+    parser.add_argument(
+        "--full-size", action="store_true", help="v1-4's real architecture (several GB, for benchmarks)"
+    )
+    args = parser.parse_args(argv)
+    out_dir: Path = args.out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        print(f"{out_dir} is not empty: overwriting its checkpoint files")
+
+    try:
+        write_tiny_checkpoint(out_dir, seed=args.seed, inpainting=args.inpainting, full_size=args.full_size)
+    except MissingClipVocabError as e:
+        sys.exit(f"sd-tiny-checkpoint: {e}")
+
+    print("wrote:")
+    for path in checkpoint_files(out_dir):
+        print(f"  {path.relative_to(out_dir)}  ({path.stat().st_size:,} bytes)")
+    print(out_dir.resolve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Python client for the `pipeline` model: text to images over Triton's gRPC or HTTP protocol."""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from client.infotext import format_infotext, save_png
+
+DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
+
+
+class GenerationError(Exception):
+    """A failed request. `status` is the gRPC status name (e.g. "INVALID_ARGUMENT", "UNAVAILABLE") or the
+    HTTP status code (e.g. "400"); None when the server answered with something this client can't read."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    @property
+    def is_invalid_argument(self) -> bool:
+        return self.status in INVALID_ARGUMENT_STATUSES
+
+
+def error_from_exception(exc: Exception, url: str, protocol: str) -> GenerationError:
+    """Our error for what tritonclient raised: its own exception, or (HTTP) a bare socket error."""
+    if isinstance(exc, InferenceServerException):
+        status = (exc.status() or "").removeprefix("StatusCode.") or None
+        message = exc.message() or str(exc)
+    elif isinstance(exc, TimeoutError):
+        status, message = "DEADLINE_EXCEEDED", f"no answer in time: {exc}"
+    else:
+        status, message = "UNAVAILABLE", str(exc)
+    if status == "UNAVAILABLE":
+        message = f"cannot reach the Triton server at {url} over {protocol}: {message}"
+    return GenerationError(message, status)
+
+
+# (input name, dtype) of each optional scalar input, in the order they are sent.
+_SCALAR_INPUTS: tuple[tuple[str, type[np.generic]], ...] = (
+    ("width", np.int32),
+    ("height", np.int32),
+    ("num_inference_steps", np.int32),
+    ("num_images", np.int32),
+    ("guidance_scale", np.float32),
+    ("seed", np.int64),
+)
+
+
+def _scalar(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
+    if issubclass(dtype, np.integer):
+        value = operator.index(value)  # refuse floats rather than truncate them
+        limits = np.iinfo(dtype)
+        if not limits.min <= value <= limits.max:
+            raise GenerationError(
+                f"{name} must be within [{limits.min}, {limits.max}], got {value}", "INVALID_ARGUMENT"
+            )
+    return np.array([value], dtype=dtype)
+
+
+def _text(value: str) -> np.ndarray:
+    return np.array([value.encode("utf-8")], dtype=np.object_)
+
+
+def build_inputs(
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    scheduler: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    num_images: int | None = None,
+) -> list[tuple[str, np.ndarray]]:
+    """The request's tensors by input name. Arguments left None are not sent: the server applies its defaults.
+
+    An integer outside its tensor's range raises GenerationError (status INVALID_ARGUMENT) like the server.
+    """
+    scalars = {
+        "width": width,
+        "height": height,
+        "num_inference_steps": steps,
+        "num_images": num_images,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+    }
+    inputs = [("prompt", _text(prompt))]
+    if negative_prompt is not None:
+        inputs.append(("negative_prompt", _text(negative_prompt)))
+    inputs += [
+        (name, _scalar(name, scalars[name], dtype))
+        for name, dtype in _SCALAR_INPUTS
+        if scalars[name] is not None
+    ]
+    if scheduler is not None:
+        inputs.append(("scheduler", _text(scheduler)))
+    return inputs
+
+
+def triton_inputs(triton: ModuleType, arrays: list[tuple[str, np.ndarray]]) -> list[Any]:
+    """`InferInput`s of `triton` (tritonclient.grpc or tritonclient.http) holding `arrays`."""
+    inputs = []
+    for name, array in arrays:
+        tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _format_float(value: float) -> str:
+    # The server reads guidance_scale as FP32: 7.3 comes back as 7.300000190734863.
+    return str(float(f"{value:.6g}"))
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    info: dict[str, Any]  # the server's `info` JSON
+
+    def infotexts(self) -> list[str]:
+        """A1111 infotext of each image, each with its own seed."""
+        info = self.info
+        cfg = info.get("guidance_scale")
+        return [
+            format_infotext(
+                info.get("prompt", ""),
+                info.get("negative_prompt"),
+                {
+                    "Steps": info.get("steps"),
+                    "Sampler": info.get("sampler"),
+                    "CFG scale": None if cfg is None else _format_float(cfg),
+                    "Seed": info["seeds"][i],
+                    "Size": f"{info.get('width', image.width)}x{info.get('height', image.height)}",
+                    "Model": info.get("model"),
+                },
+            )
+            for i, image in enumerate(self.images)
+        ]
+
+    def save(self, out_dir: str | Path, prefix: str = "") -> list[Path]:
+        """Write each image as `<prefix><NNNNN>-<seed>.png` with its infotext; return the paths.
+
+        As A1111 does, NNNNN continues after the highest number already in `out_dir` with this prefix.
+        Files are created exclusively, so a name taken meanwhile (another client) moves on to the next number.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        number = next_sequence_number(out, prefix)
+        paths = []
+        for image, seed, infotext in zip(self.images, self.info["seeds"], self.infotexts(), strict=True):
+            while True:
+                path = out / f"{prefix}{number:05d}-{seed}.png"
+                number += 1
+                try:
+                    with path.open("xb") as file:
+                        save_png(image, file, infotext)
+                except FileExistsError:
+                    continue
+                paths.append(path)
+                break
+        return paths
+
+
+def next_sequence_number(out_dir: Path, prefix: str = "") -> int:
+    """One past the highest `<prefix><number>` file name start in `out_dir`; 0 in a fresh directory."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)")
+    numbers = (int(m.group(1)) for p in out_dir.iterdir() if (m := pattern.match(p.name)))
+    return max(numbers, default=-1) + 1
+
+
+def decode_response(images: np.ndarray, info: bytes) -> GenerationResult:
+    """The result from the `images` (UINT8 [N, H, W, 3]) and `info` (UTF-8 JSON) outputs."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise GenerationError(
+            f"expected UINT8 images of shape [N, H, W, 3], got {images.dtype} {list(images.shape)}"
+        )
+    try:
+        parsed = json.loads(info.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GenerationError(f"the info output is not UTF-8 JSON: {exc}") from exc
+    if len(parsed.get("seeds", ())) != len(images):
+        raise GenerationError(f"info lists seeds {parsed.get('seeds')} for {len(images)} images")
+    return GenerationResult([Image.fromarray(image) for image in images], parsed)
+
+
+class StableDiffusionClient:
+    """Talks to one `pipeline` model. `timeout_s` bounds each call (None: wait as long as it takes)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model_name: str = "pipeline",
+        timeout_s: float | None = None,
+    ) -> None:
+        if protocol not in DEFAULT_URLS:
+            raise ValueError(f"protocol must be one of {sorted(DEFAULT_URLS)}, got {protocol!r}")
+        self.url = url or DEFAULT_URLS[protocol]
+        self.protocol = protocol
+        self.model_name = model_name
+        # Imported per protocol: gRPC and HTTP each pull in their own stack (grpcio, gevent).
+        with self._errors():
+            if protocol == "grpc":
+                import tritonclient.grpc as triton
+
+                self._client = triton.InferenceServerClient(self.url)
+                self._call_kwargs: dict[str, Any] = {"client_timeout": timeout_s}
+            else:
+                import tritonclient.http as triton
+
+                # tritonclient.http defaults to 60 s, shorter than a large batch may take.
+                self._client = triton.InferenceServerClient(
+                    self.url, connection_timeout=timeout_s or 60.0, network_timeout=timeout_s
+                )
+                self._call_kwargs = {}
+        self._triton = triton
+
+    def __enter__(self) -> StableDiffusionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (InferenceServerException, OSError) as exc:  # tritonclient.http lets socket errors through
+            raise error_from_exception(exc, self.url, self.protocol) from exc
+
+    def is_ready(self) -> bool:
+        """Whether the server is up and the pipeline model loaded."""
+        try:
+            with self._errors():
+                return bool(
+                    self._client.is_server_ready(**self._call_kwargs)
+                    and self._client.is_model_ready(self.model_name, **self._call_kwargs)
+                )
+        except GenerationError:
+            return False
+
+    def schedulers(self) -> list[dict[str, Any]]:
+        """The model's schedulers: `{"name", "a1111"}` each, `"default": true` on the checkpoint's own."""
+        with self._errors():
+            config = self._client.get_model_config(self.model_name, **self._call_kwargs)
+        if self.protocol == "grpc":
+            parameters = config.config.parameters
+            text = parameters["schedulers"].string_value if "schedulers" in parameters else ""
+        else:
+            text = config.get("parameters", {}).get("schedulers", {}).get("string_value", "")
+        if not text:
+            raise GenerationError(f"the config of model {self.model_name!r} has no 'schedulers' parameter")
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GenerationError(
+                f"the 'schedulers' parameter of model {self.model_name!r} is not JSON: {exc}"
+            ) from exc
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int | None = None,
+    ) -> GenerationResult:
+        """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random."""
+        arrays = build_inputs(
+            prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            scheduler=scheduler,
+            width=width,
+            height=height,
+            num_images=num_images,
+        )
+        inputs = triton_inputs(self._triton, arrays)
+        outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]
+        with self._errors():
+            result = self._client.infer(self.model_name, inputs, outputs=outputs, **self._call_kwargs)
+        images, info = result.as_numpy("images"), result.as_numpy("info")
+        if images is None or info is None:
+            raise GenerationError("the response lacks the images or info output")
+        return decode_response(images, info.reshape(-1)[0])

@@ -1,0 +1,101 @@
+"""A1111-style generation parameters ("infotext"), as stored in a PNG's `parameters` text chunk.
+
+The text is the prompt, an optional `Negative prompt: ...` part, and a last line of `Key: value` pairs:
+
+    a castle, at dusk
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 512x512, Model: sd-v1-4
+
+Other tools (A1111, its forks, civitai) read this text, so writing and parsing follow A1111's rules,
+including their limits: every prompt line is stripped of surrounding whitespace, and a prompt line that
+starts with `Negative prompt:` starts the negative prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+PNG_KEY = "parameters"
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# One `Key: value` pair of the params line, as A1111 matches it: a value is either a JSON string
+# (which may hold commas) or runs to the next comma.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111 takes the last line for the params line only when it holds this many pairs, so that a prompt
+# line such as "style: anime" stays part of the prompt.
+_MIN_PARAMS = 3
+
+
+def quote(value: str) -> str:
+    """A value as it goes into the params line: JSON-quoted where it would not parse back as is.
+
+    A1111 quotes values holding `,`, `:` or a newline. We also quote values that a reader would
+    otherwise alter: one wrapped in double quotes (it would be JSON-decoded), one with surrounding
+    whitespace (it would be stripped) and the empty one (A1111 drops it). A1111 reads all of these back.
+    """
+    wrapped = len(value) >= 2 and value[0] == value[-1] == '"'
+    if not value or wrapped or value != value.strip() or any(c in value for c in ",:\n"):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # A1111 keeps values that only look quoted
+    return value
+
+
+def format_infotext(prompt: str, negative_prompt: str | None, params: Mapping[str, Any]) -> str:
+    """The infotext for one image. Params whose value is None are left out; other values go through str().
+
+    Parsing it back needs at least three params (see `_MIN_PARAMS`).
+    """
+    params_line = ", ".join(
+        f"{key}: {quote(str(value))}" for key, value in params.items() if value is not None
+    )
+    negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{params_line}".strip()
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, params) from an infotext; param values are unquoted strings."""
+    *lines, last = text.strip().split("\n")
+    pairs = _PARAM.findall(last)
+    if len(pairs) < _MIN_PARAMS:
+        lines.append(last)
+        pairs = []
+
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if not negative_lines and line.startswith(NEGATIVE_PREFIX):
+            negative_lines.append(line[len(NEGATIVE_PREFIX) :].strip())
+        elif negative_lines:
+            negative_lines.append(line)
+        else:
+            prompt_lines.append(line)
+    return "\n".join(prompt_lines), "\n".join(negative_lines), {key: unquote(value) for key, value in pairs}
+
+
+def save_png(image: Image.Image, file: str | Path | IO[bytes], infotext: str) -> None:
+    """Write `image` as PNG with `infotext` in its `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text(PNG_KEY, infotext)  # Pillow switches to an iTXt chunk for text beyond Latin-1
+    image.save(file, format="PNG", pnginfo=info)
+
+
+def read_infotext(file: str | Path | IO[bytes]) -> str | None:
+    """The `parameters` text of a PNG, or None when it has none."""
+    with Image.open(file) as image:
+        return getattr(image, "text", {}).get(PNG_KEY)

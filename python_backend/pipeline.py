@@ -1,0 +1,158 @@
+"""The denoising core: request → images + info, over any `Engines`.
+
+It follows diffusers' StableDiffusionPipeline step for step (so a seed gives the same image), but
+builds a fresh scheduler per request and draws every image's noise from its own CPU generator
+(seed + i), which makes a seed reproducible on any hardware. It imports neither Triton nor
+onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTokenizer
+
+from python_backend import schedulers
+from python_backend.engines import Engines
+from python_backend.request import GenerationRequest
+from python_backend.shapes import PIPELINE_MANIFEST, TOKENS_PER_CHUNK, VAE_SCALE, PipelineManifest
+
+TOKENIZER_DIR = "tokenizer"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+
+@dataclass(frozen=True)
+class PipelineAssets:
+    """Everything besides the engines that a checkpoint contributes, read once at start-up."""
+
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    manifest: PipelineManifest
+
+    @classmethod
+    def load(cls, folder: Path) -> PipelineAssets:
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(folder / TOKENIZER_DIR),
+            scheduler_config=json.loads((folder / SCHEDULER_CONFIG).read_text()),
+            manifest=PipelineManifest.read(folder / PIPELINE_MANIFEST),
+        )
+
+    @property
+    def default_scheduler(self) -> schedulers.SchedulerChoice:
+        return schedulers.choice_for_class(self.scheduler_config["_class_name"])
+
+    @property
+    def max_steps(self) -> int:
+        # With steps_offset (v1-4: 1), 1000 steps would index past the last training timestep.
+        return int(self.scheduler_config["num_train_timesteps"]) - int(
+            self.scheduler_config.get("steps_offset", 0)
+        )
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def generate(request: GenerationRequest, engines: Engines, assets: PipelineAssets) -> GenerationResult:
+    """Run one request. Raises `InvalidInput` (naming the field) before any engine is called."""
+    # 1. Check inputs.
+    choice = request.validate(assets.manifest.profile, assets.max_steps) or assets.default_scheduler
+    first_seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
+    seeds = [first_seed + i for i in range(request.num_images)]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    guided = request.guidance_scale > 1.0
+    warnings: list[str] = []
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    # 2. Encode the prompt; the unconditional (negative) half goes first, as in diffusers.
+    prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
+    input_ids = np.concatenate(
+        [
+            _tokenize(assets.tokenizer, p, field, warnings)
+            for p, field in zip(prompts, ["negative_prompt", "prompt"] if guided else ["prompt"], strict=True)
+        ]
+    )
+    embeddings = engines.encode_text(input_ids)
+    text_embeddings = np.repeat(embeddings, request.num_images, axis=0)
+    timings["text_encode"] = _ms_since(started)
+
+    # 3. Timesteps, from a scheduler of this request's own.
+    scheduler = schedulers.build(choice, assets.scheduler_config)
+    scheduler.set_timesteps(request.num_inference_steps)
+    accepts = schedulers.step_accepts(choice.diffusers_class)
+    step_kwargs = {"generator": generators} if "generator" in accepts else {}
+
+    # 4. Initial latents: image i from its own generator.
+    geometry = assets.manifest.geometry
+    shape = (
+        request.num_images,
+        geometry.latent_channels,
+        request.height // VAE_SCALE,
+        request.width // VAE_SCALE,
+    )
+    latents = randn_tensor(shape, generator=generators, dtype=torch.float32) * scheduler.init_noise_sigma
+
+    # 5. Denoise.
+    denoise_started = time.perf_counter()
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
+        noise = torch.from_numpy(
+            engines.predict_noise(np.ascontiguousarray(model_input.numpy()), timestep, text_embeddings)
+        )
+        if guided:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + request.guidance_scale * (cond - uncond)
+        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+    timings["denoise"] = _ms_since(denoise_started)
+
+    # 6. Decode and convert to uint8 exactly as diffusers' image processor does.
+    decode_started = time.perf_counter()
+    decoded = engines.decode_latents(np.ascontiguousarray((latents / geometry.vae_scaling_factor).numpy()))
+    pixels = (torch.from_numpy(decoded) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    images = (pixels * 255).round().astype(np.uint8)
+    timings["decode"] = _ms_since(decode_started)
+    timings["total"] = _ms_since(started)
+
+    info = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seeds": seeds,
+        "scheduler": choice.name,
+        "sampler": choice.a1111,
+        "steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "width": request.width,
+        "height": request.height,
+        "model": assets.manifest.model_name,
+        "timings_ms": timings,
+        "warnings": warnings,
+    }
+    return GenerationResult(images=images, info=info)
+
+
+def _tokenize(tokenizer: CLIPTokenizer, text: str, field: str, warnings: list[str]) -> np.ndarray:
+    ids = tokenizer(text, padding="max_length", max_length=TOKENS_PER_CHUNK, truncation=True).input_ids
+    total = len(tokenizer(text).input_ids)
+    if total > TOKENS_PER_CHUNK:
+        warnings.append(
+            f"{field} is {total - 2} tokens; truncated to the first {TOKENS_PER_CHUNK - 2} "
+            "(longer prompts are not supported yet)"
+        )
+    return np.asarray([ids], dtype=np.int32)
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)

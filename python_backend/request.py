@@ -1,0 +1,98 @@
+"""A generation request: its fields, their defaults (stable-diffusion-v1-4's) and their validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from python_backend import schedulers
+from python_backend.shapes import VAE_SCALE, Profile
+
+MAX_SEED = 2**63 - 1
+
+# The pipeline model's inputs, each one value (Triton dims [1]); all but `prompt` optional.
+# Names are GenerationRequest's field names; np.object_ is Triton's BYTES (UTF-8 text).
+REQUEST_INPUTS: dict[str, type[np.generic]] = {
+    "prompt": np.object_,
+    "negative_prompt": np.object_,
+    "width": np.int32,
+    "height": np.int32,
+    "num_inference_steps": np.int32,
+    "num_images": np.int32,
+    "guidance_scale": np.float32,
+    "seed": np.int64,
+    "scheduler": np.object_,
+}
+
+
+class InvalidInput(ValueError):
+    """A request field with a bad value; the message names the field (Triton: INVALID_ARG)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    num_inference_steps: int = 50
+    num_images: int = 1
+    guidance_scale: float = 7.5
+    seed: int = -1  # -1: draw a random one
+    scheduler: str | None = None  # None: the checkpoint's own
+
+    def validate(self, profile: Profile, max_steps: int) -> schedulers.SchedulerChoice | None:
+        """Raise InvalidInput for the first bad field; return the requested scheduler, if any."""
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value % VAE_SCALE or not profile.min_size <= value <= profile.max_size:
+                raise InvalidInput(
+                    name,
+                    f"must be a multiple of {VAE_SCALE} in {profile.min_size}..{profile.max_size} "
+                    f"(the engines' profile), got {value}",
+                )
+        if not 1 <= self.num_inference_steps <= max_steps:
+            raise InvalidInput(
+                "num_inference_steps", f"must be in 1..{max_steps}, got {self.num_inference_steps}"
+            )
+        if not 1 <= self.num_images <= profile.max_batch:
+            raise InvalidInput("num_images", f"must be in 1..{profile.max_batch}, got {self.num_images}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise InvalidInput("guidance_scale", f"must be a finite number >= 0, got {self.guidance_scale}")
+        if not -1 <= self.seed <= MAX_SEED - self.num_images:
+            raise InvalidInput(
+                "seed", f"must be -1 (random) or in 0..{MAX_SEED - self.num_images}, got {self.seed}"
+            )
+        if self.scheduler is None:
+            return None
+        try:
+            return schedulers.lookup(self.scheduler)
+        except schedulers.UnknownScheduler as e:
+            raise InvalidInput("scheduler", str(e)) from None
+
+
+def request_from_inputs(inputs: dict[str, np.ndarray]) -> GenerationRequest:
+    """A request from the pipeline model's input tensors (absent optional inputs keep defaults)."""
+    if "prompt" not in inputs:
+        raise InvalidInput("prompt", "is required")
+    values: dict[str, object] = {}
+    for name, array in inputs.items():
+        if name not in REQUEST_INPUTS:
+            raise InvalidInput(name, f"unknown input; expected one of {', '.join(REQUEST_INPUTS)}")
+        if array.size != 1:
+            raise InvalidInput(name, f"expected exactly one value, got shape {list(array.shape)}")
+        value = array.reshape(-1)[0]
+        kind = REQUEST_INPUTS[name]
+        if kind is np.object_:
+            try:
+                values[name] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            except UnicodeDecodeError:
+                raise InvalidInput(name, "is not valid UTF-8") from None
+        else:
+            values[name] = float(value) if kind is np.float32 else int(value)
+    return GenerationRequest(**values)  # type: ignore[arg-type]

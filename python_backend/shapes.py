@@ -1,0 +1,183 @@
+"""The one source of truth for engine tensors and the sizes they accept.
+
+The ONNX export (dynamic axes), the config.pbtxt writer (dims), the TensorRT build (optimization
+profiles) and the pipeline's input validation all read this module. Dynamic axes carry names; a
+`Profile` gives each name its (min, opt, max).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+VAE_SCALE = 8  # pixels per latent cell
+TOKENS_PER_CHUNK = 77  # CLIP context length: BOS + 75 tokens + EOS
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the engines are built for: image sizes in pixels and images per request."""
+
+    min_size: int = 64
+    opt_size: int = 512
+    max_size: int = 1024
+    max_batch: int = 4
+    opt_batch: int = 1
+    max_prompt_chunks: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("min_size", "opt_size", "max_size"):
+            value = getattr(self, name)
+            if value <= 0 or value % VAE_SCALE:
+                raise ValueError(f"{name} must be a positive multiple of {VAE_SCALE}, got {value}")
+        if not self.min_size <= self.opt_size <= self.max_size:
+            raise ValueError(
+                f"sizes must satisfy min_size <= opt_size <= max_size, got "
+                f"{self.min_size} <= {self.opt_size} <= {self.max_size}"
+            )
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise ValueError(
+                f"batch must satisfy 1 <= opt_batch <= max_batch, got {self.opt_batch}, {self.max_batch}"
+            )
+        if self.max_prompt_chunks < 1:
+            raise ValueError(f"max_prompt_chunks must be >= 1, got {self.max_prompt_chunks}")
+
+    def axis_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of every named dynamic axis. The UNet batch doubles for guidance."""
+        lo, opt, hi = (s // VAE_SCALE for s in (self.min_size, self.opt_size, self.max_size))
+        seq = TOKENS_PER_CHUNK
+        return {
+            "batch": (1, self.opt_batch, self.max_batch),
+            # Text encoder and UNet see prompt and negative prompt together.
+            "guided_batch": (1, 2 * self.opt_batch, 2 * self.max_batch),
+            "latent_height": (lo, opt, hi),
+            "latent_width": (lo, opt, hi),
+            "height": (self.min_size, self.opt_size, self.max_size),
+            "width": (self.min_size, self.opt_size, self.max_size),
+            "text_sequence": (seq, seq, seq * self.max_prompt_chunks),
+        }
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int]) -> Profile:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """Fixed sizes of one checkpoint's components (read from its configs)."""
+
+    unet_in_channels: int = 4  # 9 for inpainting checkpoints
+    latent_channels: int = 4
+    text_hidden_size: int = 768
+    vae_scaling_factor: float = 0.18215
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float | int]) -> ModelGeometry:
+        return cls(**data)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One engine input or output; a str in `dims` names a dynamic axis of `Profile.axis_ranges`."""
+
+    name: str
+    dtype: type[np.generic]
+    dims: tuple[int | str, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
+
+    def concrete_dims(self) -> tuple[int, ...]:
+        """Dims with -1 for every dynamic axis, as Triton and ONNX Runtime report them."""
+        return tuple(-1 if isinstance(d, str) else d for d in self.dims)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+VAE_ENCODER = "vae_encoder"
+ENGINE_NAMES = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+
+
+def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
+    """Inputs and outputs of the four engines, keyed by engine (= Triton model) name."""
+    f32, lat, hid = np.float32, geometry.latent_channels, geometry.text_hidden_size
+    latent_dims = ("latent_height", "latent_width")
+    image_dims = ("height", "width")
+    specs = [
+        EngineSpec(
+            TEXT_ENCODER,
+            inputs=(TensorSpec("input_ids", np.int32, ("guided_batch", TOKENS_PER_CHUNK)),),
+            outputs=(TensorSpec("last_hidden_state", f32, ("guided_batch", TOKENS_PER_CHUNK, hid)),),
+        ),
+        EngineSpec(
+            UNET,
+            inputs=(
+                TensorSpec("sample", f32, ("guided_batch", geometry.unet_in_channels, *latent_dims)),
+                # One timestep per sample, so samples at different steps can share a batch.
+                TensorSpec("timestep", f32, ("guided_batch",)),
+                TensorSpec("encoder_hidden_states", f32, ("guided_batch", "text_sequence", hid)),
+            ),
+            outputs=(TensorSpec("noise_pred", f32, ("guided_batch", lat, *latent_dims)),),
+        ),
+        EngineSpec(
+            VAE_DECODER,
+            inputs=(TensorSpec("latent", f32, ("batch", lat, *latent_dims)),),
+            outputs=(TensorSpec("image", f32, ("batch", 3, *image_dims)),),
+        ),
+        EngineSpec(
+            VAE_ENCODER,
+            inputs=(TensorSpec("image", f32, ("batch", 3, *image_dims)),),
+            outputs=(
+                TensorSpec("latent_mean", f32, ("batch", lat, *latent_dims)),
+                TensorSpec("latent_std", f32, ("batch", lat, *latent_dims)),
+            ),
+        ),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+PIPELINE_MANIFEST = "pipeline.json"
+
+
+@dataclass(frozen=True)
+class PipelineManifest:
+    """What the build hands the pipeline model: written next to its model.py."""
+
+    profile: Profile
+    geometry: ModelGeometry
+    model_name: str
+
+    def write(self, path: Path) -> None:
+        data = {
+            "profile": self.profile.to_dict(),
+            "geometry": self.geometry.to_dict(),
+            "model_name": self.model_name,
+        }
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> PipelineManifest:
+        data = json.loads(path.read_text())
+        return cls(
+            profile=Profile.from_dict(data["profile"]),
+            geometry=ModelGeometry.from_dict(data["geometry"]),
+            model_name=data["model_name"],
+        )

@@ -1,0 +1,25 @@
+"""Shared fixtures: one tiny checkpoint and one model repository built from it, per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from build_engines import cli as build_cli
+from build_engines.tiny_checkpoint import write_tiny_checkpoint
+
+# Small enough to be quick on 2 cores, large enough for a non-square size above the minimum.
+PROFILE_ARGS = ["--min-size", "64", "--max-size", "256", "--max-batch", "4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("repository") / "repo"
+    assert build_cli.main(["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]) == 0
+    return repo

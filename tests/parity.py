@@ -1,0 +1,60 @@
+"""diffusers' own StableDiffusionPipeline as the reference for parity tests."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+# Images must match diffusers' to within this, per pixel (uint8).
+TOLERANCE = 2
+
+
+@cache
+def _pipeline(checkpoint: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_images(
+    checkpoint: Path,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    scheduler: str,
+    num_images: int = 1,
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] from diffusers with one CPU generator per image (seed + i).
+
+    `scheduler` is a diffusers class name, set up the way diffusers documents: `from_config` of the
+    checkpoint's scheduler config.
+    """
+    pipe = _pipeline(checkpoint)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    images = pipe(
+        prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=num_images,
+        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
+        output_type="np",
+    ).images
+    return (images * 255).round().astype(np.uint8)
+
+
+def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())

@@ -1,0 +1,130 @@
+"""build-engines on the tiny checkpoint: ONNX parity with torch, caching, and the configs it writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from build_engines import cli as build_cli
+from build_engines import onnx_export, repository
+from python_backend.request import REQUEST_INPUTS
+from python_backend.shapes import ENGINE_NAMES, PipelineManifest, Profile, engine_specs
+from tests.conftest import PROFILE_ARGS
+
+ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT32: np.int32}
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_onnx_matches_torch(model_repository, tiny_checkpoint, engine):
+    geometry = onnx_export.read_geometry(tiny_checkpoint)
+    module = onnx_export.ModuleLoader(tiny_checkpoint).module(engine)
+    path = model_repository / engine / "1" / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    diff = onnx_export.check_against_torch(engine_specs(geometry)[engine], module, path)
+    assert diff < 1e-4
+    recorded = json.loads((path.parent / "model.onnx.json").read_text())
+    assert recorded["max_abs_diff"] < onnx_export.MAX_ABS_DIFF
+    assert recorded["key"]["opset"] >= 17
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_config_matches_onnx_graph(model_repository, tiny_checkpoint, engine):
+    config = repository.read_config(model_repository / engine)
+    graph = onnx.load(str(model_repository / engine / "1" / "model.onnx"), load_external_data=False).graph
+    for ours, theirs in ((config.input, graph.input), (config.output, graph.output)):
+        assert [t.name for t in ours] == [t.name for t in theirs]
+        for tensor, value_info in zip(ours, theirs, strict=True):
+            onnx_type = value_info.type.tensor_type
+            expected_dtype = repository.TRITON_DTYPES[ONNX_TO_NUMPY[onnx_type.elem_type]]
+            assert tensor.data_type == expected_dtype, tensor.name
+            onnx_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in onnx_type.shape.dim]
+            assert list(tensor.dims) == onnx_dims, tensor.name
+    assert config.backend == "python" and config.max_batch_size == 0
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_pipeline_config(model_repository):
+    config = repository.read_config(model_repository / "pipeline")
+    inputs = {t.name: t for t in config.input}
+    assert list(inputs) == list(REQUEST_INPUTS)
+    assert [name for name, t in inputs.items() if not t.optional] == ["prompt"]
+    assert all(list(t.dims) == [1] for t in inputs.values())
+    assert inputs["seed"].data_type == mc.TYPE_INT64 and inputs["guidance_scale"].data_type == mc.TYPE_FP32
+    outputs = {t.name: (t.data_type, list(t.dims)) for t in config.output}
+    assert outputs == {"images": (mc.TYPE_UINT8, [-1, -1, -1, 3]), "info": (mc.TYPE_STRING, [1])}
+    listing = json.loads(config.parameters["schedulers"].string_value)
+    assert [s["name"] for s in listing if s.get("default")] == ["pndm"]
+    assert {"name": "euler_a", "a1111": "Euler a"} in listing
+
+
+def test_pipeline_manifest_and_assets(model_repository, tiny_checkpoint):
+    version = model_repository / "pipeline" / "1"
+    manifest = PipelineManifest.read(version / "pipeline.json")
+    assert manifest.profile == Profile(min_size=64, opt_size=256, max_size=256, max_batch=4)
+    assert manifest.geometry == onnx_export.read_geometry(tiny_checkpoint)
+    assert manifest.model_name == tiny_checkpoint.name
+    assert (version / "tokenizer" / "vocab.json").exists()
+    assert json.loads((version / "scheduler" / "scheduler_config.json").read_text())["steps_offset"] == 1
+
+
+def test_rebuild_reuses_finished_work(model_repository, tiny_checkpoint, capsys):
+    onnx_files = {e: model_repository / e / "1" / "model.onnx" for e in ENGINE_NAMES}
+    before = {e: p.stat().st_mtime_ns for e, p in onnx_files.items()}
+    assert (
+        build_cli.main(
+            ["--checkpoint", str(tiny_checkpoint), "--output", str(model_repository), *PROFILE_ARGS]
+        )
+        == 0
+    )
+    assert {e: p.stat().st_mtime_ns for e, p in onnx_files.items()} == before
+    assert capsys.readouterr().out.count("up to date, kept") == len(ENGINE_NAMES)
+
+
+def test_changed_weights_are_exported_again(tiny_checkpoint, tmp_path):
+    spec = engine_specs(onnx_export.read_geometry(tiny_checkpoint))["text_encoder"]
+    loader = onnx_export.ModuleLoader(tiny_checkpoint)
+    first = onnx_export.export_engine(spec, lambda: loader.module("text_encoder"), "digest-a", tmp_path)
+    again = onnx_export.export_engine(spec, lambda: loader.module("text_encoder"), "digest-a", tmp_path)
+    changed = onnx_export.export_engine(spec, lambda: loader.module("text_encoder"), "digest-b", tmp_path)
+    assert (first.reused, again.reused, changed.reused) == (False, True, False)
+
+
+def test_digest_follows_file_contents(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.bin").write_bytes(b"123")
+    first = onnx_export.digest_folder(tmp_path / "a")
+    (tmp_path / "a" / "w.bin").write_bytes(b"124")
+    assert onnx_export.digest_folder(tmp_path / "a") != first
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_cli.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "repo")])
+    assert exited.value.code == 2
+    assert "is not a diffusers checkpoint: no model_index.json, unet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--min-size", "60"], "min_size must be a positive multiple of 8"),
+        (["--min-size", "512", "--max-size", "256"], "min_size <= opt_size <= max_size"),
+        (["--max-batch", "0"], "1 <= opt_batch <= max_batch"),
+    ],
+)
+def test_bad_profile_is_a_clear_error(tiny_checkpoint, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exited:
+        build_cli.main(["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "repo"), *args])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_profile_axis_ranges():
+    ranges = Profile(min_size=64, opt_size=512, max_size=1024, max_batch=4).axis_ranges()
+    assert ranges["latent_height"] == (8, 64, 128)
+    assert ranges["guided_batch"] == (1, 2, 8)
+    assert ranges["text_sequence"] == (77, 77, 77)

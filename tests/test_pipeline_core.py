@@ -1,0 +1,221 @@
+"""The denoising core on in-process ONNX Runtime engines: parity with diffusers and input checks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from python_backend.engines import OnnxRuntimeEngines
+from python_backend.pipeline import PipelineAssets, generate
+from python_backend.request import REQUEST_INPUTS, GenerationRequest, InvalidInput, request_from_inputs
+from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff
+
+PROMPT = "a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def assets(model_repository: Path) -> PipelineAssets:
+    return PipelineAssets.load(model_repository / "pipeline" / "1")
+
+
+@pytest.fixture(scope="module")
+def engines(model_repository: Path, assets: PipelineAssets) -> OnnxRuntimeEngines:
+    return OnnxRuntimeEngines(model_repository, assets.manifest.geometry)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "diffusers_class"),
+    [
+        ("pndm", "PNDMScheduler"),
+        ("DDIM", "DDIMScheduler"),
+        ("Euler a", "EulerAncestralDiscreteScheduler"),
+        ("heun", "HeunDiscreteScheduler"),
+        ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+        ("unipc", "UniPCMultistepScheduler"),
+    ],
+)
+@pytest.mark.parametrize(("width", "height", "num_images", "guidance"), [(64, 64, 1, 7.5), (96, 64, 2, 4.0)])
+def test_matches_diffusers(
+    engines, assets, tiny_checkpoint, scheduler, diffusers_class, width, height, num_images, guidance
+):
+    request = GenerationRequest(
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        width=width,
+        height=height,
+        num_inference_steps=5,
+        num_images=num_images,
+        guidance_scale=guidance,
+        seed=1234,
+        scheduler=scheduler,
+    )
+    result = generate(request, engines, assets)
+    expected = diffusers_images(
+        tiny_checkpoint,
+        PROMPT,
+        negative_prompt="blurry",
+        width=width,
+        height=height,
+        steps=5,
+        guidance_scale=guidance,
+        seed=1234,
+        scheduler=diffusers_class,
+        num_images=num_images,
+    )
+    assert result.images.shape == (num_images, height, width, 3)
+    assert max_pixel_diff(result.images, expected) <= TOLERANCE
+    assert result.info["seeds"] == [1234 + i for i in range(num_images)]
+
+
+def test_guidance_one_skips_the_unconditional_half(engines, assets, tiny_checkpoint):
+    calls = []
+
+    class Recording(type(engines)):
+        def run(self, engine, inputs):
+            calls.append((engine, {k: v.shape for k, v in inputs.items()}))
+            return engines.run(engine, inputs)
+
+    recording = Recording.__new__(Recording)
+    request = GenerationRequest(
+        prompt=PROMPT, width=64, height=64, num_inference_steps=3, guidance_scale=1.0, seed=7
+    )
+    result = generate(request, recording, assets)
+    unet_batches = {shapes["sample"][0] for engine, shapes in calls if engine == "unet"}
+    assert unet_batches == {1}
+    expected = diffusers_images(
+        tiny_checkpoint,
+        PROMPT,
+        width=64,
+        height=64,
+        steps=3,
+        guidance_scale=1.0,
+        seed=7,
+        scheduler="PNDMScheduler",
+    )
+    assert max_pixel_diff(result.images, expected) <= TOLERANCE
+
+
+def test_seed_decides_the_image(engines, assets):
+    def run(seed: int) -> np.ndarray:
+        request = GenerationRequest(prompt=PROMPT, width=64, height=64, num_inference_steps=3, seed=seed)
+        return generate(request, engines, assets).images
+
+    assert np.array_equal(run(5), run(5))
+    # Parity within 2/255 means something only if another seed moves pixels much further.
+    assert max_pixel_diff(run(5), run(6)) > 40
+
+
+def test_random_seed_is_drawn_and_reported(engines, assets):
+    request = GenerationRequest(
+        prompt=PROMPT, width=64, height=64, num_inference_steps=2, num_images=2, seed=-1
+    )
+    first, second = generate(request, engines, assets), generate(request, engines, assets)
+    assert first.info["seeds"][1] == first.info["seeds"][0] + 1
+    assert first.info["seeds"] != second.info["seeds"]
+    assert not np.array_equal(first.images, second.images)
+    replay = generate(
+        GenerationRequest(**{**request.__dict__, "seed": first.info["seeds"][0]}), engines, assets
+    )
+    assert np.array_equal(replay.images, first.images)
+
+
+def test_info_reports_the_request(engines, assets):
+    request = GenerationRequest(
+        prompt=PROMPT,
+        width=96,
+        height=64,
+        num_inference_steps=2,
+        seed=3,
+        guidance_scale=5.0,
+        scheduler="Euler a",
+    )
+    info = generate(request, engines, assets).info
+    assert info["scheduler"] == "euler_a" and info["sampler"] == "Euler a"
+    assert (info["width"], info["height"], info["steps"], info["guidance_scale"]) == (96, 64, 2, 5.0)
+    assert set(info["timings_ms"]) == {"text_encode", "denoise", "decode", "total"}
+    assert info["warnings"] == []
+
+
+def test_default_scheduler_is_the_checkpoints(engines, assets):
+    request = GenerationRequest(prompt=PROMPT, width=64, height=64, num_inference_steps=2, seed=3)
+    assert generate(request, engines, assets).info["scheduler"] == "pndm"
+
+
+def test_long_prompt_is_truncated_with_a_warning(engines, assets):
+    long_prompt = " ".join(["cat"] * 100)
+    request = GenerationRequest(prompt=long_prompt, width=64, height=64, num_inference_steps=2, seed=3)
+    warnings = generate(request, engines, assets).info["warnings"]
+    assert len(warnings) == 1 and "prompt is 100 tokens" in warnings[0] and "truncated" in warnings[0]
+
+
+BAD_REQUESTS = [
+    ("width", {"width": 100}),  # not a multiple of 8
+    ("width", {"width": 56}),  # below the profile's 64
+    ("height", {"height": 264}),  # above the profile's 256
+    ("num_inference_steps", {"num_inference_steps": 0}),
+    ("num_inference_steps", {"num_inference_steps": 1001}),
+    ("num_images", {"num_images": 0}),
+    ("num_images", {"num_images": 5}),
+    ("guidance_scale", {"guidance_scale": math.nan}),
+    ("guidance_scale", {"guidance_scale": math.inf}),
+    ("guidance_scale", {"guidance_scale": -math.inf}),
+    ("guidance_scale", {"guidance_scale": -0.5}),
+    ("seed", {"seed": -2}),
+    ("scheduler", {"scheduler": "warp drive"}),
+]
+
+
+@pytest.mark.parametrize(("field", "change"), BAD_REQUESTS)
+def test_bad_input_names_the_field(engines, assets, field, change):
+    request = GenerationRequest(**{"prompt": PROMPT, "width": 64, "height": 64, **change})
+    with pytest.raises(InvalidInput) as raised:
+        generate(request, engines, assets)
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"{field}: ")
+
+
+def test_unknown_scheduler_lists_valid_names(engines, assets):
+    with pytest.raises(InvalidInput, match=r"valid names: pndm \(PLMS\), ddim \(DDIM\)"):
+        generate(GenerationRequest(prompt=PROMPT, width=64, height=64, scheduler="nope"), engines, assets)
+
+
+def test_step_limit_comes_from_the_scheduler_config(engines, assets):
+    # v1-4's steps_offset=1 leaves 999 usable timesteps; 1000 would index past the schedule.
+    assert assets.max_steps == 999
+    with pytest.raises(InvalidInput, match=r"num_inference_steps: must be in 1\.\.999"):
+        generate(
+            GenerationRequest(prompt=PROMPT, width=64, height=64, num_inference_steps=1000), engines, assets
+        )
+
+
+def test_request_from_inputs_decodes_tensors():
+    request = request_from_inputs(
+        {
+            "prompt": np.array([b"caf\xc3\xa9"], dtype=np.object_),
+            "width": np.array([96], dtype=np.int32),
+            "guidance_scale": np.array([3.5], dtype=np.float32),
+            "seed": np.array([2**40], dtype=np.int64),
+        }
+    )
+    assert request == GenerationRequest(prompt="café", width=96, guidance_scale=3.5, seed=2**40)
+    assert set(REQUEST_INPUTS) == set(GenerationRequest.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(
+    ("field", "inputs"),
+    [
+        ("prompt", {}),
+        ("prompt", {"prompt": np.array([b"\xff\xfe"], dtype=np.object_)}),
+        (
+            "width",
+            {"prompt": np.array([b"x"], dtype=np.object_), "width": np.array([64, 64], dtype=np.int32)},
+        ),
+    ],
+)
+def test_request_from_inputs_rejects_bad_tensors(field, inputs):
+    with pytest.raises(InvalidInput) as raised:
+        request_from_inputs(inputs)
+    assert raised.value.field == field

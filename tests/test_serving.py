@@ -1,0 +1,238 @@
+"""End to end through a real tritonserver: the pipeline model over BLS, real gRPC and HTTP clients.
+
+Images served must equal what diffusers' StableDiffusionPipeline makes from the same tiny checkpoint,
+seed and scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from client import GenerationError, StableDiffusionClient, parse_infotext, read_infotext
+from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff
+from tests.triton_server import TritonServer
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "a photo of a cat"
+NEGATIVE = "blurry"
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def server(model_repository: Path):
+    with TritonServer(model_repository) as running:
+        yield running
+
+
+def client_for(server: TritonServer, protocol: str) -> StableDiffusionClient:
+    return StableDiffusionClient(
+        server.grpc_url if protocol == "grpc" else server.http_url, protocol=protocol
+    )
+
+
+@cache
+def reference(checkpoint: Path, scheduler: str, width: int, height: int, guidance: float, num_images: int):
+    return diffusers_images(
+        checkpoint,
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        width=width,
+        height=height,
+        steps=STEPS,
+        guidance_scale=guidance,
+        seed=2024,
+        scheduler=scheduler,
+        num_images=num_images,
+    )
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize(
+    ("scheduler", "diffusers_class"),
+    [("pndm", "PNDMScheduler"), ("ddim", "DDIMScheduler"), ("Euler a", "EulerAncestralDiscreteScheduler")],
+)
+@pytest.mark.parametrize(("width", "height"), [(64, 64), (96, 64)])
+def test_served_images_match_diffusers(
+    server, tiny_checkpoint, protocol, scheduler, diffusers_class, width, height
+):
+    result = client_for(server, protocol).generate(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        seed=2024,
+        scheduler=scheduler,
+        width=width,
+        height=height,
+    )
+    served = np.stack([np.asarray(image) for image in result.images])
+    expected = reference(tiny_checkpoint, diffusers_class, width, height, 7.5, 1)
+    assert max_pixel_diff(served, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize(("guidance", "num_images"), [(1.0, 1), (7.5, 2)])
+def test_guidance_one_and_several_images_match_diffusers(server, tiny_checkpoint, guidance, num_images):
+    result = client_for(server, "grpc").generate(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        seed=2024,
+        guidance_scale=guidance,
+        num_images=num_images,
+        width=64,
+        height=64,
+    )
+    served = np.stack([np.asarray(image) for image in result.images])
+    expected = reference(tiny_checkpoint, "PNDMScheduler", 64, 64, guidance, num_images)
+    assert max_pixel_diff(served, expected) <= TOLERANCE
+    assert result.info["seeds"] == [2024 + i for i in range(num_images)]
+
+
+def test_same_request_twice_gives_the_same_images(server):
+    client = client_for(server, "grpc")
+    first, second = (client.generate(PROMPT, steps=3, seed=11, width=64, height=64) for _ in range(2))
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+
+
+def test_random_seeds_differ_and_are_reported(server):
+    client = client_for(server, "grpc")
+    first, second = (client.generate(PROMPT, steps=3, seed=-1, width=64, height=64) for _ in range(2))
+    assert first.info["seeds"] != second.info["seeds"]
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    replay = client.generate(PROMPT, steps=3, seed=first.info["seeds"][0], width=64, height=64)
+    assert np.array_equal(np.asarray(replay.images[0]), np.asarray(first.images[0]))
+
+
+def test_png_parameters_round_trip(server, tmp_path):
+    result = client_for(server, "http").generate(
+        "a cat, sitting: on a mat",
+        negative_prompt=NEGATIVE,
+        steps=3,
+        seed=5,
+        scheduler="Euler a",
+        width=96,
+        height=64,
+    )
+    [path] = result.save(tmp_path)
+    prompt, negative, params = parse_infotext(read_infotext(path))
+    assert (prompt, negative) == ("a cat, sitting: on a mat", NEGATIVE)
+    assert params["Steps"] == "3" and params["Sampler"] == "Euler a" and params["CFG scale"] == "7.5"
+    assert params["Seed"] == "5" and params["Size"] == "96x64"
+
+
+BAD_VALUES = [
+    ("width", {"width": 100}),
+    ("height", {"height": 56}),
+    ("height", {"height": 264}),
+    ("num_inference_steps", {"steps": 0}),
+    ("num_inference_steps", {"steps": 1001}),
+    ("num_images", {"num_images": 0}),
+    ("num_images", {"num_images": 5}),
+    ("guidance_scale", {"guidance_scale": float("nan")}),
+    ("guidance_scale", {"guidance_scale": float("inf")}),
+    ("guidance_scale", {"guidance_scale": -1.0}),
+    ("seed", {"seed": -7}),
+    ("scheduler", {"scheduler": "warp drive"}),
+]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize(("field", "change"), BAD_VALUES)
+def test_bad_values_are_invalid_arg_naming_the_field(server, protocol, field, change):
+    arguments = {"width": 64, "height": 64, "steps": 2, **change}
+    with pytest.raises(GenerationError) as raised:
+        client_for(server, protocol).generate(PROMPT, **arguments)
+    assert raised.value.is_invalid_argument, raised.value.status
+    assert field in raised.value.message
+    assert client_for(server, protocol).is_ready()
+
+
+def _raw_infer(server: TritonServer, inputs: list[tuple[str, np.ndarray, str]]):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensors = []
+    for name, array, dtype in inputs:
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return client.infer("pipeline", tensors)
+
+
+PROMPT_TENSOR = ("prompt", np.array([PROMPT.encode()], np.object_), "BYTES")
+
+
+@pytest.mark.parametrize(
+    ("field", "inputs"),
+    [
+        ("width", [PROMPT_TENSOR, ("width", np.array([64.0], np.float32), "FP32")]),  # wrong dtype
+        ("width", [PROMPT_TENSOR, ("width", np.array([64, 64], np.int32), "INT32")]),  # wrong shape
+        ("seed", [PROMPT_TENSOR, ("seed", np.array([1], np.int32), "INT32")]),
+        ("prompt", [("prompt", np.array([b"\xff\xfe"], np.object_), "BYTES")]),  # not UTF-8
+        ("prompt", [("width", np.array([64], np.int32), "INT32")]),  # missing
+    ],
+)
+def test_malformed_tensors_are_invalid_arg_naming_the_field(server, field, inputs):
+    with pytest.raises(InferenceServerException) as raised:
+        _raw_infer(server, inputs)
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert field in raised.value.message()
+    assert grpcclient.InferenceServerClient(server.grpc_url).is_server_ready()
+
+
+def test_info_output(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    prompt = httpclient.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([" ".join(["cat"] * 90).encode()], np.object_))
+    steps = httpclient.InferInput("num_inference_steps", [1], "INT32")
+    steps.set_data_from_numpy(np.array([2], np.int32))
+    size = [httpclient.InferInput(n, [1], "INT32") for n in ("width", "height")]
+    for tensor in size:
+        tensor.set_data_from_numpy(np.array([64], np.int32))
+    response = client.infer("pipeline", [prompt, steps, *size])
+    info = json.loads(response.as_numpy("info")[0])
+    assert response.as_numpy("images").shape == (1, 64, 64, 3)
+    assert info["scheduler"] == "pndm" and info["steps"] == 2 and info["guidance_scale"] == 7.5
+    assert len(info["seeds"]) == 1 and info["warnings"] and "truncated" in info["warnings"][0]
+    assert info["timings_ms"]["total"] >= info["timings_ms"]["denoise"] > 0
+
+
+def test_sd_client_cli(server, tmp_path):
+    def sd_client(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "client.cli", *args, "--url", server.grpc_url]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    generated = sd_client(
+        "generate",
+        PROMPT,
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--num-images",
+        "2",
+        "--seed",
+        "9",
+        "--out",
+        str(tmp_path),
+    )
+    assert generated.returncode == 0, generated.stderr
+    paths = [Path(line) for line in generated.stdout.split()]
+    assert len(paths) == 2 and all(p.exists() for p in paths)
+    assert "Seed: 10" in read_infotext(paths[1])
+
+    rejected = sd_client("generate", PROMPT, "--width", "100")
+    assert rejected.returncode == 2 and "width" in rejected.stderr
+
+    listing = sd_client("schedulers")
+    assert listing.returncode == 0 and "euler_a" in listing.stdout and "DPM++ 2M Karras" in listing.stdout
