@@ -1,0 +1,466 @@
+"""`sd-serve`: start Triton Inference Server on a model repository and report clearly when it cannot serve.
+
+Uses `tritonserver` from PATH when there is one (e.g. inside the NGC container), else the server bundled in
+the nvidia-pytriton wheel, copied once into a cache folder with the python backend stub for this
+interpreter (the wheel's layout lacks it, see `prepare_bundled_tritonserver`).
+
+    sd-serve --model-repository model_repository -- --cache-config local,size=1048576
+
+Reusable pieces: `prepare_tritonserver()` finds or prepares the executable, `TritonProcess` runs it
+(log passed through, failures diagnosed), `serve()` is the whole command with signal forwarding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import http.client
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+TAIL_LINES = 60
+_POLL_INTERVAL_S = 0.2
+# Plain HTTP to our own server: a proxy from the environment must not be asked for 127.0.0.1.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ServeError(Exception):
+    """An expected failure to serve, reported to the user without a traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding / preparing the tritonserver executable
+
+
+@dataclass(frozen=True)
+class TritonCommand:
+    """How to launch a tritonserver installation."""
+
+    executable: Path
+    args: tuple[str, ...] = ()  # arguments the installation itself needs (backend and cache folders)
+    env: Mapping[str, str] | None = None  # None: inherit our environment unchanged
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-triton"
+
+
+def prepare_tritonserver(cache_dir: Path | None = None) -> TritonCommand:
+    """`tritonserver` from PATH as is, else the nvidia-pytriton one (prepared on first use)."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonCommand(Path(on_path))
+    return prepare_bundled_tritonserver(cache_dir)
+
+
+def prepare_bundled_tritonserver(cache_dir: Path | None = None) -> TritonCommand:
+    """Make the tritonserver of the nvidia-pytriton wheel runnable, once per wheel version and Python.
+
+    As shipped its python backend finds no stub; a copy of bin/, backends/ and caches/ with the stub for
+    this Python in backends/python/ works. The copy is made in a temporary folder and renamed into place,
+    so concurrent first starts cannot leave a half-copied installation behind.
+    """
+    spec = importlib.util.find_spec("pytriton")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ServeError(
+            "no tritonserver on PATH and nvidia-pytriton is not installed: pip install 'sd-triton[serve]', "
+            "or run inside the Triton container"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    source = package / "tritonserver"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / python / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServeError(f"nvidia-pytriton has no python backend stub for Python {python} ({stub})")
+
+    root = cache_dir or default_cache_dir()
+    target = root / f"tritonserver-pytriton{importlib.metadata.version('nvidia-pytriton')}-py{python}"
+    if not target.is_dir():
+        try:
+            _install_atomically(source, stub, target)
+        except OSError as e:
+            raise ServeError(
+                f"cannot prepare tritonserver in {root}: {e} (set XDG_CACHE_HOME elsewhere)"
+            ) from e
+
+    env = dict(os.environ)
+    # The copy lost the binary's RPATH to the wheel's libraries. LIBDIR makes the stub load the libpython
+    # of this interpreter, not the system's one next to another stdlib (that breaks multiprocessing).
+    env["LD_LIBRARY_PATH"] = _path_list(
+        str(package.parent / "nvidia_pytriton.libs"),
+        sysconfig.get_config_var("LIBDIR"),
+        env.get("LD_LIBRARY_PATH"),
+    )
+    # The stub finds its site-packages (numpy, ...) through the `python` it sees first on PATH.
+    env["PATH"] = _path_list(sysconfig.get_path("scripts"), env.get("PATH"))
+    return TritonCommand(
+        executable=target / "bin" / "tritonserver",
+        args=(f"--backend-directory={target / 'backends'}", f"--cache-directory={target / 'caches'}"),
+        env=env,
+    )
+
+
+def _install_atomically(source: Path, stub: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for name in ("bin", "backends", "caches"):
+            shutil.copytree(source / name, staging / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(stub, staging / "backends" / "python" / stub.name)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # else another process finished first: use its copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _path_list(*parts: str | None) -> str:
+    return os.pathsep.join(part for part in parts if part)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running it
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model_repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    extra_args: tuple[str, ...] = ()  # passed to tritonserver as given, after ours
+
+    def triton_args(self) -> list[str]:
+        return [
+            f"--model-repository={self.model_repository}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",  # a model that fails to load ends the server
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def ready_line(self) -> str:
+        return (
+            f"sd-serve: ready (http://{_host_port(self.host, self.http_port)}, "
+            f"grpc {_host_port(self.host, self.grpc_port)}, "
+            f"metrics http://{_host_port(self.host, self.metrics_port)}/metrics)"
+        )
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class LogDiagnosis:
+    """What Triton's log says went wrong, fed line by line as the server writes it."""
+
+    _LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"?$)")
+    _POLL_FAILED = re.compile(r"Poll failed for model directory '([^']+)': (.*?)(?:\\n|\"?$)")
+    _STATUS_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE:\s*(.*?)\s*\|$")
+    _STUB_PREINIT_FAILED = re.compile(r"Failed to preinitialize Python stub: (.*?)\s*$")
+    _MODEL_FROM_PATH = re.compile(r"/([^/']+)/\d+/[^/']+'")
+    _SERVICE_FAILED = re.compile(r"(failed to start \w+ service: .*?)\s*\"?$")
+    _SERVER_ERROR = re.compile(r"^error: (.*)")
+
+    def __init__(self) -> None:
+        self.failed_models: dict[str, str] = {}  # model name -> first line of the reason
+        self.errors: list[str] = []
+        # Set when the server will neither become ready nor exit by itself.
+        self.hopeless = threading.Event()
+
+    def feed(self, line: str) -> None:
+        for pattern in (self._LOAD_FAILED, self._POLL_FAILED, self._STATUS_ROW):
+            if match := pattern.search(line):
+                self.failed_models.setdefault(match[1], match[2])
+                return
+        if match := self._STUB_PREINIT_FAILED.search(line):
+            # Triton 2.51 waits forever for a python model whose stub failed this early (model.py missing).
+            model = self._MODEL_FROM_PATH.search(match[1])
+            self.failed_models.setdefault(model[1] if model else "(unknown python model)", match[1])
+            self.hopeless.set()
+        elif match := self._SERVICE_FAILED.search(line) or self._SERVER_ERROR.search(line):
+            self.errors.append(match[1])
+
+
+class TritonProcess:
+    """A tritonserver child process whose log is echoed to our stderr as it comes, the last lines kept.
+
+    Usable as a context manager (start on enter, stop on exit). It forwards no signals: see `serve`.
+    """
+
+    def __init__(
+        self,
+        options: ServeOptions,
+        command: TritonCommand | None = None,
+        *,
+        echo_log: bool = True,
+        tail_lines: int = TAIL_LINES,
+    ) -> None:
+        self.options = options
+        self.command = command
+        self.diagnosis = LogDiagnosis()
+        self._echo_log = echo_log
+        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> None:
+        options = self.options
+        if not options.model_repository.is_dir():
+            raise ServeError(f"model repository {options.model_repository} does not exist or is not a folder")
+        for what, port in (
+            ("HTTP", options.http_port),
+            ("gRPC", options.grpc_port),
+            ("metrics", options.metrics_port),
+        ):
+            _check_port_free(options.host, port, what)
+        command = self.command = self.command or prepare_tritonserver()
+        self._process = subprocess.Popen(
+            [str(command.executable), *command.args, *options.triton_args()],
+            env=command.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            if self._echo_log:
+                try:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # our stderr went away: keep draining, or the server blocks
+                    self._echo_log = False
+            line = line.rstrip()
+            self._tail.append(line)
+            self.diagnosis.feed(line)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll /v2/health/ready until 200; on failure stop the server and raise `ServeError`."""
+        process = self._running_process()
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+            self.options.host, self.options.host
+        )
+        url = f"http://{_host_port(host, self.options.http_port)}/v2/health/ready"
+        deadline = time.monotonic() + timeout
+        while True:
+            returncode = process.poll()
+            if returncode is not None:
+                raise ServeError(
+                    self.failure_report(f"tritonserver exited with code {returncode} before becoming ready"),
+                    exit_code=_exit_code(returncode) or 1,
+                )
+            if self.diagnosis.hopeless.is_set():
+                self.stop()
+                raise ServeError(
+                    self.failure_report("tritonserver would wait forever for a model that failed, stopped it")
+                )
+            if _http_ok(url):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServeError(
+                    self.failure_report(f"tritonserver not ready after {timeout:g} s, stopped it")
+                )
+            time.sleep(_POLL_INTERVAL_S)
+
+    def send_signal(self, signum: int) -> None:
+        if self._process is not None:
+            self._process.send_signal(signum)  # no-op once the process has been waited for
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The server's exit code, once it has exited and its log has been read to the end."""
+        returncode = self._running_process().wait(timeout)
+        self._join_reader()
+        return returncode
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL if Triton has not exited after `timeout` seconds (its own limit is 30 s)."""
+        process = self._running_process()
+        process.terminate()
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return self.wait()
+
+    def log_tail(self) -> list[str]:
+        return list(self._tail)
+
+    def failure_report(self, headline: str) -> str:
+        self._join_reader()
+        failed = self.diagnosis.failed_models
+        if failed:
+            headline += f"; model(s) failed to load: {', '.join(map(repr, failed))}"
+        lines = [headline]
+        lines += [f"  model {name!r}: {reason}" for name, reason in failed.items()]
+        lines += [f"  tritonserver: {error}" for error in self.diagnosis.errors]
+        tail = self.log_tail()
+        lines += [f"--- last {len(tail)} lines of the tritonserver log ---", *tail]
+        return "\n".join(lines)
+
+    def _running_process(self) -> subprocess.Popen[str]:
+        if self._process is None:
+            raise RuntimeError("TritonProcess.start() was not called")
+        return self._process
+
+    def _join_reader(self) -> None:
+        # Bounded: python backend stubs, which share the pipe, may outlive the server by a moment.
+        if self._reader is not None and (self._process is None or self._process.poll() is not None):
+            self._reader.join(timeout=5)
+
+    def __enter__(self) -> TritonProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self.stop()
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """Fail before starting: against a port already serving, our readiness poll could ask another server.
+
+    SO_REUSEADDR as Triton sets it, so a port in TIME_WAIT from a previous run counts as free.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ServeError(f"{what} port {_host_port(host, port)} is already in use") from e
+        raise ServeError(f"cannot bind the {what} port {_host_port(host, port)}: {e}") from e
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _NO_PROXY_OPENER.open(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, http.client.HTTPException):  # refused, not ready yet (HTTPError), reset...
+        return False
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128 + N, as shells do
+
+
+def serve(
+    options: ServeOptions, *, ready_timeout: float = 600.0, command: TritonCommand | None = None
+) -> int:
+    """Run tritonserver until it exits; SIGINT/SIGTERM are forwarded to it. Returns the exit code.
+
+    Prints the ready line on stdout once the server answers ready. Must run in the main thread (signals).
+    Raises `ServeError` when the server cannot start or fails while nobody asked it to stop.
+    """
+    server = TritonProcess(options, command)
+    stop_signals: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        stop_signals.append(signum)
+        server.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with server:  # stops the server should anything below raise while it runs
+            if stop_signals:  # arrived while it was being launched
+                server.send_signal(stop_signals[-1])
+            try:
+                server.wait_ready(ready_timeout)
+            except ServeError:
+                if stop_signals:  # asked to stop while starting: not a failure
+                    return _exit_code(server.wait())
+                raise
+            print(options.ready_line(), flush=True)
+            returncode = server.wait()
+            if returncode != 0 and not stop_signals:
+                raise ServeError(
+                    server.failure_report(f"tritonserver exited with code {returncode}"),
+                    _exit_code(returncode),
+                )
+            return _exit_code(returncode)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        prog="sd-serve",
+        usage="sd-serve --model-repository REPO [options] [-- TRITONSERVER_ARGS...]",
+        description="Start Triton Inference Server on a model repository; exit non-zero if it cannot serve.",
+        epilog="Arguments after `--` go to tritonserver as given, e.g. -- --cache-config local,size=1048576",
+    )
+    parser.add_argument("--model-repository", type=Path, required=True, metavar="REPO")
+    parser.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log-verbose", type=int, default=0, metavar="N", help="tritonserver's verbosity")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=600.0, metavar="SECONDS", help="give up if not ready by then"
+    )
+    args = parser.parse_args(argv[:split])
+    options = ServeOptions(
+        model_repository=args.model_repository.absolute(),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose,
+        extra_args=tuple(argv[split + 1 :]),
+    )
+    try:
+        return serve(options, ready_timeout=args.ready_timeout)
+    except ServeError as e:
+        print(f"sd-serve: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
