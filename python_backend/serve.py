@@ -427,6 +427,13 @@ def serve(
             signal.signal(signum, handler)
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:  # 0 would let Triton pick one we cannot poll for readiness
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -438,9 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model-repository", type=Path, required=True, metavar="REPO")
     parser.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--http-port", type=_port, default=8000)
+    parser.add_argument("--grpc-port", type=_port, default=8001)
+    parser.add_argument("--metrics-port", type=_port, default=8002)
     parser.add_argument("--log-verbose", type=int, default=0, metavar="N", help="tritonserver's verbosity")
     parser.add_argument(
         "--ready-timeout", type=float, default=600.0, metavar="SECONDS", help="give up if not ready by then"
