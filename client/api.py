@@ -17,6 +17,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.infotext import format_infotext, save_png
+from python_backend.request import REQUEST_INPUTS
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
@@ -50,18 +51,9 @@ def error_from_exception(exc: Exception, url: str, protocol: str) -> GenerationE
     return GenerationError(message, status)
 
 
-# (input name, dtype) of each optional scalar input, in the order they are sent.
-_SCALAR_INPUTS: tuple[tuple[str, type[np.generic]], ...] = (
-    ("width", np.int32),
-    ("height", np.int32),
-    ("num_inference_steps", np.int32),
-    ("num_images", np.int32),
-    ("guidance_scale", np.float32),
-    ("seed", np.int64),
-)
-
-
-def _scalar(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
+def _tensor(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
+    if dtype is np.object_:
+        return np.array([str(value).encode("utf-8")], dtype=np.object_)
     if issubclass(dtype, np.integer):
         value = operator.index(value)  # refuse floats rather than truncate them
         limits = np.iinfo(dtype)
@@ -70,10 +62,6 @@ def _scalar(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
                 f"{name} must be within [{limits.min}, {limits.max}], got {value}", "INVALID_ARGUMENT"
             )
     return np.array([value], dtype=dtype)
-
-
-def _text(value: str) -> np.ndarray:
-    return np.array([value.encode("utf-8")], dtype=np.object_)
 
 
 def build_inputs(
@@ -92,25 +80,23 @@ def build_inputs(
 
     An integer outside its tensor's range raises GenerationError (status INVALID_ARGUMENT) like the server.
     """
-    scalars = {
+    values = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
         "width": width,
         "height": height,
         "num_inference_steps": steps,
         "num_images": num_images,
         "guidance_scale": guidance_scale,
         "seed": seed,
+        "scheduler": scheduler,
     }
-    inputs = [("prompt", _text(prompt))]
-    if negative_prompt is not None:
-        inputs.append(("negative_prompt", _text(negative_prompt)))
-    inputs += [
-        (name, _scalar(name, scalars[name], dtype))
-        for name, dtype in _SCALAR_INPUTS
-        if scalars[name] is not None
+    # Names and dtypes are the server's own table of pipeline inputs.
+    return [
+        (name, _tensor(name, value, REQUEST_INPUTS[name]))
+        for name, value in values.items()
+        if value is not None
     ]
-    if scheduler is not None:
-        inputs.append(("scheduler", _text(scheduler)))
-    return inputs
 
 
 def triton_inputs(triton: ModuleType, arrays: list[tuple[str, np.ndarray]]) -> list[Any]:
