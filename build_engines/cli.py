@@ -1,22 +1,23 @@
-"""build-engines: a diffusers SD v1.x checkpoint folder → ONNX engines → a Triton model repository."""
+"""build-engines: a diffusers SD v1.x checkpoint folder → ONNX → engines → a Triton model repository."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
-from build_engines import onnx_export, repository
-from python_backend.shapes import PipelineManifest, Profile, engine_specs
+from build_engines import onnx_export, repository, tensorrt_engine
+from python_backend.serve import default_cache_dir
+from python_backend.shapes import ENGINE_NAMES, TEXT_ENCODER, UNET, PipelineManifest, Profile, engine_specs
 
 CHECKPOINT_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = Profile()
     parser = argparse.ArgumentParser(prog="build-engines", description=__doc__)
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="diffusers-format SD v1.x checkpoint folder"
@@ -24,60 +25,139 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="model repository folder to write")
     parser.add_argument(
         "--target",
-        choices=["onnx"],
+        choices=["onnx", "tensorrt"],
         default="onnx",
-        help="onnx: python-backend models running ONNX Runtime (CPU; works with the pip-installed Triton)",
+        help="onnx: python-backend models running ONNX Runtime (CPU; works with the pip-installed Triton); "
+        "tensorrt: TensorRT plans for Triton's TensorRT backend (needs TensorRT and a GPU)",
     )
-    parser.add_argument("--min-size", type=int, default=defaults.min_size, help="smallest image side, pixels")
-    parser.add_argument(
-        "--opt-size", type=int, default=None, help="typical image side (default: 512 in range)"
+    sizes = parser.add_argument_group("profile (what requests the engines accept)")
+    sizes.add_argument("--min-size", type=int, default=64, help="smallest image side, pixels (default 64)")
+    sizes.add_argument(
+        "--opt-size", type=int, default=None, help="typical image side (default: 512 within range)"
     )
-    parser.add_argument("--max-size", type=int, default=defaults.max_size, help="largest image side, pixels")
-    parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="most images per request")
+    sizes.add_argument("--max-size", type=int, default=1024, help="largest image side, pixels (default 1024)")
+    sizes.add_argument(
+        "--static", metavar="WxH", help="one fixed image size instead of a range (fastest engines)"
+    )
+    sizes.add_argument("--max-batch", type=int, default=4, help="most images per request (default 4)")
+    trt = parser.add_argument_group("tensorrt target")
+    trt.add_argument(
+        "--vae-precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="VAE engines' precision (default fp32: safe from fp16 overflow, ~3%% of a 50-step image's work)",
+    )
+    trt.add_argument(
+        "--optimization-level", type=int, default=3, choices=range(6), help="builder level (default 3)"
+    )
+    trt.add_argument(
+        "--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)"
+    )
+    trt.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=default_cache_dir() / "tensorrt-timing.cache",
+        help="timing cache file, reused by later builds on the same GPU (default: %(default)s)",
+    )
+    trt.add_argument(
+        "--refittable", action="store_true", help="build refittable engines (weights can be swapped)"
+    )
     parser.add_argument(
         "--model-name", help="name reported in info and infotext (default: checkpoint folder)"
     )
     args = parser.parse_args(argv)
+
     missing = [p for p in CHECKPOINT_PARTS if not (args.checkpoint / p).exists()]
     if missing:
         parser.error(f"--checkpoint {args.checkpoint} is not a diffusers checkpoint: no {', '.join(missing)}")
-    opt_size = args.opt_size or min(max(defaults.opt_size, args.min_size), args.max_size)
+    batch = {"max_batch": args.max_batch}
     try:
-        args.profile = Profile(
-            min_size=args.min_size, opt_size=opt_size, max_size=args.max_size, max_batch=args.max_batch
-        )
+        if args.static:
+            match = re.fullmatch(r"(\d+)x(\d+)", args.static)
+            if not match:
+                parser.error(f"--static must look like 512x768 (width x height), got {args.static!r}")
+            args.profile = Profile.static(int(match[1]), int(match[2]), **batch)
+        else:
+            opt_size = args.opt_size or min(max(512, args.min_size), args.max_size)
+            args.profile = Profile.square(args.min_size, opt_size, args.max_size, **batch)
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+def precisions(target: str, vae_precision: str) -> dict[str, str]:
+    """Per engine. TensorRT: fp16 UNet (nearly all the work); the text encoder stays fp32, as it is cheap
+    and transformers' CLIP traced in fp16 mixes dtypes around LayerNorm. ONNX Runtime on CPU: fp32."""
+    if target == "onnx":
+        return dict.fromkeys(ENGINE_NAMES, "fp32")
+    return {
+        name: "fp32" if name == TEXT_ENCODER else "fp16" if name == UNET else vae_precision
+        for name in ENGINE_NAMES
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint: Path = args.checkpoint.resolve()
     repo: Path = args.output
+    if args.target == "tensorrt":
+        try:
+            gpu = tensorrt_engine.check_tensorrt_available()
+        except tensorrt_engine.TensorRTUnavailable as e:
+            print(f"build-engines: --target tensorrt: {e}", file=sys.stderr)
+            return 1
+        print(f"building TensorRT engines for {gpu}")
     geometry = onnx_export.read_geometry(checkpoint)
     loader = onnx_export.ModuleLoader(checkpoint)
     digests: dict[str, str] = {}
+    precision = precisions(args.target, args.vae_precision)
+    options = tensorrt_engine.BuildOptions(
+        optimization_level=args.optimization_level,
+        workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None,
+        refittable=args.refittable,
+    )
 
     specs = engine_specs(geometry)
     with tqdm(specs.values(), unit="engine", file=sys.stdout) as bar:
         for spec in bar:
-            bar.set_description(f"{spec.name}: export + check")
+            bar.set_description(f"{spec.name}: {precision[spec.name]} ONNX export + check")
             component = onnx_export.COMPONENT_OF[spec.name]
             if component not in digests:
                 digests[component] = onnx_export.digest_folder(checkpoint / component)
             try:
-                module = partial(loader.module, spec.name)
-                result = onnx_export.export_engine(spec, module, digests[component], repo / spec.name / "1")
-            except onnx_export.ExportError as e:
+                exported = onnx_export.export_engine(
+                    spec,
+                    partial(loader.module, spec.name),
+                    digests[component],
+                    repository.onnx_dir(repo, spec.name, args.target),
+                    precision[spec.name],
+                )
+                state = "up to date, kept" if exported.reused else "exported"
+                bar.write(
+                    f"{spec.name}: {precision[spec.name]} ONNX {state}; "
+                    f"max abs diff vs fp32 torch {exported.max_abs_diff:.2e}"
+                )
+                if args.target == "onnx":
+                    repository.write_onnx_runtime_model(repo, spec)
+                    continue
+                bar.set_description(f"{spec.name}: TensorRT build")
+                built = tensorrt_engine.build_engine(
+                    exported.path,
+                    spec,
+                    tensorrt_engine.profile_shapes(spec, args.profile),
+                    repo / spec.name / "1",
+                    precision=precision[spec.name],
+                    options=options,
+                    timing_cache=args.timing_cache,
+                )
+                bar.write(f"{spec.name}: TensorRT plan {'up to date, kept' if built.reused else 'built'}")
+                repository.write_tensorrt_model(repo, spec, args.profile)
+            except (onnx_export.ExportError, tensorrt_engine.EngineBuildError) as e:
                 print(f"build-engines: {e}", file=sys.stderr)
                 return 1
-            repository.write_engine_model(repo, spec)
-            state = "up to date, kept" if result.reused else "exported"
-            bar.write(f"{spec.name}: {state}; ONNX Runtime vs torch max abs diff {result.max_abs_diff:.2e}")
 
     manifest = PipelineManifest(args.profile, geometry, args.model_name or checkpoint.name)
-    repository.write_pipeline_model(repo, checkpoint, manifest)
+    repository.write_pipeline_model(repo, checkpoint, manifest, gpu_engines=args.target == "tensorrt")
     print(f"model repository written: {repo}")
     print(f"serve it with: sd-serve --model-repository {repo}")
     return 0

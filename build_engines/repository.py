@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from python_backend import schedulers
 from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import REQUEST_INPUTS
-from python_backend.shapes import PIPELINE_MANIFEST, EngineSpec, PipelineManifest, TensorSpec
+from python_backend.shapes import PIPELINE_MANIFEST, UNET, EngineSpec, PipelineManifest, Profile, TensorSpec
 
 # The hand-written python models that build-engines copies into the repository it writes.
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
@@ -57,7 +57,30 @@ def onnx_runtime_engine_config(spec: EngineSpec) -> mc.ModelConfig:
     return config
 
 
-def pipeline_config(default_scheduler: schedulers.SchedulerChoice) -> mc.ModelConfig:
+# Requests at different steps share UNet calls; a short wait lets concurrent ones meet.
+UNET_QUEUE_DELAY_US = 500
+
+
+def tensorrt_engine_config(spec: EngineSpec, profile: Profile) -> mc.ModelConfig:
+    """A `tensorrt_plan` model. The batch axis is Triton's (max_batch_size > 0), so the UNet can batch
+    calls from different requests; its per-sample timestep input makes that correct."""
+    batch_axes = {str(t.dims[0]) for t in (*spec.inputs, *spec.outputs)}
+    if len(batch_axes) != 1 or not {"batch", "guided_batch"} >= batch_axes:
+        raise ValueError(f"{spec.name}: every tensor must lead with the same batch axis, got {batch_axes}")
+    _, opt_batch, max_batch = profile.axis_ranges()[batch_axes.pop()]
+    config = mc.ModelConfig(name=spec.name, platform="tensorrt_plan", max_batch_size=max_batch)
+    for t in spec.inputs:
+        _tensor(config.input.add(), t.name, t.dtype, t.concrete_dims()[1:])
+    for t in spec.outputs:
+        _tensor(config.output.add(), t.name, t.dtype, t.concrete_dims()[1:])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    if spec.name == UNET:
+        config.dynamic_batching.preferred_batch_size.extend(sorted({opt_batch, max_batch}))
+        config.dynamic_batching.max_queue_delay_microseconds = UNET_QUEUE_DELAY_US
+    return config
+
+
+def pipeline_config(default_scheduler: schedulers.SchedulerChoice, gpu_engines: bool) -> mc.ModelConfig:
     config = mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
     for name, dtype in REQUEST_INPUTS.items():
         _tensor(config.input.add(), name, dtype, (1,)).optional = name != "prompt"
@@ -69,6 +92,9 @@ def pipeline_config(default_scheduler: schedulers.SchedulerChoice) -> mc.ModelCo
         for s in schedulers.SCHEDULERS
     ]
     config.parameters["schedulers"].string_value = json.dumps(listing)
+    if gpu_engines:
+        # BLS outputs of GPU engines stay on the GPU; the pipeline passes them on by DLPack.
+        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     return config
 
 
@@ -81,22 +107,43 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
-def write_engine_model(repository: Path, spec: EngineSpec) -> None:
+def onnx_dir(repository: Path, engine: str, target: str) -> Path:
+    """Where an engine's ONNX file goes: it is the model itself on the onnx target, and the TensorRT
+    build's source beside the plan otherwise (Triton ignores non-numeric folders)."""
+    return repository / engine / ("1" if target == "onnx" else "onnx")
+
+
+def write_onnx_runtime_model(repository: Path, spec: EngineSpec) -> None:
     """config.pbtxt and model.py of an ONNX Runtime engine model (its model.onnx is exported there)."""
     model_dir = repository / spec.name
     write_config(model_dir, onnx_runtime_engine_config(spec))
-    (model_dir / "1").mkdir(exist_ok=True)
+    _remove(model_dir / "1", "model.plan", "model.plan.json")
     shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
 
 
-def write_pipeline_model(repository: Path, checkpoint: Path, manifest: PipelineManifest) -> None:
+def write_tensorrt_model(repository: Path, spec: EngineSpec, profile: Profile) -> None:
+    """config.pbtxt of a TensorRT engine model (its model.plan is built there)."""
+    model_dir = repository / spec.name
+    write_config(model_dir, tensorrt_engine_config(spec, profile))
+    _remove(model_dir / "1", "model.py", "model.onnx", "model.onnx.json", "model.onnx.data")
+
+
+def _remove(folder: Path, *names: str) -> None:
+    """Drop what a build for the other target left, so each model folder holds one kind of model."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+
+
+def write_pipeline_model(
+    repository: Path, checkpoint: Path, manifest: PipelineManifest, gpu_engines: bool = False
+) -> None:
     """The pipeline model with what it needs from the checkpoint: tokenizer, scheduler config, manifest."""
     model_dir = repository / PIPELINE
     version = model_dir / "1"
     version.mkdir(parents=True, exist_ok=True)
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
-    write_config(model_dir, pipeline_config(default))
+    write_config(model_dir, pipeline_config(default, gpu_engines))
     shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
     shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)
     shutil.copytree(checkpoint / TOKENIZER_DIR, version / TOKENIZER_DIR)

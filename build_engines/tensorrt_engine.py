@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from python_backend.shapes import TOKENS_PER_CHUNK, VAE_SCALE, EngineSpec, Profile
+from python_backend.shapes import EngineSpec, Profile
 
 if TYPE_CHECKING:
     from tensorrt import IBuilderConfig, IHostMemory, INetworkDefinition, ITimingCache
@@ -62,48 +62,9 @@ class EngineBuildError(RuntimeError):
 # --- Shapes -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StaticSize:
-    """One fixed request shape for a static engine: image size in pixels and images per request."""
-
-    width: int
-    height: int
-    batch: int
-    prompt_chunks: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value <= 0 or value % VAE_SCALE:
-                raise ValueError(f"{name} must be a positive multiple of {VAE_SCALE}, got {value}")
-        if self.batch < 1 or self.prompt_chunks < 1:
-            raise ValueError(f"batch and prompt_chunks must be >= 1, got {self.batch}, {self.prompt_chunks}")
-
-    def axis_ranges(self) -> dict[str, tuple[int, int, int]]:
-        """Every named axis at min = opt = max, as `Profile.axis_ranges` names them."""
-        values = {
-            "batch": self.batch,
-            "guided_batch": 2 * self.batch,  # prompt and negative prompt
-            "latent_height": self.height // VAE_SCALE,
-            "latent_width": self.width // VAE_SCALE,
-            "height": self.height,
-            "width": self.width,
-            "text_sequence": TOKENS_PER_CHUNK * self.prompt_chunks,
-        }
-        return {axis: (v, v, v) for axis, v in values.items()}
-
-
 def profile_shapes(spec: EngineSpec, profile: Profile) -> dict[str, ShapeRange]:
     """(min, opt, max) shape of each engine input over the profile's sizes and batches."""
-    return _input_shapes(spec, profile.axis_ranges())
-
-
-def static_shapes(spec: EngineSpec, size: StaticSize) -> dict[str, ShapeRange]:
-    """Each engine input fixed at one shape (min = opt = max)."""
-    return _input_shapes(spec, size.axis_ranges())
-
-
-def _input_shapes(spec: EngineSpec, ranges: dict[str, tuple[int, int, int]]) -> dict[str, ShapeRange]:
+    ranges = profile.axis_ranges()
     shapes = {}
     for tensor in spec.inputs:
         unknown = [d for d in tensor.dims if isinstance(d, str) and d not in ranges]
@@ -155,7 +116,7 @@ class GpuIdentity:
 
 def gpu_identity() -> GpuIdentity | None:
     """The first CUDA GPU, from torch when it sees one, else from nvidia-smi; None without a GPU."""
-    return _torch_gpu() or _nvidia_smi_gpu()
+    return _torch_gpu() or nvidia_smi_gpu()
 
 
 def _torch_gpu() -> GpuIdentity | None:
@@ -169,7 +130,8 @@ def _torch_gpu() -> GpuIdentity | None:
     return GpuIdentity(torch.cuda.get_device_name(0), f"{major}.{minor}")
 
 
-def _nvidia_smi_gpu() -> GpuIdentity | None:
+def nvidia_smi_gpu() -> GpuIdentity | None:
+    """The first GPU nvidia-smi lists, without importing torch (sd-serve's check); None when it lists none."""
     query = ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]
     try:
         out = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout
@@ -347,7 +309,7 @@ def build_engine(
 ) -> EngineBuildResult:
     """Write out_dir/model.plan (+ model.plan.json) from `onnx_path` unless an identical build is there.
 
-    `shapes` comes from `profile_shapes` or `static_shapes`; `precision` labels the ONNX file's dtype in
+    `shapes` comes from `profile_shapes`; `precision` labels the ONNX file's dtype in
     the sidecar. A `timing_cache` file is read if present and written back, so later builds on the same
     GPU and TensorRT skip most tactic timing. Raises TensorRTUnavailable or EngineBuildError.
     """

@@ -108,7 +108,7 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     for t in scheduler.timesteps:
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
+        timestep = np.full((model_input.shape[0], 1), float(t), dtype=np.float32)
         noise = torch.from_numpy(
             engines.predict_noise(np.ascontiguousarray(model_input.numpy()), timestep, text_embeddings)
         )

@@ -49,13 +49,13 @@ class GenerationRequest:
 
     def validate(self, profile: Profile, max_steps: int) -> schedulers.SchedulerChoice | None:
         """Raise InvalidInput for the first bad field; return the requested scheduler, if any."""
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value % VAE_SCALE or not profile.min_size <= value <= profile.max_size:
-                raise InvalidInput(
-                    name,
-                    f"must be a multiple of {VAE_SCALE} in {profile.min_size}..{profile.max_size} "
-                    f"(the engines' profile), got {value}",
-                )
+        for name, value, (low, _, high) in (
+            ("width", self.width, profile.width),
+            ("height", self.height, profile.height),
+        ):
+            if value % VAE_SCALE or not low <= value <= high:
+                allowed = f"{low}" if low == high else f"a multiple of {VAE_SCALE} in {low}..{high}"
+                raise InvalidInput(name, f"must be {allowed} (the engines' profile), got {value}")
         if not 1 <= self.num_inference_steps <= max_steps:
             raise InvalidInput(
                 "num_inference_steps", f"must be in 1..{max_steps}, got {self.num_inference_steps}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,55 +18,68 @@ VAE_SCALE = 8  # pixels per latent cell
 TOKENS_PER_CHUNK = 77  # CLIP context length: BOS + 75 tokens + EOS
 
 
+SideRange = tuple[int, int, int]  # (min, opt, max) pixels of one image side
+
+
 @dataclass(frozen=True)
 class Profile:
-    """What the engines are built for: image sizes in pixels and images per request."""
+    """What the engines are built for: image sides in pixels and images per request."""
 
-    min_size: int = 64
-    opt_size: int = 512
-    max_size: int = 1024
+    width: SideRange = (64, 512, 1024)
+    height: SideRange = (64, 512, 1024)
     max_batch: int = 4
     opt_batch: int = 1
     max_prompt_chunks: int = 1
 
+    @classmethod
+    def square(cls, min_size: int, opt_size: int, max_size: int, **batch: int) -> Profile:
+        """Both sides from the same range (build-engines --min-size/--opt-size/--max-size)."""
+        side = (min_size, opt_size, max_size)
+        return cls(width=side, height=side, **batch)
+
+    @classmethod
+    def static(cls, width: int, height: int, **batch: int) -> Profile:
+        """One fixed image size (build-engines --static WxH): the fastest TensorRT engines."""
+        return cls(width=(width, width, width), height=(height, height, height), **batch)
+
     def __post_init__(self) -> None:
-        for name in ("min_size", "opt_size", "max_size"):
-            value = getattr(self, name)
-            if value <= 0 or value % VAE_SCALE:
-                raise ValueError(f"{name} must be a positive multiple of {VAE_SCALE}, got {value}")
-        if not self.min_size <= self.opt_size <= self.max_size:
-            raise ValueError(
-                f"sizes must satisfy min_size <= opt_size <= max_size, got "
-                f"{self.min_size} <= {self.opt_size} <= {self.max_size}"
-            )
+        for name in ("width", "height"):
+            side = tuple(getattr(self, name))
+            object.__setattr__(self, name, side)  # JSON gives lists
+            if len(side) != 3 or any(v <= 0 or v % VAE_SCALE for v in side):
+                raise ValueError(f"{name} sizes must be positive multiples of {VAE_SCALE}, got {side}")
+            if not side[0] <= side[1] <= side[2]:
+                raise ValueError(f"{name} sizes must satisfy min <= opt <= max, got {side}")
         if not 1 <= self.opt_batch <= self.max_batch:
-            raise ValueError(
-                f"batch must satisfy 1 <= opt_batch <= max_batch, got {self.opt_batch}, {self.max_batch}"
-            )
+            raise ValueError(f"batch must satisfy 1 <= opt_batch <= max_batch, got {self.opt_batch}, {self.max_batch}")
         if self.max_prompt_chunks < 1:
             raise ValueError(f"max_prompt_chunks must be >= 1, got {self.max_prompt_chunks}")
 
     def axis_ranges(self) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of every named dynamic axis. The UNet batch doubles for guidance."""
-        lo, opt, hi = (s // VAE_SCALE for s in (self.min_size, self.opt_size, self.max_size))
         seq = TOKENS_PER_CHUNK
         return {
             "batch": (1, self.opt_batch, self.max_batch),
             # Text encoder and UNet see prompt and negative prompt together.
             "guided_batch": (1, 2 * self.opt_batch, 2 * self.max_batch),
-            "latent_height": (lo, opt, hi),
-            "latent_width": (lo, opt, hi),
-            "height": (self.min_size, self.opt_size, self.max_size),
-            "width": (self.min_size, self.opt_size, self.max_size),
+            "latent_height": _latent(self.height),
+            "latent_width": _latent(self.width),
+            "height": self.height,
+            "width": self.width,
             "text_sequence": (seq, seq, seq * self.max_prompt_chunks),
         }
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, int]) -> Profile:
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
         return cls(**data)
+
+
+def _latent(side: SideRange) -> SideRange:
+    lo, opt, hi = (v // VAE_SCALE for v in side)
+    return lo, opt, hi
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,7 @@ def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
             inputs=(
                 TensorSpec("sample", f32, ("guided_batch", geometry.unet_in_channels, *latent_dims)),
                 # One timestep per sample, so samples at different steps can share a batch.
-                TensorSpec("timestep", f32, ("guided_batch",)),
+                TensorSpec("timestep", f32, ("guided_batch", 1)),
                 TensorSpec("encoder_hidden_states", f32, ("guided_batch", "text_sequence", hid)),
             ),
             outputs=(TensorSpec("noise_pred", f32, ("guided_batch", lat, *latent_dims)),),

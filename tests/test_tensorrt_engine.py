@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from build_engines import tensorrt_engine as te
-from build_engines.tensorrt_engine import BuildOptions, GpuIdentity, PlanRecord, StaticSize
+from build_engines.tensorrt_engine import BuildOptions, GpuIdentity, PlanRecord
 from python_backend.shapes import (
     TEXT_ENCODER,
     UNET,
@@ -26,7 +26,7 @@ from python_backend.shapes import (
 )
 
 SPECS = engine_specs(ModelGeometry())
-PROFILE = Profile(min_size=64, opt_size=512, max_size=1024, max_batch=4)
+PROFILE = Profile.square(64, 512, 1024, max_batch=4)
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
 A10G = GpuIdentity("NVIDIA A10G", "8.6")
 
@@ -37,7 +37,7 @@ A10G = GpuIdentity("NVIDIA A10G", "8.6")
 def test_profile_shapes_unet():
     shapes = te.profile_shapes(SPECS[UNET], PROFILE)
     assert shapes["sample"] == ((1, 4, 8, 8), (2, 4, 64, 64), (8, 4, 128, 128))
-    assert shapes["timestep"] == ((1,), (2,), (8,))
+    assert shapes["timestep"] == ((1, 1), (2, 1), (8, 1))
     assert shapes["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 77, 768))
 
 
@@ -56,28 +56,21 @@ def test_profile_shapes_longer_prompts_widen_the_text_sequence():
     assert [s[1] for s in shapes["encoder_hidden_states"]] == [77, 77, 231]
 
 
-def test_static_shapes_fix_every_axis():
-    size = StaticSize(width=512, height=768, batch=2)
-    unet = te.static_shapes(SPECS[UNET], size)
-    assert unet["sample"] == ((4, 4, 96, 64),) * 3
-    assert unet["timestep"] == ((4,),) * 3
-    assert unet["encoder_hidden_states"] == ((4, 77, 768),) * 3
-    assert te.static_shapes(SPECS[TEXT_ENCODER], size) == {"input_ids": ((4, 77),) * 3}
-    assert te.static_shapes(SPECS[VAE_DECODER], size) == {"latent": ((2, 4, 96, 64),) * 3}
-    assert te.static_shapes(SPECS[VAE_ENCODER], size) == {"image": ((2, 3, 768, 512),) * 3}
-    chunked = te.static_shapes(SPECS[UNET], StaticSize(512, 512, 1, prompt_chunks=2))
-    assert chunked["encoder_hidden_states"] == ((2, 154, 768),) * 3
-
-
-@pytest.mark.parametrize("args", [(500, 512, 1), (512, 0, 1), (512, 512, 0)])
-def test_static_size_rejects_impossible_sizes(args):
-    with pytest.raises(ValueError):
-        StaticSize(*args)
+def test_static_profile_fixes_the_image_size():
+    static = Profile.static(512, 768, max_batch=2, opt_batch=2)
+    unet = te.profile_shapes(SPECS[UNET], static)
+    assert unet["sample"] == ((1, 4, 96, 64), (4, 4, 96, 64), (4, 4, 96, 64))
+    assert unet["timestep"] == ((1, 1), (4, 1), (4, 1))
+    assert unet["encoder_hidden_states"] == ((1, 77, 768), (4, 77, 768), (4, 77, 768))
+    assert te.profile_shapes(SPECS[VAE_DECODER], static) == {
+        "latent": ((1, 4, 96, 64), (2, 4, 96, 64), (2, 4, 96, 64))
+    }
+    assert te.profile_shapes(SPECS[VAE_ENCODER], static)["image"][2] == (2, 3, 768, 512)
 
 
 def test_network_inputs_must_match_the_spec():
     shapes = te.profile_shapes(SPECS[UNET], PROFILE)
-    good = {"sample": (-1, 4, -1, -1), "timestep": (-1,), "encoder_hidden_states": (-1, -1, 768)}
+    good = {"sample": (-1, 4, -1, -1), "timestep": (-1, 1), "encoder_hidden_states": (-1, -1, 768)}
     te.check_network_inputs(UNET, shapes, good)
 
     renamed = {**{k: v for k, v in good.items() if k != "timestep"}, "t": (-1,)}
@@ -98,7 +91,7 @@ def _record(version: str = "10.3.0.26", gpu: GpuIdentity = A10G) -> PlanRecord:
         gpu=gpu,
         precision="fp16",
         builder={"optimization_level": 3, "workspace_bytes": None, "refittable": False},
-        profiles=[{"timestep": {"min": [1], "opt": [2], "max": [8]}}],
+        profiles=[{"timestep": {"min": [1, 1], "opt": [2, 1], "max": [8, 1]}}],
         onnx_sha256={"model.onnx": "0" * 64},
     )
 
@@ -313,7 +306,7 @@ class FakeBuilder:
         return None if self.trt.fail_build else b"serialized engine"
 
 
-UNET_INPUTS = {"sample": (-1, 4, -1, -1), "timestep": (-1,), "encoder_hidden_states": (-1, -1, 768)}
+UNET_INPUTS = {"sample": (-1, 4, -1, -1), "timestep": (-1, 1), "encoder_hidden_states": (-1, -1, 768)}
 
 
 @pytest.fixture
@@ -370,7 +363,7 @@ def test_build_calls_tensorrt_as_documented(fake_trt, unet_onnx, tmp_path):
     assert recorded.profiles == [
         {
             "sample": {"min": [1, 4, 8, 8], "opt": [2, 4, 64, 64], "max": [8, 4, 128, 128]},
-            "timestep": {"min": [1], "opt": [2], "max": [8]},
+            "timestep": {"min": [1, 1], "opt": [2, 1], "max": [8, 1]},
             "encoder_hidden_states": {"min": [1, 77, 768], "opt": [2, 77, 768], "max": [8, 77, 768]},
         }
     ]
@@ -379,7 +372,7 @@ def test_build_calls_tensorrt_as_documented(fake_trt, unet_onnx, tmp_path):
 
 def test_second_identical_build_is_skipped(fake_trt, unet_onnx, tmp_path):
     def build(**kwargs: object) -> te.EngineBuildResult:
-        shapes = te.static_shapes(SPECS[UNET], StaticSize(512, 512, 1))
+        shapes = te.profile_shapes(SPECS[UNET], Profile.static(512, 512, max_batch=1))
         return te.build_engine(unet_onnx, SPECS[UNET], shapes, tmp_path / "plan", precision="fp16", **kwargs)
 
     assert not build().reused
@@ -486,7 +479,7 @@ def test_real_tensorrt_build(tmp_path):
             dynamo=False,
         )
 
-    shapes = te.profile_shapes(spec, Profile(min_size=64, opt_size=128, max_size=256, max_batch=2))
+    shapes = te.profile_shapes(spec, Profile.square(64, 128, 256, max_batch=2))
     result = te.build_engine(onnx_path, spec, shapes, tmp_path / "plan", precision="fp16")
     assert te.plan_mismatch(result.record, trt.__version__, te.gpu_identity()) is None
 

@@ -1,0 +1,133 @@
+"""The tensorrt target up to TensorRT itself: fp16 ONNX export, tensorrt_plan configs, and the
+clear refusal where TensorRT or a GPU is missing. (Engine builds: tests/test_tensorrt_engine.py.)"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from build_engines import cli as build_cli
+from build_engines import onnx_export, repository, tensorrt_engine
+from python_backend.shapes import ENGINE_NAMES, UNET, Profile, engine_specs
+from tests.test_build_engines import ONNX_TO_NUMPY
+
+PROFILE = Profile.square(64, 128, 256, max_batch=3)
+# Measured on the tiny checkpoint (max abs diff vs fp32 torch): UNet 1.1e-3, VAE decoder 3.3e-3,
+# VAE encoder 6.1e-4; these limits leave room for other seeds and ONNX Runtime builds.
+FP16_LIMITS = {"unet": 5e-3, "vae_decoder": 1e-2, "vae_encoder": 5e-3}
+
+
+@pytest.fixture(scope="module")
+def fp16_exports(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    repo = tmp_path_factory.mktemp("tensorrt") / "repo"
+    geometry = onnx_export.read_geometry(tiny_checkpoint)
+    loader = onnx_export.ModuleLoader(tiny_checkpoint)
+    precision = build_cli.precisions("tensorrt", vae_precision="fp16")
+    paths = {}
+    for name, spec in engine_specs(geometry).items():
+        out_dir = repository.onnx_dir(repo, name, "tensorrt")
+        onnx_export.export_engine(spec, partial(loader.module, name), "digest", out_dir, precision[name])
+        repository.write_tensorrt_model(repo, spec, PROFILE)
+        paths[name] = out_dir / "model.onnx"
+    return paths
+
+
+def test_precisions_per_engine():
+    assert build_cli.precisions("tensorrt", "fp32") == {
+        "text_encoder": "fp32",
+        "unet": "fp16",
+        "vae_decoder": "fp32",
+        "vae_encoder": "fp32",
+    }
+    assert set(build_cli.precisions("onnx", "fp16").values()) == {"fp32"}
+
+
+@pytest.mark.parametrize("engine", ["unet", "vae_decoder", "vae_encoder"])
+def test_fp16_onnx_computes_in_fp16_and_matches_fp32(fp16_exports, tiny_checkpoint, engine):
+    path = fp16_exports[engine]
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path)).graph
+    weight_types = {init.data_type for init in graph.initializer if len(init.dims) >= 2}
+    assert weight_types == {onnx.TensorProto.FLOAT16}  # precision lives in the graph (strongly typed)
+    assert {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)} == {onnx.TensorProto.FLOAT}
+    spec = engine_specs(onnx_export.read_geometry(tiny_checkpoint))[engine]
+    module = onnx_export.ModuleLoader(tiny_checkpoint).module(engine)
+    assert onnx_export.check_against_torch(spec, module, path) < FP16_LIMITS[engine]
+
+
+def test_fp16_unet_keeps_fractional_timesteps(fp16_exports, tiny_checkpoint):
+    spec = engine_specs(onnx_export.read_geometry(tiny_checkpoint))[UNET]
+    inputs = onnx_export.sample_inputs(spec, onnx_export.CHECK_SIZES)
+    session = ort.InferenceSession(str(fp16_exports[UNET]), providers=["CPUExecutionProvider"])
+    at = {
+        t: session.run(None, {**inputs, "timestep": np.full_like(inputs["timestep"], t)})[0]
+        for t in (500.0, 500.3)
+    }
+    assert not np.array_equal(at[500.0], at[500.3])  # fp16 would round 500.3 to 500.25 or 500.5 only
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_tensorrt_config_matches_the_onnx_it_is_built_from(fp16_exports, engine):
+    config = repository.read_config(fp16_exports[engine].parents[1])
+    assert config.platform == "tensorrt_plan"
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    graph = onnx.load(str(fp16_exports[engine]), load_external_data=False).graph
+    for ours, theirs in ((config.input, graph.input), (config.output, graph.output)):
+        assert [t.name for t in ours] == [t.name for t in theirs]
+        for tensor, value_info in zip(ours, theirs, strict=True):
+            onnx_type = value_info.type.tensor_type
+            assert tensor.data_type == repository.TRITON_DTYPES[ONNX_TO_NUMPY[onnx_type.elem_type]]
+            onnx_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in onnx_type.shape.dim]
+            assert [-1, *tensor.dims] == onnx_dims  # Triton owns the leading batch axis
+    guided = engine in ("text_encoder", "unet")
+    assert config.max_batch_size == (6 if guided else 3)
+
+
+def test_unet_config_batches_across_requests(fp16_exports):
+    config = repository.read_config(fp16_exports[UNET].parents[1])
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 6]
+    assert 0 < config.dynamic_batching.max_queue_delay_microseconds <= 1000
+    assert {t.name: list(t.dims) for t in config.input}["timestep"] == [1]  # one timestep per sample
+
+
+def test_profile_batch_ranges_cover_the_config(fp16_exports, tiny_checkpoint):
+    for name, spec in engine_specs(onnx_export.read_geometry(tiny_checkpoint)).items():
+        config = repository.read_config(fp16_exports[name].parents[1])
+        for _, (low, _, high) in tensorrt_engine.profile_shapes(spec, PROFILE).items():
+            assert low[0] == 1 and high[0] == config.max_batch_size
+
+
+def test_pipeline_config_takes_gpu_tensors_only_with_gpu_engines(tiny_checkpoint, tmp_path):
+    assert (
+        build_cli.main(["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--max-size", "64"])
+        == 0
+    )
+    cpu = repository.read_config(tmp_path / "pipeline")
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu.parameters
+    gpu = repository.pipeline_config(repository.schedulers.lookup("pndm"), gpu_engines=True)
+    assert gpu.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+
+
+def _tensorrt_present() -> bool:
+    try:
+        tensorrt_engine.check_tensorrt_available()
+    except tensorrt_engine.TensorRTUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_tensorrt_present(), reason="TensorRT and a GPU are present: the build would run")
+def test_without_tensorrt_the_build_says_what_to_install(tiny_checkpoint, tmp_path, capsys):
+    code = build_cli.main(
+        ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--target", "tensorrt"]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--target tensorrt" in err and "nvcr.io/nvidia/tritonserver" in err and "Traceback" not in err
+    assert not (tmp_path / "unet").exists()  # refused before any export
