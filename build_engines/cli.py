@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"build-engines: {e}", file=sys.stderr)
                 return 1
 
-    manifest = PipelineManifest(args.profile, geometry, args.model_name or checkpoint.name)
-    repository.write_pipeline_model(repo, checkpoint, manifest, gpu_engines=args.target == "tensorrt")
+    device = "cuda" if args.target == "tensorrt" else "cpu"
+    manifest = PipelineManifest(args.profile, geometry, args.model_name or checkpoint.name, device)
+    repository.write_pipeline_model(repo, checkpoint, manifest)
     print(f"model repository written: {repo}")
     print(f"serve it with: sd-serve --model-repository {repo}")
     return 0

@@ -134,16 +134,14 @@ def _remove(folder: Path, *names: str) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-def write_pipeline_model(
-    repository: Path, checkpoint: Path, manifest: PipelineManifest, gpu_engines: bool = False
-) -> None:
+def write_pipeline_model(repository: Path, checkpoint: Path, manifest: PipelineManifest) -> None:
     """The pipeline model with what it needs from the checkpoint: tokenizer, scheduler config, manifest."""
     model_dir = repository / PIPELINE
     version = model_dir / "1"
     version.mkdir(parents=True, exist_ok=True)
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
-    write_config(model_dir, pipeline_config(default, gpu_engines))
+    write_config(model_dir, pipeline_config(default, gpu_engines=manifest.device != "cpu"))
     shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
     shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)
     shutil.copytree(checkpoint / TOKENIZER_DIR, version / TOKENIZER_DIR)

@@ -2,7 +2,8 @@
 
 Two implementations run the same four models: `OnnxRuntimeEngines` (in-process sessions, for tests
 and benchmarks) and `BlsEngines` (Triton BLS calls to the engine models). Both only say how to run
-one model; tensor names come from `shapes.engine_specs`.
+one model; tensor names come from `shapes.engine_specs`. Tensors are torch tensors on `device`, so
+the core keeps latents where the engines are (the GPU, for TensorRT engines).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from python_backend.shapes import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelGeometry, engine_specs
 
@@ -20,35 +21,44 @@ class EngineError(RuntimeError):
 
 
 class Engines(ABC):
+    device = torch.device("cpu")
+
     @abstractmethod
-    def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, engine: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run one engine model on named inputs; return its named outputs."""
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.run(TEXT_ENCODER, {"input_ids": input_ids.astype(np.int32)})["last_hidden_state"]
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.run(TEXT_ENCODER, {"input_ids": input_ids.to(torch.int32)})["last_hidden_state"]
 
     def predict_noise(
-        self, sample: np.ndarray, timestep: np.ndarray, text_embeddings: np.ndarray
-    ) -> np.ndarray:
+        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor
+    ) -> torch.Tensor:
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings}
         return self.run(UNET, inputs)["noise_pred"]
 
-    def decode_latents(self, latent: np.ndarray) -> np.ndarray:
+    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return self.run(VAE_DECODER, {"latent": latent})["image"]
 
-    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.run(VAE_ENCODER, {"image": image})
         return out["latent_mean"], out["latent_std"]
 
 
 class OnnxRuntimeEngines(Engines):
-    """In-process ONNX Runtime sessions over `<repository>/<engine>/1/model.onnx`."""
+    """In-process ONNX Runtime sessions (CPU) over `<repository>/<engine>/1/model.onnx`.
 
-    def __init__(self, repository: Path, geometry: ModelGeometry, threads: int = 0) -> None:
+    `device` is where the core keeps its tensors; a CUDA device there exercises the GPU path of the
+    core with these CPU engines.
+    """
+
+    def __init__(
+        self, repository: Path, geometry: ModelGeometry, threads: int = 0, device: str = "cpu"
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        self.device = torch.device(device)
         self._sessions = {
             name: ort.InferenceSession(
                 str(repository / name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
@@ -56,7 +66,8 @@ class OnnxRuntimeEngines(Engines):
             for name in engine_specs(geometry)
         }
 
-    def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, engine: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         session = self._sessions[engine]
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, inputs), strict=True))
+        arrays = session.run(names, {name: t.cpu().numpy() for name, t in inputs.items()})
+        return {name: torch.from_numpy(a).to(self.device) for name, a in zip(names, arrays, strict=True)}

@@ -76,24 +76,20 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     started = time.perf_counter()
 
     # 2. Encode the prompt; the unconditional (negative) half goes first, as in diffusers.
-    prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
-    input_ids = np.concatenate(
-        [
-            _tokenize(assets.tokenizer, p, field, warnings)
-            for p, field in zip(prompts, ["negative_prompt", "prompt"] if guided else ["prompt"], strict=True)
-        ]
-    )
-    embeddings = engines.encode_text(input_ids)
-    text_embeddings = np.repeat(embeddings, request.num_images, axis=0)
+    device = engines.device
+    fields = ["negative_prompt", "prompt"] if guided else ["prompt"]
+    input_ids = torch.cat([_tokenize(assets.tokenizer, getattr(request, f), f, warnings) for f in fields])
+    embeddings = engines.encode_text(input_ids.to(device))
+    text_embeddings = embeddings.repeat_interleave(request.num_images, dim=0)
     timings["text_encode"] = _ms_since(started)
 
     # 3. Timesteps, from a scheduler of this request's own.
     scheduler = schedulers.build(choice, assets.scheduler_config)
-    scheduler.set_timesteps(request.num_inference_steps)
+    scheduler.set_timesteps(request.num_inference_steps, device=device)
     accepts = schedulers.step_accepts(choice.diffusers_class)
     step_kwargs = {"generator": generators} if "generator" in accepts else {}
 
-    # 4. Initial latents: image i from its own generator.
+    # 4. Initial latents: image i from its own CPU generator, whatever the device.
     geometry = assets.manifest.geometry
     shape = (
         request.num_images,
@@ -101,17 +97,16 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
         request.height // VAE_SCALE,
         request.width // VAE_SCALE,
     )
-    latents = randn_tensor(shape, generator=generators, dtype=torch.float32) * scheduler.init_noise_sigma
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+    latents = latents * scheduler.init_noise_sigma
 
     # 5. Denoise.
     denoise_started = time.perf_counter()
     for t in scheduler.timesteps:
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        timestep = np.full((model_input.shape[0], 1), float(t), dtype=np.float32)
-        noise = torch.from_numpy(
-            engines.predict_noise(np.ascontiguousarray(model_input.numpy()), timestep, text_embeddings)
-        )
+        timestep = torch.full((model_input.shape[0], 1), float(t), dtype=torch.float32, device=device)
+        noise = engines.predict_noise(model_input.contiguous(), timestep, text_embeddings)
         if guided:
             uncond, cond = noise.chunk(2)
             noise = uncond + request.guidance_scale * (cond - uncond)
@@ -120,8 +115,8 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
 
     # 6. Decode and convert to uint8 exactly as diffusers' image processor does.
     decode_started = time.perf_counter()
-    decoded = engines.decode_latents(np.ascontiguousarray((latents / geometry.vae_scaling_factor).numpy()))
-    pixels = (torch.from_numpy(decoded) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    decoded = engines.decode_latents((latents / geometry.vae_scaling_factor).contiguous())
+    pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     images = (pixels * 255).round().astype(np.uint8)
     timings["decode"] = _ms_since(decode_started)
     timings["total"] = _ms_since(started)
@@ -143,7 +138,7 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     return GenerationResult(images=images, info=info)
 
 
-def _tokenize(tokenizer: CLIPTokenizer, text: str, field: str, warnings: list[str]) -> np.ndarray:
+def _tokenize(tokenizer: CLIPTokenizer, text: str, field: str, warnings: list[str]) -> torch.Tensor:
     ids = tokenizer(text, padding="max_length", max_length=TOKENS_PER_CHUNK, truncation=True).input_ids
     total = len(tokenizer(text).input_ids)
     if total > TOKENS_PER_CHUNK:
@@ -151,7 +146,7 @@ def _tokenize(tokenizer: CLIPTokenizer, text: str, field: str, warnings: list[st
             f"{field} is {total - 2} tokens; truncated to the first {TOKENS_PER_CHUNK - 2} "
             "(longer prompts are not supported yet)"
         )
-    return np.asarray([ids], dtype=np.int32)
+    return torch.tensor([ids], dtype=torch.int32)
 
 
 def _ms_since(start: float) -> float:

@@ -51,7 +51,9 @@ class Profile:
             if not side[0] <= side[1] <= side[2]:
                 raise ValueError(f"{name} sizes must satisfy min <= opt <= max, got {side}")
         if not 1 <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"batch must satisfy 1 <= opt_batch <= max_batch, got {self.opt_batch}, {self.max_batch}")
+            raise ValueError(
+                f"batch must satisfy 1 <= opt_batch <= max_batch, got {self.opt_batch}, {self.max_batch}"
+            )
         if self.max_prompt_chunks < 1:
             raise ValueError(f"max_prompt_chunks must be >= 1, got {self.max_prompt_chunks}")
 
@@ -178,12 +180,14 @@ class PipelineManifest:
     profile: Profile
     geometry: ModelGeometry
     model_name: str
+    device: str = "cpu"  # where the engines take and give tensors: "cuda" for TensorRT engines
 
     def write(self, path: Path) -> None:
         data = {
             "profile": self.profile.to_dict(),
             "geometry": self.geometry.to_dict(),
             "model_name": self.model_name,
+            "device": self.device,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -194,4 +198,5 @@ class PipelineManifest:
             profile=Profile.from_dict(data["profile"]),
             geometry=ModelGeometry.from_dict(data["geometry"]),
             model_name=data["model_name"],
+            device=data.get("device", "cpu"),
         )

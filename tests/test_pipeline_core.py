@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from python_backend.engines import OnnxRuntimeEngines
 from python_backend.pipeline import PipelineAssets, generate
@@ -219,3 +220,38 @@ def test_request_from_inputs_rejects_bad_tensors(field, inputs):
     with pytest.raises(InvalidInput) as raised:
         request_from_inputs(inputs)
     assert raised.value.field == field
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (latents and scheduler on the GPU)"
+)
+@pytest.mark.parametrize(
+    ("scheduler", "diffusers_class"),
+    [
+        ("pndm", "PNDMScheduler"),
+        ("Euler a", "EulerAncestralDiscreteScheduler"),
+        ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ],
+)
+def test_core_on_the_gpu_matches_diffusers(
+    model_repository, assets, tiny_checkpoint, scheduler, diffusers_class
+):
+    # The core keeps its tensors on the engines' device (TensorRT engines: the GPU); noise is still drawn
+    # by CPU generators, so a seed gives the same image as on the CPU.
+    engines = OnnxRuntimeEngines(model_repository, assets.manifest.geometry, device="cuda")
+    request = GenerationRequest(
+        prompt=PROMPT, width=96, height=64, num_inference_steps=5, num_images=2, seed=77, scheduler=scheduler
+    )
+    result = generate(request, engines, assets)
+    expected = diffusers_images(
+        tiny_checkpoint,
+        PROMPT,
+        width=96,
+        height=64,
+        steps=5,
+        guidance_scale=7.5,
+        seed=77,
+        scheduler=diffusers_class,
+        num_images=2,
+    )
+    assert max_pixel_diff(result.images, expected) <= TOLERANCE

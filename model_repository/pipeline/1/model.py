@@ -14,7 +14,8 @@ from python_backend.request import REQUEST_INPUTS, InvalidInput, request_from_in
 class TritonPythonModel:
     def initialize(self, args):
         self.assets = PipelineAssets.load(Path(args["model_repository"]) / args["model_version"])
-        self.engines = BlsEngines(self.assets.manifest.geometry)
+        manifest = self.assets.manifest
+        self.engines = BlsEngines(manifest.geometry, manifest.device)
         self.logger = pb_utils.Logger
 
     def execute(self, requests):
