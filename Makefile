@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TYPINGS := $(VENV)/typings
 OUT ?= out
 CHECKPOINT ?=
 PROMPT ?= a photo of an astronaut riding a horse on mars
@@ -26,10 +27,15 @@ demo: venv
 	PATH="$(abspath $(BIN)):$$PATH" OUT="$(OUT)" CHECKPOINT="$(CHECKPOINT)" PROMPT="$(PROMPT)" STEPS="$(STEPS)" \
 		bash scripts/demo.sh
 
-lint: venv
+# TensorRT's type stubs for mypy, outside site-packages (installed, they would make `import tensorrt` work).
+$(TYPINGS)/.tensorrt-stubs-version: scripts/tensorrt_typings.py $(VENV)/.installed
+	$(BIN)/python scripts/tensorrt_typings.py $(TYPINGS)
+	touch $@
+
+lint: venv $(TYPINGS)/.tensorrt-stubs-version
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	MYPYPATH="$(TYPINGS)" $(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -7,7 +7,8 @@ interpreter (the wheel's layout lacks it, see `prepare_bundled_tritonserver`).
     sd-serve --model-repository model_repository -- --cache-config local,size=1048576
 
 Reusable pieces: `prepare_tritonserver()` finds or prepares the executable, `TritonProcess` runs it
-(log passed through, failures diagnosed), `serve()` is the whole command with signal forwarding.
+(log passed through, failures diagnosed), `serve()` is the whole command with signal forwarding, and
+`check_engines()` tells before Triton starts whether the repository's TensorRT plans fit this machine.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from build_engines.tensorrt_engine import GpuIdentity
 
 TAIL_LINES = 60
 _POLL_INTERVAL_S = 0.2
@@ -139,6 +144,94 @@ def _install_atomically(source: Path, stub: Path, target: Path) -> None:
 
 def _path_list(*parts: str | None) -> str:
     return os.pathsep.join(part for part in parts if part)
+
+
+# --------------------------------------------------------------------------------------------------------
+# TensorRT engines: will they load here?
+
+PLAN_SIDECAR = "model.plan.json"  # build_engines.tensorrt_engine.SIDECAR_FILE, written beside each plan
+
+
+class EngineCheckSkipped(Exception):
+    """The runtime cannot be identified; the message says why (a warning: Triton will have its say)."""
+
+
+def plan_sidecars(repository: Path) -> list[tuple[str, Path]]:
+    """(model name, sidecar) for each `MODEL/<version>/model.plan.json` in the repository."""
+    found = []
+    for sidecar in sorted(repository.glob(f"*/*/{PLAN_SIDECAR}")):
+        model, version = sidecar.parents[1].name, sidecar.parent.name
+        if version.isdigit():  # Triton ignores other folders (build-engines keeps the ONNX in onnx/)
+            found.append((model if version == "1" else f"{model} version {version}", sidecar))
+    return found
+
+
+def runtime_tensorrt_version() -> str | None:
+    """The TensorRT Triton's TensorRT backend will load: libnvinfer.so.<version> (None: not found)."""
+    from build_engines.tensorrt_engine import runtime_tensorrt_version  # stdlib and numpy only, no torch
+
+    return runtime_tensorrt_version()
+
+
+def runtime_gpu() -> GpuIdentity | None:
+    """The first GPU nvidia-smi lists; None when it lists none. Without nvidia-smi we cannot tell."""
+    if shutil.which("nvidia-smi") is None:
+        raise EngineCheckSkipped("nvidia-smi is not on PATH, so this server's GPU is unknown")
+    from build_engines.tensorrt_engine import nvidia_smi_gpu
+
+    return nvidia_smi_gpu()
+
+
+def check_engines(
+    repository: Path,
+    *,
+    tensorrt_version: Callable[[], str | None] | None = None,
+    gpu: Callable[[], GpuIdentity | None] | None = None,
+) -> list[str]:
+    """Raise `ServeError` naming each TensorRT plan that will not load here; return warnings to print.
+
+    Reads the sidecars build-engines writes beside each plan; a repository without any (ONNX models)
+    is not looked at further. `tensorrt_version` and `gpu` find this machine's (default: libnvinfer's
+    file name and nvidia-smi, so nothing heavy is imported); `gpu` may raise `EngineCheckSkipped`.
+    """
+    sidecars = plan_sidecars(repository)
+    if not sidecars:
+        return []
+    from build_engines.tensorrt_engine import plan_mismatch, read_plan_record
+
+    names = ", ".join(name for name, _ in sidecars)
+    skipped = f"not checking that the TensorRT engines ({names}) were built for this server"
+    try:
+        here = (gpu or runtime_gpu)()
+    except EngineCheckSkipped as e:
+        return [f"{e}; {skipped}"]
+    if here is None:
+        raise ServeError(
+            f"the model repository has TensorRT engines ({names}), which need a CUDA GPU, and nvidia-smi "
+            "lists none: serve them on a GPU machine (docker run --gpus all ...), or start Triton anyway "
+            "with --skip-engine-check"
+        )
+    version = (tensorrt_version or runtime_tensorrt_version)()
+    if version is None:
+        return [
+            "cannot tell this server's TensorRT version (no libnvinfer.so.<version> on LD_LIBRARY_PATH, in "
+            f"the system library folders or in ldconfig's cache); {skipped}"
+        ]
+    warnings: list[str] = []
+    problems: list[str] = []
+    for name, sidecar in sidecars:
+        record = read_plan_record(sidecar)
+        if record is None:
+            warnings.append(f"{name}: cannot read {sidecar}; not checking that its engine fits this server")
+        elif mismatch := plan_mismatch(record, version, here):
+            problems.append(f"  {name}: {mismatch}")
+    if problems:
+        headline = (
+            f"{len(problems)} TensorRT engine(s) in {repository} will not load on this server "
+            "(--skip-engine-check starts Triton anyway):"
+        )
+        raise ServeError("\n".join([headline, *problems]))
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -452,6 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--ready-timeout", type=float, default=600.0, metavar="SECONDS", help="give up if not ready by then"
     )
+    parser.add_argument(
+        "--skip-engine-check",
+        action="store_true",
+        help="start Triton even if the TensorRT engines' sidecars say they were built for another "
+        "TensorRT or GPU",
+    )
     args = parser.parse_args(argv[:split])
     options = ServeOptions(
         model_repository=args.model_repository.absolute(),
@@ -463,6 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_args=tuple(argv[split + 1 :]),
     )
     try:
+        if not args.skip_engine_check:
+            for warning in check_engines(options.model_repository):
+                print(f"sd-serve: warning: {warning}", file=sys.stderr, flush=True)
         return serve(options, ready_timeout=args.ready_timeout)
     except ServeError as e:
         print(f"sd-serve: error: {e}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""`sd-serve` against a real tritonserver, with tiny python-backend models written by the tests."""
+"""`sd-serve` against a real tritonserver, with tiny python-backend models written by the tests; its check
+of TensorRT engines against the server (no server needed)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
 
+from build_engines import tensorrt_engine as te
+from build_engines.tensorrt_engine import GpuIdentity, PlanRecord
 from python_backend import serve
-from tests.triton_server import TritonServer, free_ports, run_sd_serve, tritonserver_available
+from tests.triton_server import PROJECT_ROOT, TritonServer, free_ports, run_sd_serve, tritonserver_available
 
 requires_tritonserver = pytest.mark.skipif(
     not tritonserver_available(), reason="no tritonserver on PATH and nvidia-pytriton not installed"
@@ -239,3 +245,249 @@ def test_bundled_server_is_prepared_once(tmp_path: Path) -> None:
     assert serve.prepare_bundled_tritonserver(tmp_path) == first
     after = first.executable.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not recopied
+
+
+# --- TensorRT engines: checked against this server before Triton starts (no server needed) -----------
+
+ENGINES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+A10G = GpuIdentity("NVIDIA A10G", "8.6")
+H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
+
+
+def plan_record(tensorrt_version: str = "10.3.0.26", gpu: GpuIdentity = A10G) -> PlanRecord:
+    return PlanRecord(
+        tensorrt_version=tensorrt_version,
+        gpu=gpu,
+        precision="fp16",
+        builder={"optimization_level": 3, "workspace_bytes": None, "refittable": False},
+        profiles=[{"sample": {"min": [1, 4, 8, 8], "opt": [2, 4, 64, 64], "max": [8, 4, 128, 128]}}],
+        onnx_sha256={"model.onnx": "0" * 64},
+    )
+
+
+def tensorrt_repository(root: Path, record: PlanRecord, engines: tuple[str, ...] = ENGINES) -> Path:
+    """The layout build-engines --target tensorrt writes, with sidecars and placeholder files."""
+    for engine in engines:
+        (root / engine / "1").mkdir(parents=True)
+        (root / engine / "onnx").mkdir()
+        (root / engine / "config.pbtxt").write_text(f'name: "{engine}"\nplatform: "tensorrt_plan"\n')
+        (root / engine / "1" / "model.plan").write_bytes(b"not a real plan")
+        (root / engine / "1" / te.SIDECAR_FILE).write_text(record.to_json())
+        (root / engine / "onnx" / "model.onnx").write_bytes(b"")
+    (root / "pipeline" / "1").mkdir(parents=True)
+    return root
+
+
+def onnx_repository(root: Path) -> Path:
+    for engine in ENGINES:
+        (root / engine / "1").mkdir(parents=True)
+        (root / engine / "1" / "model.onnx.json").write_text("{}")
+    return root
+
+
+def _unexpected(*_: object, **__: object) -> NoReturn:
+    raise AssertionError("must not be called")
+
+
+@pytest.fixture
+def no_runtime_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve, "runtime_gpu", _unexpected)
+    monkeypatch.setattr(serve, "runtime_tensorrt_version", _unexpected)
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """This 'server' has what the dict says (TensorRT 10.8.0 on an H100 unless a test changes it)."""
+    runtime: dict[str, object] = {"tensorrt_version": "10.8.0", "gpu": H100}
+    monkeypatch.setattr(serve, "runtime_tensorrt_version", lambda: runtime["tensorrt_version"])
+    monkeypatch.setattr(serve, "runtime_gpu", lambda: runtime["gpu"])
+    return runtime
+
+
+@pytest.fixture
+def triton_starts(monkeypatch: pytest.MonkeyPatch) -> list[serve.ServeOptions]:
+    """Stands in for `serve.serve`: records each start instead of running tritonserver."""
+    started: list[serve.ServeOptions] = []
+
+    def fake_serve(options: serve.ServeOptions, **_: object) -> int:
+        started.append(options)
+        return 0
+
+    monkeypatch.setattr(serve, "serve", fake_serve)
+    return started
+
+
+def test_sidecar_file_name_is_the_builders() -> None:
+    assert serve.PLAN_SIDECAR == te.SIDECAR_FILE
+
+
+def test_engine_mismatch_names_each_engine(tmp_path: Path) -> None:
+    repository = tensorrt_repository(tmp_path, plan_record("10.3.0.26", A10G))
+    with pytest.raises(serve.ServeError) as raised:
+        serve.check_engines(repository, tensorrt_version=lambda: "10.8.0", gpu=lambda: H100)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == (
+        f"4 TensorRT engine(s) in {repository} will not load on this server "
+        "(--skip-engine-check starts Triton anyway):"
+    )
+    assert lines[1:] == [
+        f"  {engine}: engine built with TensorRT 10.3.0 for NVIDIA A10G (8.6); this server has TensorRT "
+        "10.8.0 on NVIDIA H100 80GB HBM3 (9.0): rebuild the engines with build-engines --target tensorrt "
+        "inside the serving container"
+        for engine in ENGINES
+    ]
+
+
+def test_sd_serve_exits_on_mismatch_without_starting_triton(
+    tmp_path: Path,
+    fake_runtime: dict[str, object],
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tensorrt_repository(tmp_path, plan_record("10.3.0.26", A10G))
+    fake_runtime["gpu"] = GpuIdentity("NVIDIA A100-SXM4-80GB", "8.0")  # TensorRT differs too
+    assert serve.main([f"--model-repository={tmp_path}"]) == 1
+    assert triton_starts == []
+    err = capsys.readouterr().err
+    assert err.startswith("sd-serve: error: 4 TensorRT engine(s) in ")
+    assert (
+        "  unet: engine built with TensorRT 10.3.0 for NVIDIA A10G (8.6); this server has TensorRT 10.8.0 "
+        "on NVIDIA A100-SXM4-80GB (8.0): rebuild the engines" in err
+    )
+    assert "Traceback" not in err
+
+
+def test_only_mismatched_engines_are_reported(tmp_path: Path, fake_runtime: dict[str, object]) -> None:
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", H100))
+    (tmp_path / "vae_encoder" / "1" / te.SIDECAR_FILE).write_text(plan_record("10.7.0.23", H100).to_json())
+    with pytest.raises(serve.ServeError) as raised:
+        serve.check_engines(tmp_path)
+    assert str(raised.value).splitlines()[1:] == [
+        "  vae_encoder: engine built with TensorRT 10.7.0 for NVIDIA H100 80GB HBM3 (9.0); this server has "
+        "TensorRT 10.8.0 on NVIDIA H100 80GB HBM3 (9.0): rebuild the engines with build-engines --target "
+        "tensorrt inside the serving container"
+    ]
+
+
+def test_matching_engines_pass(
+    tmp_path: Path, fake_runtime: dict[str, object], triton_starts: list[serve.ServeOptions]
+) -> None:
+    # libnvinfer.so.10.8.0 names no build number; another GPU of the same compute capability loads it.
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", GpuIdentity("NVIDIA H100 PCIe", "9.0")))
+    assert serve.check_engines(tmp_path) == []
+    assert serve.main([f"--model-repository={tmp_path}"]) == 0
+    assert [options.model_repository for options in triton_starts] == [tmp_path.absolute()]
+
+
+def test_engines_without_a_gpu(tmp_path: Path) -> None:
+    tensorrt_repository(tmp_path, plan_record())
+    with pytest.raises(serve.ServeError, match=r"TensorRT engines \(text_encoder, unet, vae_decoder, "):
+        serve.check_engines(tmp_path, tensorrt_version=lambda: "10.3.0", gpu=lambda: None)
+    with pytest.raises(serve.ServeError, match="need a CUDA GPU, and nvidia-smi lists none"):
+        serve.check_engines(tmp_path, tensorrt_version=lambda: None, gpu=lambda: None)
+
+
+def test_sd_serve_without_a_gpu(
+    tmp_path: Path,
+    fake_runtime: dict[str, object],
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tensorrt_repository(tmp_path, plan_record())
+    fake_runtime["gpu"] = None
+    assert serve.main([f"--model-repository={tmp_path}"]) == 1
+    assert triton_starts == []
+    err = capsys.readouterr().err
+    assert err.startswith("sd-serve: error: the model repository has TensorRT engines (")
+    assert "which need a CUDA GPU" in err
+
+
+def test_unknown_tensorrt_version_warns_and_serves(
+    tmp_path: Path,
+    fake_runtime: dict[str, object],
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tensorrt_repository(tmp_path, plan_record())
+    fake_runtime["tensorrt_version"] = None
+    assert serve.main([f"--model-repository={tmp_path}"]) == 0
+    assert len(triton_starts) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sd-serve: warning: cannot tell this server's TensorRT version")
+    assert err.count("\n") == 1
+
+
+def test_unknown_gpu_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tensorrt_repository(tmp_path, plan_record())
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    [warning] = serve.check_engines(tmp_path, tensorrt_version=_unexpected)
+    assert warning.startswith("nvidia-smi is not on PATH, so this server's GPU is unknown; not checking")
+
+
+def test_unreadable_sidecar_warns(tmp_path: Path, fake_runtime: dict[str, object]) -> None:
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", H100))
+    (tmp_path / "unet" / "1" / te.SIDECAR_FILE).write_text("{truncated")
+    assert serve.check_engines(tmp_path) == [
+        f"unet: cannot read {tmp_path / 'unet' / '1' / te.SIDECAR_FILE}; not checking that its engine "
+        "fits this server"
+    ]
+
+
+def test_skip_engine_check(
+    tmp_path: Path, no_runtime_lookup: None, triton_starts: list[serve.ServeOptions]
+) -> None:
+    tensorrt_repository(tmp_path, plan_record())
+    assert serve.main([f"--model-repository={tmp_path}", "--skip-engine-check"]) == 0
+    assert len(triton_starts) == 1
+
+
+def test_onnx_repository_is_not_checked(
+    tmp_path: Path,
+    no_runtime_lookup: None,
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    onnx_repository(tmp_path)
+    (tmp_path / "unet" / "onnx").mkdir()
+    (tmp_path / "unet" / "onnx" / te.SIDECAR_FILE).write_text("{}")  # not a version folder: not Triton's
+    assert serve.check_engines(tmp_path) == []
+    assert serve.main([f"--model-repository={tmp_path}"]) == 0
+    assert len(triton_starts) == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_runtime_found_from_nvidia_smi_and_libnvinfer_without_torch(tmp_path: Path) -> None:
+    """The real look-ups, with a fake nvidia-smi and libnvinfer file, in a fresh interpreter."""
+    tools, libs = tmp_path / "bin", tmp_path / "lib"
+    tools.mkdir()
+    libs.mkdir()
+    nvidia_smi = tools / "nvidia-smi"
+    nvidia_smi.write_text('#!/bin/sh\necho "NVIDIA H100 80GB HBM3, 9.0"\necho "NVIDIA H100 80GB HBM3, 9.0"\n')
+    nvidia_smi.chmod(0o755)
+    (libs / "libnvinfer.so.10").symlink_to("libnvinfer.so.10.8.0")
+    (libs / "libnvinfer.so.10.8.0").write_bytes(b"")
+    repository = tensorrt_repository(tmp_path / "repo", plan_record("10.3.0.26", A10G), ("unet",))
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from python_backend import serve\n"
+        "print(serve.runtime_gpu(), serve.runtime_tensorrt_version())\n"
+        "try:\n"
+        f"    serve.check_engines(Path({str(repository)!r}))\n"
+        "except serve.ServeError as e:\n"
+        "    print(e)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "LD_LIBRARY_PATH": str(libs)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "NVIDIA H100 80GB HBM3 (9.0) 10.8.0"
+    assert lines[2] == (
+        "  unet: engine built with TensorRT 10.3.0 for NVIDIA A10G (8.6); this server has TensorRT 10.8.0 "
+        "on NVIDIA H100 80GB HBM3 (9.0): rebuild the engines with build-engines --target tensorrt inside "
+        "the serving container"
+    )
+    assert lines[-1] == "torch imported: False"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import enum
 import sys
 import types
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from build_engines import tensorrt_engine as te
@@ -18,10 +16,8 @@ from python_backend.shapes import (
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
-    EngineSpec,
     ModelGeometry,
     Profile,
-    TensorSpec,
     engine_specs,
 )
 
@@ -428,74 +424,3 @@ def test_failed_build_is_reported(fake_trt, unet_onnx, tmp_path):
             unet_onnx, SPECS[UNET], te.profile_shapes(SPECS[UNET], PROFILE), tmp_path, precision="fp16"
         )
     assert not (tmp_path / "model.plan").exists() and not (tmp_path / "model.plan.json").exists()
-
-
-# --- The real thing -----------------------------------------------------------------------------------
-
-REAL_TENSORRT_REASON = "TensorRT and a CUDA GPU are required; TensorRT cannot be installed on CI machines"
-
-
-def _real_tensorrt_or_skip() -> types.ModuleType:
-    try:
-        te.check_tensorrt_available()
-    except te.TensorRTUnavailable:
-        pytest.skip(REAL_TENSORRT_REASON)
-    import tensorrt
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip(REAL_TENSORRT_REASON)
-    return tensorrt
-
-
-def test_real_tensorrt_build(tmp_path):
-    trt = _real_tensorrt_or_skip()
-    import onnxruntime as ort
-    import torch
-    from torch import nn
-
-    spec = EngineSpec(
-        "tiny",
-        inputs=(TensorSpec("image", np.float16, ("batch", 3, "height", "width")),),
-        outputs=(TensorSpec("out", np.float16, ("batch", 4, "height", "width")),),
-    )
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1))
-    model = model.half().cuda().eval()
-    onnx_path = tmp_path / "onnx" / "model.onnx"
-    onnx_path.parent.mkdir()
-    axes = {0: "batch", 2: "height", 3: "width"}
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation warning
-        example = torch.randn(2, 3, 64, 64, dtype=torch.float16, device="cuda")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(onnx_path),
-            input_names=["image"],
-            output_names=["out"],
-            dynamic_axes={"image": axes, "out": axes},
-            opset_version=17,
-            dynamo=False,
-        )
-
-    shapes = te.profile_shapes(spec, Profile.square(64, 128, 256, max_batch=2))
-    result = te.build_engine(onnx_path, spec, shapes, tmp_path / "plan", precision="fp16")
-    assert te.plan_mismatch(result.record, trt.__version__, te.gpu_identity()) is None
-
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engine it deserializes
-    engine = runtime.deserialize_cuda_engine(result.plan.read_bytes())
-    context = engine.create_execution_context()
-    image = torch.randn(2, 3, 96, 160, dtype=torch.float16, device="cuda")  # inside the profile, not opt
-    out = torch.empty(2, 4, 96, 160, dtype=torch.float16, device="cuda")
-    context.set_input_shape("image", tuple(image.shape))
-    context.set_tensor_address("image", image.data_ptr())
-    context.set_tensor_address("out", out.data_ptr())
-    torch.cuda.synchronize()  # inputs were written on torch's stream; TensorRT runs on its own
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (expected,) = session.run(["out"], {"image": image.cpu().numpy()})
-    np.testing.assert_allclose(out.float().cpu().numpy(), expected.astype(np.float32), atol=2e-2, rtol=1e-2)
