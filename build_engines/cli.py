@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--static", metavar="WxH", help="one fixed image size instead of a range (fastest engines)"
     )
     sizes.add_argument("--max-batch", type=int, default=4, help="most images per request (default 4)")
+    sizes.add_argument(
+        "--max-prompt-chunks",
+        type=int,
+        default=1,
+        help="UNet text length in 77-token chunks (default 1; longer prompts are not encoded yet)",
+    )
     trt = parser.add_argument_group("tensorrt target")
     trt.add_argument(
         "--vae-precision",
@@ -70,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     missing = [p for p in CHECKPOINT_PARTS if not (args.checkpoint / p).exists()]
     if missing:
         parser.error(f"--checkpoint {args.checkpoint} is not a diffusers checkpoint: no {', '.join(missing)}")
-    batch = {"max_batch": args.max_batch}
+    batch = {"max_batch": args.max_batch, "max_prompt_chunks": args.max_prompt_chunks}
     try:
         if args.static:
             match = re.fullmatch(r"(\d+)x(\d+)", args.static)

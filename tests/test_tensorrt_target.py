@@ -182,7 +182,7 @@ def _run_plan(plan: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_real_tensorrt_engine_matches_onnx_runtime(tensorrt_repository, tiny_checkpoint, engine):
     spec = engine_specs(onnx_export.read_geometry(tiny_checkpoint))[engine]
-    sizes = {**onnx_export.CHECK_SIZES, "guided_batch": 2, "batch": 1}  # within --max-batch 2
+    sizes = {**onnx_export.CHECK_SIZES, "guided_batch": 2, "batch": 1, "text_sequence": 77}  # in the profile
     inputs = onnx_export.sample_inputs(spec, sizes, seed=3)
     session = ort.InferenceSession(str(tensorrt_repository / engine / "onnx" / "model.onnx"))
     expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))
@@ -218,3 +218,12 @@ def test_real_tensorrt_served_images_match_diffusers(tensorrt_repository, tiny_c
     )
     # fp16 UNet: measured per-engine differences are ~1e-3; the image may move a few levels.
     assert max_pixel_diff(served, expected) <= 8
+
+
+def test_prompt_chunks_widen_the_unet_profile(tiny_checkpoint, tmp_path):
+    args = build_cli.parse_args(
+        ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--max-prompt-chunks", "3"]
+    )
+    spec = engine_specs(onnx_export.read_geometry(tiny_checkpoint))[UNET]
+    low, _, high = tensorrt_engine.profile_shapes(spec, args.profile)["encoder_hidden_states"]
+    assert (low[1], high[1]) == (77, 231)
