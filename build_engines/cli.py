@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sizes.add_argument(
         "--max-prompt-chunks",
         type=int,
-        default=1,
-        help="UNet text length in 77-token chunks (default 1; longer prompts are not encoded yet)",
+        default=3,
+        help="longest prompt, in 75-token chunks (default 3); each chunk adds 77 tokens to the UNet's text input",
     )
     trt = parser.add_argument_group("tensorrt target")
     trt.add_argument(

@@ -20,10 +20,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer
 
-from python_backend import schedulers
+from python_backend import images, prompts, schedulers
 from python_backend.engines import Engines
-from python_backend.request import GenerationRequest
-from python_backend.shapes import PIPELINE_MANIFEST, TOKENS_PER_CHUNK, VAE_SCALE, PipelineManifest
+from python_backend.request import GenerationRequest, InvalidInput
+from python_backend.shapes import PIPELINE_MANIFEST, VAE_SCALE, PipelineManifest
 
 TOKENIZER_DIR = "tokenizer"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -75,17 +75,46 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    # 2. Encode the prompt; the unconditional (negative) half goes first, as in diffusers.
+    init_image = None
+    if request.image is not None:
+        profile = assets.manifest.profile
+        picture = images.decode_image(
+            request.image,
+            "image",
+            max_side=max(profile.width[2], profile.height[2]),
+            max_pixels=profile.width[2] * profile.height[2],
+        )
+        init_image = images.to_model_input(
+            images.resize(picture, request.width, request.height, request.resize_mode)
+        )
+
+    # 2. Encode the prompt; the unconditional (negative) half goes first, as in diffusers. A1111's
+    # syntax: (emphasis:1.2) weights, and prompts of several 77-token chunks, encoded chunk by chunk.
     device = engines.device
     fields = ["negative_prompt", "prompt"] if guided else ["prompt"]
-    input_ids = torch.cat([_tokenize(assets.tokenizer, getattr(request, f), f, warnings) for f in fields])
-    embeddings = engines.encode_text(input_ids.to(device))
-    text_embeddings = embeddings.repeat_interleave(request.num_images, dim=0)
+    chunks = [_chunks(assets, getattr(request, f), f) for f in fields]
+    if guided:
+        chunks = list(prompts.pad_to_same_length(*chunks))
+    encoded = engines.encode_text(torch.from_numpy(np.concatenate([c.ids for c in chunks])).to(device))
+    per_prompt = encoded.split([c.count for c in chunks])
+    weighted = [
+        prompts.apply_weights(e, torch.from_numpy(c.weights).to(device))
+        for e, c in zip(per_prompt, chunks, strict=True)
+    ]
+    text_embeddings = torch.cat(weighted).repeat_interleave(request.num_images, dim=0)
     timings["text_encode"] = _ms_since(started)
 
-    # 3. Timesteps, from a scheduler of this request's own.
+    # 3. Timesteps, from a scheduler of this request's own; img2img skips the first (1 - strength).
     scheduler = schedulers.build(choice, assets.scheduler_config)
     scheduler.set_timesteps(request.num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    if init_image is not None:
+        skipped = (
+            request.num_inference_steps - int(request.num_inference_steps * request.strength)
+        ) * scheduler.order
+        timesteps = timesteps[skipped:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(skipped)
     accepts = schedulers.step_accepts(choice.diffusers_class)
     step_kwargs = {"generator": generators} if "generator" in accepts else {}
 
@@ -97,12 +126,21 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
         request.height // VAE_SCALE,
         request.width // VAE_SCALE,
     )
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
-    latents = latents * scheduler.init_noise_sigma
+    if init_image is None:
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        # As diffusers' img2img: a VAE sample per image (its generator's first draw), scaled, then
+        # noised to the first kept timestep (the second draw).
+        mean, std = engines.encode_image(init_image.to(device))
+        samples = [mean + std * randn_tensor(mean.shape, generator=g, device=device) for g in generators]
+        image_latents = torch.cat(samples) * geometry.vae_scaling_factor
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(request.num_images))
 
     # 5. Denoise.
     denoise_started = time.perf_counter()
-    for t in scheduler.timesteps:
+    for t in timesteps:
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
         timestep = torch.full((model_input.shape[0], 1), float(t), dtype=torch.float32, device=device)
@@ -117,7 +155,7 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     decode_started = time.perf_counter()
     decoded = engines.decode_latents((latents / geometry.vae_scaling_factor).contiguous())
     pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    images = (pixels * 255).round().astype(np.uint8)
+    rgb = (pixels * 255).round().astype(np.uint8)
     timings["decode"] = _ms_since(decode_started)
     timings["total"] = _ms_since(started)
 
@@ -132,21 +170,22 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
         "width": request.width,
         "height": request.height,
         "model": assets.manifest.model_name,
+        **(
+            {"strength": request.strength, "resize_mode": request.resize_mode}
+            if init_image is not None
+            else {}
+        ),
         "timings_ms": timings,
         "warnings": warnings,
     }
-    return GenerationResult(images=images, info=info)
+    return GenerationResult(images=rgb, info=info)
 
 
-def _tokenize(tokenizer: CLIPTokenizer, text: str, field: str, warnings: list[str]) -> torch.Tensor:
-    ids = tokenizer(text, padding="max_length", max_length=TOKENS_PER_CHUNK, truncation=True).input_ids
-    total = len(tokenizer(text).input_ids)
-    if total > TOKENS_PER_CHUNK:
-        warnings.append(
-            f"{field} is {total - 2} tokens; truncated to the first {TOKENS_PER_CHUNK - 2} "
-            "(longer prompts are not supported yet)"
-        )
-    return torch.tensor([ids], dtype=torch.int32)
+def _chunks(assets: PipelineAssets, text: str, field: str) -> prompts.PromptChunks:
+    try:
+        return prompts.tokenize_chunks(assets.tokenizer, text, assets.manifest.profile.max_prompt_chunks)
+    except ValueError as e:
+        raise InvalidInput(field, str(e)) from None
 
 
 def _ms_since(start: float) -> float:

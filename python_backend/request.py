@@ -24,7 +24,12 @@ REQUEST_INPUTS: dict[str, type[np.generic]] = {
     "guidance_scale": np.float32,
     "seed": np.int64,
     "scheduler": np.object_,
+    "image": np.object_,
+    "strength": np.float32,
+    "resize_mode": np.object_,
 }
+# BYTES inputs that carry files (PNG/JPEG/WebP), not text.
+BINARY_INPUTS = frozenset({"image"})
 
 
 class InvalidInput(ValueError):
@@ -46,6 +51,9 @@ class GenerationRequest:
     guidance_scale: float = 7.5
     seed: int = -1  # -1: draw a random one
     scheduler: str | None = None  # None: the checkpoint's own
+    image: bytes | None = None  # img2img: the initial image (PNG/JPEG/WebP)
+    strength: float = 0.75  # img2img: how much of the image is redrawn (A1111's denoising strength)
+    resize_mode: str = "just_resize"  # img2img: how the image is fitted to width x height
 
     def validate(self, profile: Profile, max_steps: int) -> schedulers.SchedulerChoice | None:
         """Raise InvalidInput for the first bad field; return the requested scheduler, if any."""
@@ -68,6 +76,13 @@ class GenerationRequest:
             raise InvalidInput(
                 "seed", f"must be -1 (random) or in 0..{MAX_SEED - self.num_images}, got {self.seed}"
             )
+        if not math.isfinite(self.strength) or not 0 <= self.strength <= 1:
+            raise InvalidInput("strength", f"must be in 0..1, got {self.strength}")
+        if self.image is not None and int(self.num_inference_steps * self.strength) < 1:
+            raise InvalidInput(
+                "strength",
+                f"{self.strength} x {self.num_inference_steps} steps leaves no denoising step; raise either",
+            )
         if self.scheduler is None:
             return None
         try:
@@ -88,7 +103,9 @@ def request_from_inputs(inputs: dict[str, np.ndarray]) -> GenerationRequest:
             raise InvalidInput(name, f"expected exactly one value, got shape {list(array.shape)}")
         value = array.reshape(-1)[0]
         kind = REQUEST_INPUTS[name]
-        if kind is np.object_:
+        if name in BINARY_INPUTS:
+            values[name] = bytes(value)
+        elif kind is np.object_:
             try:
                 values[name] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
             except UnicodeDecodeError:

@@ -29,7 +29,7 @@ class Profile:
     height: SideRange = (64, 512, 1024)
     max_batch: int = 4
     opt_batch: int = 1
-    max_prompt_chunks: int = 1
+    max_prompt_chunks: int = 3
 
     @classmethod
     def square(cls, min_size: int, opt_size: int, max_size: int, **batch: int) -> Profile:

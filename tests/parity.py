@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -15,8 +16,8 @@ TOLERANCE = 2
 
 
 @cache
-def _pipeline(checkpoint: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
+def _pipeline(checkpoint: Path, pipeline_class: str) -> StableDiffusionPipeline:
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(checkpoint, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -26,31 +27,31 @@ def diffusers_images(
     prompt: str,
     *,
     negative_prompt: str = "",
-    width: int,
-    height: int,
     steps: int,
     guidance_scale: float,
     seed: int,
     scheduler: str,
     num_images: int = 1,
+    pipeline_class: str = "StableDiffusionPipeline",
+    **call_kwargs: Any,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] from diffusers with one CPU generator per image (seed + i).
 
+    `call_kwargs` go to the pipeline call (width/height for text-to-image, image/strength for img2img).
     `scheduler` is a diffusers class name, set up the way diffusers documents: `from_config` of the
     checkpoint's scheduler config.
     """
-    pipe = _pipeline(checkpoint)
+    pipe = _pipeline(checkpoint, pipeline_class)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     images = pipe(
         prompt,
         negative_prompt=negative_prompt,
-        width=width,
-        height=height,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         num_images_per_prompt=num_images,
         generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
         output_type="np",
+        **call_kwargs,
     ).images
     return (images * 255).round().astype(np.uint8)
 

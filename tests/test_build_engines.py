@@ -131,7 +131,7 @@ def test_profile_axis_ranges():
     static = Profile.static(512, 768).axis_ranges()
     assert static["latent_width"] == (64, 64, 64) and static["height"] == (768, 768, 768)
     assert ranges["guided_batch"] == (1, 2, 8)
-    assert ranges["text_sequence"] == (77, 77, 77)
+    assert ranges["text_sequence"] == (77, 77, 231)  # 3 prompt chunks by default
 
 
 def test_models_past_the_protobuf_limit_keep_weights_in_one_external_file(

@@ -145,11 +145,26 @@ def test_default_scheduler_is_the_checkpoints(engines, assets):
     assert generate(request, engines, assets).info["scheduler"] == "pndm"
 
 
-def test_long_prompt_is_truncated_with_a_warning(engines, assets):
-    long_prompt = " ".join(["cat"] * 100)
-    request = GenerationRequest(prompt=long_prompt, width=64, height=64, num_inference_steps=2, seed=3)
-    warnings = generate(request, engines, assets).info["warnings"]
-    assert len(warnings) == 1 and "prompt is 100 tokens" in warnings[0] and "truncated" in warnings[0]
+def test_long_prompts_are_encoded_in_chunks(engines, assets):
+    def run(prompt: str) -> np.ndarray:
+        request = GenerationRequest(prompt=prompt, width=64, height=64, num_inference_steps=2, seed=3)
+        return generate(request, engines, assets).images
+
+    long_prompt = " ".join(["cat"] * 100)  # two chunks
+    assert max_pixel_diff(run(long_prompt), run(" ".join(["cat"] * 75))) > 0  # the second chunk counts
+    with pytest.raises(
+        InvalidInput, match=r"prompt: is 300 tokens in 4 chunks; the engines accept at most 3"
+    ):
+        run(" ".join(["cat"] * 300))
+
+
+def test_attention_syntax_weights_the_prompt(engines, assets):
+    def run(prompt: str) -> np.ndarray:
+        request = GenerationRequest(prompt=prompt, width=64, height=64, num_inference_steps=2, seed=3)
+        return generate(request, engines, assets).images
+
+    assert np.array_equal(run("(a photo:1.0) of a cat"), run(PROMPT))
+    assert max_pixel_diff(run("a photo of a (cat:1.6)"), run(PROMPT)) > 0
 
 
 BAD_REQUESTS = [
@@ -255,3 +270,92 @@ def test_core_on_the_gpu_matches_diffusers(
         num_images=2,
     )
     assert max_pixel_diff(result.images, expected) <= TOLERANCE
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _test_picture(width: int, height: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(smooth).resize((width, height), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "diffusers_class"),
+    [("pndm", "PNDMScheduler"), ("ddim", "DDIMScheduler"), ("Euler a", "EulerAncestralDiscreteScheduler")],
+)
+def test_img2img_matches_diffusers(engines, assets, tiny_checkpoint, scheduler, diffusers_class):
+    picture = _test_picture(96, 64)
+    request = GenerationRequest(
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        width=96,
+        height=64,
+        num_inference_steps=10,
+        num_images=2,
+        seed=99,
+        scheduler=scheduler,
+        image=_png(picture),
+        strength=0.6,
+    )
+    result = generate(request, engines, assets)
+    expected = diffusers_images(
+        tiny_checkpoint,
+        PROMPT,
+        negative_prompt="blurry",
+        steps=10,
+        guidance_scale=7.5,
+        seed=99,
+        scheduler=diffusers_class,
+        num_images=2,
+        pipeline_class="StableDiffusionImg2ImgPipeline",
+        image=picture,
+        strength=0.6,
+    )
+    assert result.images.shape == (2, 64, 96, 3)
+    assert max_pixel_diff(result.images, expected) <= TOLERANCE
+    assert result.info["strength"] == 0.6
+
+
+def test_img2img_strength_decides_how_much_changes(engines, assets):
+    picture = _test_picture(64, 64)
+    original = np.asarray(picture).astype(np.int16)
+
+    def change(strength: float) -> float:
+        request = GenerationRequest(
+            prompt=PROMPT,
+            width=64,
+            height=64,
+            num_inference_steps=10,
+            seed=1,
+            image=_png(picture),
+            strength=strength,
+        )
+        return float(np.abs(generate(request, engines, assets).images[0].astype(np.int16) - original).mean())
+
+    assert change(0.2) < change(0.9)
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("strength", {"strength": 1.5}),
+        ("strength", {"strength": math.nan}),
+        ("strength", {"strength": 0.05, "num_inference_steps": 10}),  # no step left
+        ("image", {"image": b"not an image"}),
+        ("resize_mode", {"resize_mode": "stretch it"}),
+    ],
+)
+def test_bad_img2img_input_names_the_field(engines, assets, field, change):
+    arguments = {"prompt": PROMPT, "width": 64, "height": 64, "image": _png(_test_picture(64, 64)), **change}
+    with pytest.raises(InvalidInput) as raised:
+        generate(GenerationRequest(**arguments), engines, assets)
+    assert raised.value.field == field

@@ -191,7 +191,7 @@ def test_malformed_tensors_are_invalid_arg_naming_the_field(server, field, input
 def test_info_output(server):
     client = httpclient.InferenceServerClient(server.http_url)
     prompt = httpclient.InferInput("prompt", [1], "BYTES")
-    prompt.set_data_from_numpy(np.array([" ".join(["cat"] * 90).encode()], np.object_))
+    prompt.set_data_from_numpy(np.array([PROMPT.encode()], np.object_))
     steps = httpclient.InferInput("num_inference_steps", [1], "INT32")
     steps.set_data_from_numpy(np.array([2], np.int32))
     size = [httpclient.InferInput(n, [1], "INT32") for n in ("width", "height")]
@@ -201,7 +201,7 @@ def test_info_output(server):
     info = json.loads(response.as_numpy("info")[0])
     assert response.as_numpy("images").shape == (1, 64, 64, 3)
     assert info["scheduler"] == "pndm" and info["steps"] == 2 and info["guidance_scale"] == 7.5
-    assert len(info["seeds"]) == 1 and info["warnings"] and "truncated" in info["warnings"][0]
+    assert len(info["seeds"]) == 1 and info["warnings"] == []
     assert info["timings_ms"]["total"] >= info["timings_ms"]["denoise"] > 0
 
 

@@ -22,7 +22,7 @@ from python_backend.shapes import (
 )
 
 SPECS = engine_specs(ModelGeometry())
-PROFILE = Profile.square(64, 512, 1024, max_batch=4)
+PROFILE = Profile.square(64, 512, 1024, max_batch=4, max_prompt_chunks=1)
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
 A10G = GpuIdentity("NVIDIA A10G", "8.6")
 
@@ -57,7 +57,7 @@ def test_static_profile_fixes_the_image_size():
     unet = te.profile_shapes(SPECS[UNET], static)
     assert unet["sample"] == ((1, 4, 96, 64), (4, 4, 96, 64), (4, 4, 96, 64))
     assert unet["timestep"] == ((1, 1), (4, 1), (4, 1))
-    assert unet["encoder_hidden_states"] == ((1, 77, 768), (4, 77, 768), (4, 77, 768))
+    assert unet["encoder_hidden_states"] == ((1, 77, 768), (4, 77, 768), (4, 231, 768))  # 3 prompt chunks
     assert te.profile_shapes(SPECS[VAE_DECODER], static) == {
         "latent": ((1, 4, 96, 64), (2, 4, 96, 64), (2, 4, 96, 64))
     }
