@@ -30,6 +30,7 @@ TRITON_DTYPES = {
     np.int64: mc.TYPE_INT64,
     np.uint8: mc.TYPE_UINT8,
     np.object_: mc.TYPE_STRING,
+    np.bool_: mc.TYPE_BOOL,
 }
 
 

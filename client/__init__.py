@@ -1,7 +1,7 @@
 """Client for the Stable Diffusion `pipeline` model on Triton: a Python API and the `sd-client` CLI."""
 
 from client.api import GenerationError, GenerationResult, StableDiffusionClient
-from client.infotext import format_infotext, parse_infotext, read_infotext, save_png
+from client.infotext import format_infotext, parse_infotext, read_infotext, request_from_infotext, save_png
 
 __all__ = [
     "GenerationError",
@@ -10,5 +10,6 @@ __all__ = [
     "format_infotext",
     "parse_infotext",
     "read_infotext",
+    "request_from_infotext",
     "save_png",
 ]

@@ -1,11 +1,12 @@
-"""Python client for the `pipeline` model: text to images over Triton's gRPC or HTTP protocol."""
+"""Python client for the `pipeline` model: text or image to images over Triton's gRPC or HTTP protocol."""
 
 from __future__ import annotations
 
+import io
 import json
 import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,10 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.infotext import format_infotext, save_png
-from python_backend.request import REQUEST_INPUTS
+from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS
+
+# img2img's initial image: file contents (PNG/JPEG/WebP), a path to such a file, or a PIL image.
+ImageInput = bytes | str | Path | Image.Image
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
@@ -51,7 +55,20 @@ def error_from_exception(exc: Exception, url: str, protocol: str) -> GenerationE
     return GenerationError(message, status)
 
 
+def image_bytes(image: ImageInput) -> bytes:
+    """The file bytes to send for `image`: bytes as they are, a path's contents, a PIL image as PNG."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")  # lossless, and the server decodes any mode Pillow writes
+        return buffer.getvalue()
+    return Path(image).read_bytes()
+
+
 def _tensor(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
+    if name in BINARY_INPUTS:
+        return np.array([value], dtype=np.object_)  # file bytes go as they are, never through str()
     if dtype is np.object_:
         return np.array([str(value).encode("utf-8")], dtype=np.object_)
     if issubclass(dtype, np.integer):
@@ -75,11 +92,20 @@ def build_inputs(
     width: int | None = None,
     height: int | None = None,
     num_images: int | None = None,
+    image: ImageInput | None = None,
+    strength: float | None = None,
+    resize_mode: str | None = None,
 ) -> list[tuple[str, np.ndarray]]:
     """The request's tensors by input name. Arguments left None are not sent: the server applies its defaults.
 
-    An integer outside its tensor's range raises GenerationError (status INVALID_ARGUMENT) like the server.
+    An integer outside its tensor's range, or `strength` / `resize_mode` without an `image` (the server
+    would ignore them), raises GenerationError (status INVALID_ARGUMENT) like the server. A path `image`
+    is read here.
     """
+    if image is None:
+        for name, value in (("strength", strength), ("resize_mode", resize_mode)):
+            if value is not None:
+                raise GenerationError(f"{name} needs an image (img2img)", "INVALID_ARGUMENT")
     values = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -90,6 +116,9 @@ def build_inputs(
         "guidance_scale": guidance_scale,
         "seed": seed,
         "scheduler": scheduler,
+        "image": None if image is None else image_bytes(image),
+        "strength": strength,
+        "resize_mode": resize_mode,
     }
     # Names and dtypes are the server's own table of pipeline inputs.
     return [
@@ -110,7 +139,7 @@ def triton_inputs(triton: ModuleType, arrays: list[tuple[str, np.ndarray]]) -> l
 
 
 def _format_float(value: float) -> str:
-    # The server reads guidance_scale as FP32: 7.3 comes back as 7.300000190734863.
+    # The server reads FP32 inputs: guidance scale 7.3 comes back as 7.300000190734863.
     return str(float(f"{value:.6g}"))
 
 
@@ -119,10 +148,10 @@ class GenerationResult:
     images: list[Image.Image]
     info: dict[str, Any]  # the server's `info` JSON
 
-    def infotexts(self) -> list[str]:
-        """A1111 infotext of each image, each with its own seed."""
+    def infotexts(self, extra: Mapping[str, Any] | None = None) -> list[str]:
+        """A1111 infotext of each image, each with its own seed; `extra` params go at the end."""
         info = self.info
-        cfg = info.get("guidance_scale")
+        cfg, strength = info.get("guidance_scale"), info.get("strength")
         return [
             format_infotext(
                 info.get("prompt", ""),
@@ -134,6 +163,9 @@ class GenerationResult:
                     "Seed": info["seeds"][i],
                     "Size": f"{info.get('width', image.width)}x{info.get('height', image.height)}",
                     "Model": info.get("model"),
+                    # Only img2img info has it; A1111 writes it for img2img too.
+                    "Denoising strength": None if strength is None else _format_float(strength),
+                    **(extra or {}),
                 },
             )
             for i, image in enumerate(self.images)
@@ -142,25 +174,36 @@ class GenerationResult:
     def save(self, out_dir: str | Path, prefix: str = "") -> list[Path]:
         """Write each image as `<prefix><NNNNN>-<seed>.png` with its infotext; return the paths.
 
-        As A1111 does, NNNNN continues after the highest number already in `out_dir` with this prefix.
-        Files are created exclusively, so a name taken meanwhile (another client) moves on to the next number.
+        Numbered as `save_pngs` does: on from the highest number in `out_dir`, never overwriting.
         """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        number = next_sequence_number(out, prefix)
-        paths = []
-        for image, seed, infotext in zip(self.images, self.info["seeds"], self.infotexts(), strict=True):
-            while True:
-                path = out / f"{prefix}{number:05d}-{seed}.png"
-                number += 1
-                try:
-                    with path.open("xb") as file:
-                        save_png(image, file, infotext)
-                except FileExistsError:
-                    continue
-                paths.append(path)
-                break
-        return paths
+        seeds = (f"-{seed}" for seed in self.info["seeds"])
+        return save_pngs(out_dir, zip(self.images, self.infotexts(), seeds, strict=True), prefix)
+
+
+def save_pngs(
+    out_dir: str | Path, pngs: Iterable[tuple[Image.Image, str, str]], prefix: str = ""
+) -> list[Path]:
+    """Write each (image, infotext, name suffix) as `<prefix><NNNNN><suffix>.png`; return the paths.
+
+    As A1111 does, NNNNN continues after the highest number already in `out_dir` with this prefix.
+    Files are created exclusively, so a name taken meanwhile (another client) moves on to the next number.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    number = next_sequence_number(out, prefix)
+    paths = []
+    for image, infotext, suffix in pngs:
+        while True:
+            path = out / f"{prefix}{number:05d}{suffix}.png"
+            number += 1
+            try:
+                with path.open("xb") as file:
+                    save_png(image, file, infotext)
+            except FileExistsError:
+                continue
+            paths.append(path)
+            break
+    return paths
 
 
 def next_sequence_number(out_dir: Path, prefix: str = "") -> int:
@@ -274,8 +317,16 @@ class StableDiffusionClient:
         width: int | None = None,
         height: int | None = None,
         num_images: int | None = None,
+        image: ImageInput | None = None,
+        strength: float | None = None,
+        resize_mode: str | None = None,
     ) -> GenerationResult:
-        """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random."""
+        """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random.
+
+        With `image` it is img2img: the image is fitted to width x height by `resize_mode` ("just_resize",
+        "crop_and_resize" or "resize_and_fill", or A1111's labels) and `strength` (0..1, A1111's denoising
+        strength) of the steps redraw it.
+        """
         arrays = build_inputs(
             prompt,
             negative_prompt=negative_prompt,
@@ -286,6 +337,9 @@ class StableDiffusionClient:
             width=width,
             height=height,
             num_images=num_images,
+            image=image,
+            strength=strength,
+            resize_mode=resize_mode,
         )
         inputs = triton_inputs(self._triton, arrays)
         outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]

@@ -1,7 +1,8 @@
-"""`sd-client`: generate images with the Triton `pipeline` model, or list its schedulers.
+"""`sd-client`: generate images (from text or an image) with the Triton `pipeline` model, sweep parameters
+into X/Y/Z grids, or list its schedulers.
 
 Exit codes: 0 success, 1 server or I/O failure (including no server at the URL), 2 invalid arguments
-(rejected by argparse or by the server).
+(rejected by argparse, by our checks of input files and axes, or by the server).
 """
 
 from __future__ import annotations
@@ -12,10 +13,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from client.api import DEFAULT_URLS, GenerationError, GenerationResult, StableDiffusionClient
+from client.api import DEFAULT_URLS, GenerationError, GenerationResult, StableDiffusionClient, save_pngs
+from client.grid import PARAMS, Axis, parse_axis, sweep
+from client.infotext import read_infotext, request_from_infotext
 
 EXIT_FAILURE = 1
 EXIT_INVALID_ARGUMENT = 2  # as argparse uses for bad command lines
+# Namespace attributes that are StableDiffusionClient.generate arguments, where the command has them.
+REQUEST_ARGS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "scheduler",
+    "width",
+    "height",
+    "num_images",
+    "strength",
+    "resize_mode",
+)
+
+
+class UsageError(Exception):
+    """A command line that parses but can't be run (unreadable input file, clashing axes): exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,48 +56,90 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up on a call after this long (default: no limit)",
     )
 
-    parser = argparse.ArgumentParser(
-        prog="sd-client",
-        description="Generate images with the Triton pipeline model, or list its schedulers.",
+    request = argparse.ArgumentParser(add_help=False)
+    request.add_argument(
+        "prompt",
+        nargs="?",
+        help="what the images should show (may be left out with --infotext, which then supplies it)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    generate = commands.add_parser(
-        "generate",
-        parents=[connection],
-        help="generate images and save them as PNGs with A1111 infotext",
-        description="Generate images; print the path of each PNG written. Server warnings go to stderr.",
-    )
-    generate.add_argument("prompt", help="what the images should show")
-    generate.add_argument(
+    request.add_argument(
         "--negative-prompt", metavar="TEXT", help="what they should not show (default: server default)"
     )
-    generate.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: server default)")
-    generate.add_argument(
+    request.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: server default)")
+    request.add_argument(
         "--guidance",
+        dest="guidance_scale",
         type=float,
         metavar="SCALE",
         help="classifier-free guidance scale (default: server default)",
     )
-    generate.add_argument(
+    request.add_argument(
         "--seed",
         type=int,
         metavar="N",
         help="seed of the noise, for repeatable results (default: server default, random; -1 is random too)",
     )
-    generate.add_argument(
+    request.add_argument(
         "--scheduler",
         metavar="NAME",
         help="scheduler name or A1111 sampler label, see `sd-client schedulers` (default: server default)",
     )
-    generate.add_argument("--width", type=int, metavar="N", help="in pixels (default: server default)")
-    generate.add_argument("--height", type=int, metavar="N", help="in pixels (default: server default)")
-    generate.add_argument(
-        "--num-images", type=int, metavar="N", help="images in one request (default: server default)"
+    request.add_argument("--width", type=int, metavar="N", help="in pixels (default: server default)")
+    request.add_argument("--height", type=int, metavar="N", help="in pixels (default: server default)")
+    request.add_argument(
+        "--infotext",
+        type=Path,
+        metavar="FILE.png",
+        help="take prompt, negative prompt, steps, sampler, CFG scale, seed, size (and for img2img denoising "
+        "strength) from this PNG's A1111 `parameters` chunk; options given here override them",
     )
-    generate.add_argument(
+    request.add_argument(
         "--out", type=Path, default=Path("outputs"), metavar="DIR", help="where PNGs go (default: ./outputs)"
     )
+    batch = argparse.ArgumentParser(add_help=False)
+    batch.add_argument(
+        "--num-images", type=int, metavar="N", help="images in one request (default: server default)"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="sd-client",
+        description="Generate images with the Triton pipeline model, sweep parameters into grids, "
+        "or list its schedulers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "generate",
+        parents=[request, batch, connection],
+        help="generate images and save them as PNGs with A1111 infotext",
+        description="Generate images; print the path of each PNG written. Server warnings go to stderr.",
+    )
+    img2img = commands.add_parser(
+        "img2img",
+        parents=[request, batch, connection],
+        help="redraw an image guided by a prompt; save PNGs as generate does",
+        description="Generate images from an initial image; print the path of each PNG written.",
+    )
+    _add_image_options(img2img, required=True)
+    grid = commands.add_parser(
+        "grid",
+        parents=[request, connection],
+        help="sweep parameters into an A1111-style X/Y/Z plot",
+        description="One request per cell, all with the same seed (the first response's when none is "
+        "given); writes one labelled contact sheet PNG per Z value (X across, Y down) as grid-NNNNN.png, "
+        "with the first cell's infotext plus the axes, and prints their paths. "
+        f"NAME is one of: {', '.join(PARAMS)} (aliases: cfg, sampler, denoising, negative); "
+        'values are comma-separated, quoted where they hold a comma: --y scheduler="Euler a",DDIM. '
+        "An axis overrides the option of the same parameter.",
+    )
+    for letter, required in (("x", True), ("y", False), ("z", False)):
+        grid.add_argument(
+            f"--{letter}",
+            type=_axis,
+            required=required,
+            metavar="NAME=V1,V2,...",
+            help={"x": "the columns", "y": "the rows", "z": "one sheet per value"}[letter],
+        )
+    _add_image_options(grid, required=False)
 
     commands.add_parser(
         "schedulers",
@@ -85,6 +148,67 @@ def build_parser() -> argparse.ArgumentParser:
         description="List scheduler names and A1111 sampler labels; the checkpoint's own is the default.",
     )
     return parser
+
+
+def _add_image_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--image",
+        type=Path,
+        required=required,
+        metavar="FILE",
+        help="initial image (PNG, JPEG or WebP)" + ("" if required else "; makes every cell img2img"),
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        metavar="F",
+        help="denoising strength, 0..1: how much of the image is redrawn (default: server default, 0.75)",
+    )
+    parser.add_argument(
+        "--resize-mode",
+        metavar="MODE",
+        help="how the image is fitted to --width x --height: just_resize, crop_and_resize or "
+        "resize_and_fill, or A1111's labels (default: server default, just_resize)",
+    )
+
+
+def _axis(spec: str) -> Axis:
+    try:
+        return parse_axis(spec)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own message, after the option's name
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """StableDiffusionClient.generate's arguments: the command line's, over those of --infotext's PNG.
+
+    Raises UsageError for an unreadable --infotext or --image file and for a missing prompt.
+    """
+    request = {name: getattr(args, name) for name in REQUEST_ARGS if hasattr(args, name)}
+    if args.infotext is not None:
+        try:
+            text = read_infotext(args.infotext)
+        except OSError as exc:
+            raise UsageError(f"--infotext: cannot read {args.infotext}: {exc}") from None
+        if text is None:
+            raise UsageError(f"--infotext: {args.infotext} has no `parameters` chunk (A1111 infotext)")
+        try:
+            recorded = request_from_infotext(text)
+        except ValueError as exc:
+            raise UsageError(f"--infotext: {args.infotext}: {exc}") from None
+        if getattr(args, "image", None) is None:
+            recorded.pop("strength", None)  # a txt2img hires-fix strength, meaningless without an image
+        for name, value in recorded.items():
+            if name in request and request[name] is None:
+                request[name] = value
+    if request["prompt"] is None:
+        raise UsageError("a PROMPT is required (or --infotext FILE.png to take it from)")
+    if getattr(args, "image", None) is not None:
+        try:
+            request["image"] = args.image.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--image: cannot read {args.image}: {exc.strerror or exc}") from None
+    return request
 
 
 def format_scheduler_table(schedulers: list[dict[str, Any]]) -> str:
@@ -96,19 +220,26 @@ def format_scheduler_table(schedulers: list[dict[str, Any]]) -> str:
     return "\n".join(f"{n:<{name_width}}  {a:<{label_width}}  {d}".rstrip() for n, a, d in rows)
 
 
-def _generate(client: StableDiffusionClient, args: argparse.Namespace) -> None:
-    result = client.generate(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        width=args.width,
-        height=args.height,
-        num_images=args.num_images,
-    )
-    save_and_report(result, args.out)
+def _grid(client: StableDiffusionClient, args: argparse.Namespace, request: dict[str, Any]) -> None:
+    swept: dict[str, str] = {}
+    for flag, axis in (("--x", args.x), ("--y", args.y), ("--z", args.z)):
+        if axis is not None:
+            if axis.param.name in swept:
+                raise UsageError(f"{flag}: {axis.param.label} is already swept by {swept[axis.param.name]}")
+            swept[axis.param.name] = flag
+    warned: set[str] = set()
+
+    def generate(**kwargs: Any) -> GenerationResult:
+        result = client.generate(**kwargs)
+        for warning in result.info.get("warnings", []):
+            if warning not in warned:  # every cell tends to repeat them
+                warned.add(warning)
+                print(f"warning: {warning}", file=sys.stderr)
+        return result
+
+    sheets = sweep(generate, request, args.x, args.y, args.z)
+    for path in save_pngs(args.out, ((sheet, infotext, "") for sheet, infotext in sheets), prefix="grid-"):
+        print(path)
 
 
 def save_and_report(result: GenerationResult, out_dir: Path) -> None:
@@ -122,11 +253,17 @@ def save_and_report(result: GenerationResult, out_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        request = request_kwargs(args) if args.command != "schedulers" else {}
         with StableDiffusionClient(args.url, protocol=args.protocol, timeout_s=args.timeout) as client:
-            if args.command == "generate":
-                _generate(client, args)
-            else:
+            if args.command == "schedulers":
                 print(format_scheduler_table(client.schedulers()))
+            elif args.command == "grid":
+                _grid(client, args, request)
+            else:
+                save_and_report(client.generate(**request), args.out)
+    except UsageError as exc:
+        print(f"sd-client: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID_ARGUMENT
     except GenerationError as exc:
         print(f"sd-client: error: {exc}", file=sys.stderr)
         return EXIT_INVALID_ARGUMENT if exc.is_invalid_argument else EXIT_FAILURE

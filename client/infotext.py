@@ -31,6 +31,14 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 # A1111 takes the last line for the params line only when it holds this many pairs, so that a prompt
 # line such as "style: anime" stays part of the prompt.
 _MIN_PARAMS = 3
+_SIZE = re.compile(r"(\d+)x(\d+)")
+# Params that map one to one onto `StableDiffusionClient.generate` arguments.
+_NUMERIC_PARAMS = {
+    "Steps": ("steps", int),
+    "CFG scale": ("guidance_scale", float),
+    "Seed": ("seed", int),
+    "Denoising strength": ("strength", float),
+}
 
 
 def quote(value: str) -> str:
@@ -86,6 +94,35 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
         else:
             prompt_lines.append(line)
     return "\n".join(prompt_lines), "\n".join(negative_lines), {key: unquote(value) for key, value in pairs}
+
+
+def request_from_infotext(text: str) -> dict[str, Any]:
+    """`StableDiffusionClient.generate` arguments recorded in an infotext: prompt, negative prompt and
+    whichever of steps, scheduler (the Sampler label), guidance_scale, seed, width, height and strength
+    (Denoising strength) it holds. A param that doesn't read as its type raises ValueError naming it.
+    """
+    prompt, negative_prompt, params = parse_infotext(text)
+    request: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt}
+    for key, (name, kind) in _NUMERIC_PARAMS.items():
+        if key in params:
+            try:
+                request[name] = kind(params[key])
+            except ValueError:
+                expected = "an integer" if kind is int else "a number"
+                raise ValueError(f"{key}: expected {expected}, got {params[key]!r}") from None
+    if "Size" in params:
+        size = _SIZE.fullmatch(params["Size"])
+        if size is None:
+            raise ValueError(f"Size: expected WIDTHxHEIGHT, got {params['Size']!r}")
+        request["width"], request["height"] = int(size[1]), int(size[2])
+    if "Sampler" in params:
+        # A1111 >= 1.9 writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); our labels
+        # carry it ("DPM++ 2M Karras"), so a schedule the server lacks is refused rather than dropped.
+        sampler, schedule = params["Sampler"], params.get("Schedule type", "Automatic")
+        if schedule not in ("Automatic", "") and not sampler.endswith(schedule):
+            sampler = f"{sampler} {schedule}"
+        request["scheduler"] = sampler
+    return request
 
 
 def save_png(image: Image.Image, file: str | Path | IO[bytes], infotext: str) -> None:

@@ -27,9 +27,16 @@ REQUEST_INPUTS: dict[str, type[np.generic]] = {
     "image": np.object_,
     "strength": np.float32,
     "resize_mode": np.object_,
+    "mask": np.object_,
+    "mask_blur": np.int32,
+    "inpainting_fill": np.object_,
+    "inpaint_full_res": np.bool_,
+    "inpaint_full_res_padding": np.int32,
 }
 # BYTES inputs that carry files (PNG/JPEG/WebP), not text.
-BINARY_INPUTS = frozenset({"image"})
+BINARY_INPUTS = frozenset({"image", "mask"})
+MAX_MASK_BLUR = 64  # A1111's slider range
+MAX_INPAINT_PADDING = 256
 
 
 class InvalidInput(ValueError):
@@ -54,6 +61,11 @@ class GenerationRequest:
     image: bytes | None = None  # img2img: the initial image (PNG/JPEG/WebP)
     strength: float = 0.75  # img2img: how much of the image is redrawn (A1111's denoising strength)
     resize_mode: str = "just_resize"  # img2img: how the image is fitted to width x height
+    mask: bytes | None = None  # inpainting: white = repaint (needs `image`)
+    mask_blur: int = 4  # inpainting: Gaussian blur radius of the mask, pixels (A1111's default)
+    inpainting_fill: str = "original"  # inpainting: what the masked area starts from
+    inpaint_full_res: bool = False  # inpainting "only masked": generate the masked area at full size
+    inpaint_full_res_padding: int = 32  # ... with this many pixels of context around it
 
     def validate(self, profile: Profile, max_steps: int) -> schedulers.SchedulerChoice | None:
         """Raise InvalidInput for the first bad field; return the requested scheduler, if any."""
@@ -83,6 +95,15 @@ class GenerationRequest:
                 "strength",
                 f"{self.strength} x {self.num_inference_steps} steps leaves no denoising step; raise either",
             )
+        if self.mask is not None and self.image is None:
+            raise InvalidInput("mask", "needs an image to inpaint (the image input)")
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            raise InvalidInput("mask_blur", f"must be in 0..{MAX_MASK_BLUR}, got {self.mask_blur}")
+        if not 0 <= self.inpaint_full_res_padding <= MAX_INPAINT_PADDING:
+            raise InvalidInput(
+                "inpaint_full_res_padding",
+                f"must be in 0..{MAX_INPAINT_PADDING}, got {self.inpaint_full_res_padding}",
+            )
         if self.scheduler is None:
             return None
         try:
@@ -111,5 +132,5 @@ def request_from_inputs(inputs: dict[str, np.ndarray]) -> GenerationRequest:
             except UnicodeDecodeError:
                 raise InvalidInput(name, "is not valid UTF-8") from None
         else:
-            values[name] = float(value) if kind is np.float32 else int(value)
+            values[name] = float(value) if kind is np.float32 else bool(value) if kind is np.bool_ else int(value)
     return GenerationRequest(**values)  # type: ignore[arg-type]

@@ -23,3 +23,18 @@ def model_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     repo = tmp_path_factory.mktemp("repository") / "repo"
     assert build_cli.main(["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]) == 0
     return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("checkpoint") / "tiny-sd-inpainting", inpainting=True
+    )
+
+
+@pytest.fixture(scope="session")
+def inpainting_repository(tiny_inpainting_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("repository") / "inpainting"
+    args = ["--checkpoint", str(tiny_inpainting_checkpoint), "--output", str(repo), *PROFILE_ARGS]
+    assert build_cli.main(args) == 0
+    return repo

@@ -14,7 +14,14 @@ import tritonclient.http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from client import GenerationError, GenerationResult, StableDiffusionClient, parse_infotext, read_infotext
+from client import (
+    GenerationError,
+    GenerationResult,
+    StableDiffusionClient,
+    parse_infotext,
+    read_infotext,
+    save_png,
+)
 from client.api import (
     build_inputs,
     decode_response,
@@ -22,7 +29,8 @@ from client.api import (
     next_sequence_number,
     triton_inputs,
 )
-from client.cli import build_parser, format_scheduler_table, main, save_and_report
+from client.cli import build_parser, format_scheduler_table, main, request_kwargs, save_and_report
+from client.grid import contact_sheet, parse_axis, sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +101,7 @@ def test_parse_generate_all_options() -> None:
         ]
     )
     assert (args.command, args.prompt, args.negative_prompt) == ("generate", "a cat, on a mat", "dogs")
-    assert (args.steps, args.guidance, args.seed, args.scheduler) == (30, 6.5, -1, "DPM++ 2M Karras")
+    assert (args.steps, args.guidance_scale, args.seed, args.scheduler) == (30, 6.5, -1, "DPM++ 2M Karras")
     assert (args.width, args.height, args.num_images) == (640, 384, 3)
     assert (args.url, args.protocol, args.out, args.timeout) == ("example:9001", "http", Path("imgs"), 90.0)
 
@@ -103,7 +111,7 @@ def test_parse_generate_defaults_leave_choices_to_the_server() -> None:
     server_decides = (
         "negative_prompt",
         "steps",
-        "guidance",
+        "guidance_scale",
         "seed",
         "scheduler",
         "width",
@@ -111,7 +119,13 @@ def test_parse_generate_defaults_leave_choices_to_the_server() -> None:
         "num_images",
     )
     assert all(getattr(args, name) is None for name in server_decides)
-    assert (args.url, args.protocol, args.out, args.timeout) == (None, "grpc", Path("outputs"), None)
+    assert (args.url, args.protocol, args.out, args.timeout, args.infotext) == (
+        None,
+        "grpc",
+        Path("outputs"),
+        None,
+        None,
+    )
 
 
 def test_parse_schedulers() -> None:
@@ -123,8 +137,8 @@ def test_parse_schedulers() -> None:
     "argv",
     [
         [],
-        ["generate"],
         ["generate", "x", "--steps", "many"],
+        ["generate", "x", "--image", "in.png"],  # img2img's option
         ["generate", "x", "--protocol", "udp"],
         ["nope"],
     ],
@@ -410,3 +424,295 @@ def test_scheduler_table_marks_default() -> None:
         "pndm             PLMS             (default)",
         "dpmpp_2m_karras  DPM++ 2M Karras",
     ]
+
+
+# --- --infotext ---------------------------------------------------------------------------------------
+
+RECORDED = (
+    "a castle, at dusk\n"
+    "Negative prompt: blurry\n"
+    "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 512x768, Model: sd-v1-4, "
+    "Denoising strength: 0.6"
+)
+
+
+@pytest.fixture
+def recorded_png(tmp_path: Path) -> Path:
+    path = tmp_path / "recorded.png"
+    save_png(Image.new("RGB", (8, 8)), path, RECORDED)
+    return path
+
+
+def _request(*argv: str) -> dict[str, Any]:
+    return request_kwargs(build_parser().parse_args(list(argv)))
+
+
+def test_infotext_supplies_the_prompt_and_every_recorded_value(recorded_png: Path) -> None:
+    assert _request("generate", "--infotext", str(recorded_png)) == {
+        "prompt": "a castle, at dusk",
+        "negative_prompt": "blurry",
+        "steps": 20,
+        "guidance_scale": 7.5,
+        "seed": 123,
+        "scheduler": "Euler a",
+        "width": 512,
+        "height": 768,
+        "num_images": None,
+        # no strength: generate has no image to apply it to
+    }
+
+
+def test_command_line_overrides_infotext(recorded_png: Path) -> None:
+    request = _request(
+        "generate",
+        "a dog",
+        "--infotext",
+        str(recorded_png),
+        "--negative-prompt",
+        "",  # explicitly none, not "use the recorded one"
+        "--steps",
+        "5",
+        "--guidance",
+        "3",
+        "--seed",
+        "-1",
+        "--scheduler",
+        "DDIM",
+        "--height",
+        "256",
+        "--num-images",
+        "2",
+    )
+    assert request == {
+        "prompt": "a dog",
+        "negative_prompt": "",
+        "steps": 5,
+        "guidance_scale": 3.0,
+        "seed": -1,
+        "scheduler": "DDIM",
+        "width": 512,  # not given: still the recorded one
+        "height": 256,
+        "num_images": 2,
+    }
+
+
+def test_infotext_strength_for_img2img_only(recorded_png: Path, tmp_path: Path) -> None:
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    img2img = ["img2img", "--infotext", str(recorded_png), "--image", str(image)]
+    assert _request(*img2img)["strength"] == 0.6
+    assert _request(*img2img, "--strength", "0.3")["strength"] == 0.3
+    assert _request("grid", "--infotext", str(recorded_png), "--x", "steps=1,2")["strength"] is None
+    assert (
+        _request("grid", "--infotext", str(recorded_png), "--x", "steps=1", "--image", str(image))["strength"]
+        == 0.6
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["generate"], "a PROMPT is required"),
+        (["generate", "--infotext", "{plain}"], "has no `parameters` chunk"),
+        (["generate", "--infotext", "{missing}"], "--infotext: cannot read"),
+        (["generate", "--infotext", "{text_file}"], "--infotext: cannot read"),
+        (["generate", "--infotext", "{bad_steps}"], "Steps: expected an integer, got 'many'"),
+        (["img2img", "x", "--image", "{missing}"], "--image: cannot read"),
+        (["grid", "x", "--x", "steps=1,2", "--y", "steps=3"], "--y: Steps is already swept by --x"),
+        (["grid", "x", "--x", "strength=0.5"], "strength needs an image"),
+        (["grid", "x", "--x", "seed=1", "--strength", "0.5"], "strength needs an image"),
+    ],
+)
+def test_unusable_command_lines_exit_2_before_any_request(
+    argv: list[str], complaint: str, tmp_path: Path, free_port: int, capsys
+) -> None:
+    files = {
+        "plain": tmp_path / "plain.png",
+        "missing": tmp_path / "missing.png",
+        "text_file": tmp_path / "notes.txt",
+        "bad_steps": tmp_path / "bad.png",
+    }
+    Image.new("RGB", (8, 8)).save(files["plain"])
+    files["text_file"].write_text("not an image")
+    save_png(Image.new("RGB", (8, 8)), files["bad_steps"], RECORDED.replace("Steps: 20", "Steps: many"))
+    argv = [arg.format(**files) for arg in argv]
+    assert main([*argv, "--url", f"127.0.0.1:{free_port}"]) == 2  # nothing listens: never got that far
+    err = capsys.readouterr().err
+    assert err.startswith("sd-client: error: ") and complaint in err
+
+
+# --- grid ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "values", "labels"),
+    [
+        ("steps=10,20,30", "steps", (10, 20, 30), ["Steps: 10", "Steps: 20", "Steps: 30"]),
+        ("scheduler=Euler a,DDIM", "scheduler", ("Euler a", "DDIM"), ["Sampler: Euler a", "Sampler: DDIM"]),
+        ("sampler=Euler a, DPM++ 2M Karras", "scheduler", ("Euler a", "DPM++ 2M Karras"), None),
+        ("guidance=5,7.5", "guidance_scale", (5.0, 7.5), ["CFG Scale: 5", "CFG Scale: 7.5"]),
+        ("CFG Scale=1", "guidance_scale", (1.0,), None),
+        ("seed=1,-1", "seed", (1, -1), None),
+        ("width=512,768", "width", (512, 768), None),
+        ("height=64", "height", (64,), None),
+        ("denoising-strength=0.3,0.6", "strength", (0.3, 0.6), ["Denoising: 0.3", "Denoising: 0.6"]),
+        (
+            'negative="blurry, lowres",,ugly',
+            "negative_prompt",
+            ("blurry, lowres", "", "ugly"),
+            ["Negative prompt: blurry, lowres", "Negative prompt: ", "Negative prompt: ugly"],
+        ),
+    ],
+)
+def test_parse_axis(spec: str, name: str, values: tuple, labels: list[str] | None) -> None:
+    axis = parse_axis(spec)
+    assert (axis.param.name, axis.values) == (name, values)
+    assert all(type(v) is type(values[0]) for v in axis.values)
+    assert axis.spec == spec.partition("=")[2]
+    if labels is not None:
+        assert axis.labels() == labels
+
+
+@pytest.mark.parametrize(
+    ("spec", "complaint"),
+    [
+        ("steps", "expected NAME=V1,V2"),
+        ("nope=1,2", "expected NAME=V1,V2,... with NAME one of steps, guidance"),
+        ("steps=", "steps: no values"),
+        ("steps=10,ten", "steps: 'ten' is not an integer"),
+        ("steps=10.5", "steps: '10.5' is not an integer"),
+        ("guidance=high", "guidance: 'high' is not a number"),
+    ],
+)
+def test_bad_axis_exits_2_naming_the_axis(spec: str, complaint: str, capsys) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        parse_axis(spec)
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["grid", "p", "--x", "steps=1", "--z", spec])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --z: " in err and complaint in err
+
+
+def test_parse_grid() -> None:
+    args = build_parser().parse_args(
+        ["grid", "p", "--x", "steps=1,2", "--y", "cfg=3", "--seed", "5", "--image", "in.png", "--out", "g"]
+    )
+    assert (args.x.param.name, args.y.param.name, args.z) == ("steps", "guidance_scale", None)
+    assert (args.seed, args.image, args.strength, args.out) == (5, Path("in.png"), None, Path("g"))
+    assert not hasattr(args, "num_images")  # one image per cell
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["grid", "p", "--y", "steps=1"])  # --x is required
+
+
+def _cell_image(color: tuple[int, int, int], size: tuple[int, int] = (16, 8)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def _dark_columns(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    """x coordinates (in `image`) of the columns of `box` holding dark (label) pixels."""
+    pixels = np.asarray(image.crop(box).convert("L"))
+    return np.flatnonzero((pixels < 128).any(axis=0)) + box[0]
+
+
+def _dark_rows(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    pixels = np.asarray(image.crop(box).convert("L"))
+    return np.flatnonzero((pixels < 128).any(axis=1)) + box[1]
+
+
+def test_contact_sheet_without_labels_is_the_images_side_by_side() -> None:
+    colors = [[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(9, 9, 9), (99, 99, 99), (199, 199, 199)]]
+    sheet = contact_sheet([[_cell_image(c) for c in row] for row in colors], ["", ""], ["", "", ""])
+    assert sheet.size == (3 * 16, 2 * 8)
+    for i, row in enumerate(colors):
+        for j, color in enumerate(row):
+            cell = np.asarray(sheet.crop((16 * j, 8 * i, 16 * (j + 1), 8 * (i + 1))))
+            assert (cell == color).all()
+
+
+def test_contact_sheet_labels_sit_beside_their_rows_and_above_their_columns() -> None:
+    size = (160, 120)  # wide enough for a short label in the default font
+    cells = [[_cell_image((0, 128, 255), size)] * 3] * 2
+    columns = ["Steps: 10", "Steps: 20", "Steps: 30"]
+    rows = ["Sampler: Euler a", "Sampler: DDIM"]
+    sheet = contact_sheet(cells, rows, columns, title="CFG Scale: 7")
+    left, top = sheet.width - 3 * size[0], sheet.height - 2 * size[1]
+    assert left > 0 and top > 0  # the images fill the bottom right, labels take the rest
+    assert (np.asarray(sheet.crop((left, top, sheet.width, sheet.height))) == (0, 128, 255)).all()
+
+    # Each column label alone (no title): its ink lies over its own column only. Likewise for rows.
+    for j in range(3):
+        alone = contact_sheet(cells, rows, [c if k == j else " " for k, c in enumerate(columns)])
+        ink = _dark_columns(alone, (left, 0, alone.width, alone.height - 2 * size[1]))
+        assert ink.size and left + j * size[0] <= ink.min() and ink.max() < left + (j + 1) * size[0]
+    for i in range(2):
+        alone = contact_sheet(cells, [r if k == i else " " for k, r in enumerate(rows)], columns)
+        ink = _dark_rows(alone, (0, alone.height - 2 * size[1], alone.width - 3 * size[0], alone.height))
+        row_top = alone.height - 2 * size[1] + i * size[1]
+        assert ink.size and row_top <= ink.min() and ink.max() < row_top + size[1]
+    # The title is above the column labels.
+    title_ink = _dark_rows(sheet, (0, 0, sheet.width, top))
+    no_title = contact_sheet(cells, rows, columns)
+    assert sheet.height > no_title.height and title_ink.min() < sheet.height - no_title.height
+
+
+def test_contact_sheet_mixed_sizes_centre_in_cells() -> None:
+    cells = [[_cell_image((255, 0, 0), (16, 8)), _cell_image((0, 255, 0), (8, 16))]]
+    sheet = contact_sheet(cells, [""], ["", ""])
+    assert sheet.size == (16 + 8, 16)
+    pixels = np.asarray(sheet)
+    assert (pixels[4:12, :16] == (255, 0, 0)).all() and (pixels[:4, :16] == 255).all()
+    assert (pixels[:, 16:] == (0, 255, 0)).all()
+
+
+def _sweep_generate(calls: list[dict[str, Any]]):
+    """A stand-in for StableDiffusionClient.generate: records its arguments, answers one image whose
+    colour encodes the call number, and reports seed 777 when asked for a random one."""
+
+    def generate(**kwargs: Any) -> GenerationResult:
+        calls.append(kwargs)
+        seed = 777 if kwargs.get("seed") in (None, -1) else kwargs["seed"]
+        info = {**INFO, "seeds": [seed], "steps": kwargs.get("steps", 20), "width": 16, "height": 8}
+        image = np.full((1, 8, 16, 3), len(calls), dtype=np.uint8)
+        return decode_response(image, json.dumps(info).encode())
+
+    return generate
+
+
+def test_sweep_one_request_per_cell_with_the_first_seed_reused() -> None:
+    calls: list[dict[str, Any]] = []
+    x, y, z = parse_axis("steps=10,20,30"), parse_axis("scheduler=Euler a,DDIM"), parse_axis("cfg=5,7.5")
+    sheets = sweep(_sweep_generate(calls), {"prompt": "p", "steps": 99, "seed": None}, x, y, z)
+    assert len(calls) == 12 and len(sheets) == 2
+    assert calls[0]["seed"] is None and all(call["seed"] == 777 for call in calls[1:])
+    # Z outermost, then Y, X innermost; axes override the fixed steps.
+    assert [(c["guidance_scale"], c["scheduler"], c["steps"]) for c in calls[:4]] == [
+        (5.0, "Euler a", 10),
+        (5.0, "Euler a", 20),
+        (5.0, "Euler a", 30),
+        (5.0, "DDIM", 10),
+    ]
+    assert calls[6]["guidance_scale"] == 7.5
+    # Cell (row 1, column 2) of the second sheet is the 12th call's image, at the bottom right.
+    sheet, infotext = sheets[1]
+    assert sheet.getpixel((sheet.width - 1, sheet.height - 1)) == (12, 12, 12)
+    prompt, _, params = parse_infotext(infotext)
+    assert prompt == INFO["prompt"] and params["Seed"] == "777" and params["Steps"] == "10"
+    assert (params["X Type"], params["X Values"]) == ("Steps", "10,20,30")
+    assert (params["Y Type"], params["Y Values"], params["Z Values"]) == ("Sampler", "Euler a,DDIM", "5,7.5")
+
+
+@pytest.mark.parametrize(
+    ("request_seed", "axes", "expected_seeds"),
+    [
+        (42, ["steps=1,2"], [42, 42]),  # a given seed is kept
+        (None, ["seed=1,2"], [1, 2]),  # a seed axis is not overridden
+    ],
+)
+def test_sweep_keeps_given_seeds(
+    request_seed: int | None, axes: list[str], expected_seeds: list[int]
+) -> None:
+    calls: list[dict[str, Any]] = []
+    [(sheet, _)] = sweep(_sweep_generate(calls), {"prompt": "p", "seed": request_seed}, parse_axis(axes[0]))
+    assert [call["seed"] for call in calls] == expected_seeds
+    assert sheet.height > 8  # one row of images under the column labels, no row labels

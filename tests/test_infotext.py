@@ -1,9 +1,16 @@
 from __future__ import annotations
 
-import pytest
-from PIL import Image
+import json
+import re
 
-from client.infotext import format_infotext, parse_infotext, read_infotext, save_png
+import numpy as np
+import pytest
+import sd_parsers
+from PIL import Image
+from sd_parsers.data import Generators
+
+from client.api import decode_response
+from client.infotext import format_infotext, parse_infotext, read_infotext, request_from_infotext, save_png
 
 PARAMS = {
     "Steps": 20,
@@ -172,3 +179,157 @@ def test_read_infotext_without_chunk(tmp_path) -> None:
     path = tmp_path / "plain.png"
     Image.new("RGB", (4, 4)).save(path)
     assert read_infotext(path) is None
+
+
+# --- generation arguments from an infotext ------------------------------------------------------------
+
+
+def test_request_from_infotext() -> None:
+    text = format_infotext(
+        "a castle, at dusk", "blurry", {**PARAMS, "Size": "640x384", "Denoising strength": 0.45}
+    )
+    assert request_from_infotext(text) == {
+        "prompt": "a castle, at dusk",
+        "negative_prompt": "blurry",
+        "steps": 20,
+        "guidance_scale": 7.5,
+        "seed": 123,
+        "strength": 0.45,
+        "width": 640,
+        "height": 384,
+        "scheduler": "Euler a",
+    }
+
+
+def test_request_from_infotext_takes_only_what_is_there() -> None:
+    # Three params make it a params line; the rest are left to the command line or the server.
+    assert request_from_infotext("a cat\nSeed: 1, Model: m, Version: v1.10.1") == {
+        "prompt": "a cat",
+        "negative_prompt": "",
+        "seed": 1,
+    }
+    assert request_from_infotext("just a prompt") == {"prompt": "just a prompt", "negative_prompt": ""}
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "scheduler"),
+    [
+        ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),  # A1111 >= 1.9 writes the schedule apart
+        ("Euler a", "Automatic", "Euler a"),
+        ("DPM++ 2M Karras", "Karras", "DPM++ 2M Karras"),
+        ("DPM++ 2M", "Exponential", "DPM++ 2M Exponential"),  # the server then names what it offers
+        ("DDIM", None, "DDIM"),
+    ],
+)
+def test_request_from_infotext_scheduler(sampler: str, schedule: str | None, scheduler: str) -> None:
+    params = {"Steps": 20, "Sampler": sampler, "Schedule type": schedule, "CFG scale": 7}
+    assert request_from_infotext(format_infotext("p", None, params))["scheduler"] == scheduler
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "complaint"),
+    [
+        ("Steps", "twenty", "Steps: expected an integer, got 'twenty'"),
+        ("Seed", "1.5", "Seed: expected an integer, got '1.5'"),
+        ("CFG scale", "high", "CFG scale: expected a number, got 'high'"),
+        ("Denoising strength", "", "Denoising strength: expected a number, got ''"),
+        ("Size", "512", "Size: expected WIDTHxHEIGHT, got '512'"),
+    ],
+)
+def test_request_from_infotext_refuses_unreadable_values(key: str, value: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        request_from_infotext(format_infotext("p", None, {**PARAMS, key: value}))
+
+
+# --- a third-party reader: sd-parsers -----------------------------------------------------------------
+
+# sd-parsers 0.6 is a looser reader than A1111: it splits the prompt at "Negative prompt:" anywhere in a
+# line (and raises if there is also a real negative prompt) and splits JSON-quoted param values at their
+# commas and colons. The cases stay clear of both; our own parser handles them (see test_round_trip).
+SD_PARSERS_CASES = [
+    ("a castle, at dusk", "blurry, low quality"),
+    ("(masterpiece:1.2), [style: anime], <lora:add_detail:0.6>, weight:0.5", "text: watermark, signature"),
+    ('a sign saying "open", "closed"', 'no "quotes", (worst quality:1.4)'),
+    ("first line\nsecond line, with comma", "negative line one\nnegative line two: colon"),
+    ("城堡, 夕暮れ — café 🌅", "ぼやけた, низкое качество"),
+    ("Steps: 1, Sampler: x, CFG scale: 2\nreal prompt", ""),  # a params-like prompt line
+    ("a cat", ""),
+]
+
+
+@pytest.mark.parametrize(("prompt", "negative"), SD_PARSERS_CASES)
+@pytest.mark.parametrize(
+    "info_extra",
+    [
+        {},  # generate
+        {"strength": float(np.float32(0.6)), "resize_mode": "crop_and_resize"},  # img2img
+    ],
+    ids=["generate", "img2img"],
+)
+def test_sd_parsers_reads_our_pngs(tmp_path, prompt: str, negative: str, info_extra: dict) -> None:
+    info = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "seeds": [3735928559],
+        "scheduler": "dpmpp_2m_karras",
+        "sampler": "DPM++ 2M Karras",
+        "steps": 28,
+        "guidance_scale": float(np.float32(6.5)),
+        "width": 24,
+        "height": 16,
+        "model": "stable-diffusion-v1-4",
+        **info_extra,
+    }
+    [path] = decode_response(np.zeros((1, 16, 24, 3), np.uint8), json.dumps(info).encode()).save(tmp_path)
+
+    parsed = sd_parsers.ParserManager().parse(path)
+    assert parsed is not None and parsed.generator == Generators.AUTOMATIC1111
+    [sampler] = parsed.samplers
+    assert (parsed.full_prompt, parsed.full_negative_prompt) == (prompt, negative)
+    assert sampler.name == "DPM++ 2M Karras"
+    assert sampler.parameters == {"steps": "28", "cfg_scale": "6.5", "seed": "3735928559"}
+    assert sampler.model is not None and sampler.model.name == "stable-diffusion-v1-4"
+    assert parsed.metadata["Size"] == "24x16"
+    assert parsed.metadata.get("Denoising strength") == ("0.6" if info_extra else None)
+    # ... and what `--infotext` makes of the same file.
+    ours = request_from_infotext(read_infotext(path) or "")
+    assert (ours["prompt"], ours["negative_prompt"], ours["scheduler"]) == (
+        prompt,
+        negative,
+        "DPM++ 2M Karras",
+    )
+    assert (ours["steps"], ours["guidance_scale"], ours["seed"], ours["width"], ours["height"]) == (
+        28,
+        6.5,
+        3735928559,
+        24,
+        16,
+    )
+    assert ours.get("strength") == (0.6 if info_extra else None)
+
+
+INFO_FOR_GRID = {
+    "prompt": "a castle, at dusk",
+    "negative_prompt": "",
+    "seeds": [7],
+    "sampler": "Euler a",
+    "steps": 10,
+    "guidance_scale": 7.0,
+    "width": 8,
+    "height": 8,
+}
+
+
+def test_sd_parsers_reads_a_grid_infotext(tmp_path) -> None:
+    # The axes' values are quoted lists ("X Values": "10,20,30"); sd-parsers splits them at the commas,
+    # but what it reads of the first cell stays right.
+    result = decode_response(np.zeros((1, 8, 8, 3), np.uint8), json.dumps(INFO_FOR_GRID).encode())
+    text = result.infotexts(
+        {"X Type": "Steps", "X Values": "10,20,30", "Y Type": "Sampler", "Y Values": "Euler a,DDIM"}
+    )[0]
+    path = tmp_path / "grid.png"
+    save_png(result.images[0], path, text)
+    parsed = sd_parsers.ParserManager().parse(path)
+    assert parsed is not None and parsed.full_prompt == "a castle, at dusk"
+    assert parsed.samplers[0].name == "Euler a" and parsed.samplers[0].parameters["steps"] == "10"
+    assert parsed.metadata["X Type"] == "Steps" and parsed.metadata["Size"] == "8x8"
