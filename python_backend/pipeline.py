@@ -156,7 +156,6 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(skipped)
     accepts = schedulers.step_accepts(choice.diffusers_class)
-    step_kwargs = {"generator": generators} if "generator" in accepts else {}
 
     # 4. Initial latents: image i from its own CPU generator, whatever the device.
     geometry = assets.manifest.geometry
@@ -168,23 +167,35 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
         sample = mean + std * randn_tensor(mean.shape, generator=generator, device=device)
         return sample * geometry.vae_scaling_factor
 
+    first_subseed = request.subseed if request.subseed >= 0 else secrets.randbelow(2**32)
+
+    def initial_noise() -> torch.Tensor:
+        """Each image's noise from its seed, moved toward its variation seed's by slerp (A1111)."""
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+        if request.subseed_strength == 0:
+            return noise
+        subgenerators = [torch.Generator("cpu").manual_seed(first_subseed + i) for i in range(n)]
+        subnoise = randn_tensor(shape, generator=subgenerators, device=device, dtype=torch.float32)
+        return torch.stack(
+            [_slerp(request.subseed_strength, a, b) for a, b in zip(noise, subnoise, strict=True)]
+        )
+
     first_t = timesteps[:1].repeat(n)
     image_latents = blend_mask = None
     if inputs is None:
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
+        latents = initial_noise() * scheduler.init_noise_sigma
     elif inputs.mask is None:
         # As diffusers' img2img: a VAE sample per image (its generator's first draw), noised to the
         # first kept timestep (the second draw).
         image_latents = torch.cat([vae_sample(inputs.init_image, g) for g in generators])
-        noise = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+        noise = initial_noise()
         latents = scheduler.add_noise(image_latents, noise, first_t)
     else:
         # As diffusers' inpainting: one VAE sample (the first generator's), noise per image.
         full_strength = request.strength == 1.0
         if geometry.unet_in_channels == 4 or not full_strength:
             image_latents = vae_sample(inputs.init_image, generators[0]).repeat(n, 1, 1, 1)
-        noise = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+        noise = initial_noise()
         if geometry.unet_in_channels == 4:
             # diffusers also samples the masked image's latents, which a 4-channel UNet never reads;
             # the same draw keeps the first generator's later noise (ancestral steps) identical.
@@ -196,45 +207,88 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
         else:
             latents = scheduler.add_noise(image_latents, noise, first_t)
 
-    conditioning = None
-    if geometry.unet_in_channels == 9:
-        # Mask and masked-image latents; without a mask, everything is to be painted (A1111's txt2img).
-        height, width = request.height, request.width
+    def conditioning_for(inputs: ImageInputs | None, width: int, height: int) -> torch.Tensor:
+        """9-channel UNet input beside the latents: mask and masked-image latents; without a mask,
+        everything is to be painted (A1111's text to image with inpainting models)."""
         mask = (
             inputs.mask if inputs is not None and inputs.mask is not None else torch.ones(1, 1, height, width)
         )
         image = inputs.init_image if inputs is not None else torch.zeros(1, 3, height, width)
         masked = vae_sample(image * (mask < 0.5), generators[0]).repeat(n, 1, 1, 1)
-        mask_latents = F.interpolate(mask, size=shape[-2:]).to(device).repeat(n, 1, 1, 1)
-        conditioning = torch.cat([mask_latents, masked], dim=1)
-        conditioning = torch.cat([conditioning, conditioning]) if guided else conditioning
+        mask_latents = F.interpolate(mask, size=(height // VAE_SCALE, width // VAE_SCALE)).to(device)
+        both = torch.cat([mask_latents.repeat(n, 1, 1, 1), masked], dim=1)
+        return torch.cat([both, both]) if guided else both
+
+    conditioning = None
+    if geometry.unet_in_channels == 9:
+        conditioning = conditioning_for(inputs, request.width, request.height)
 
     # 5. Denoise.
+    def denoise(
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        latents: torch.Tensor,
+        generators: list[torch.Generator],
+        conditioning: torch.Tensor | None,
+    ) -> torch.Tensor:
+        step_kwargs = {"generator": generators} if "generator" in accepts else {}
+        for i, t in enumerate(timesteps):
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if conditioning is not None:
+                model_input = torch.cat([model_input, conditioning], dim=1)
+            timestep = torch.full((model_input.shape[0], 1), float(t), dtype=torch.float32, device=device)
+            noise_pred = engines.predict_noise(model_input.contiguous(), timestep, text_embeddings)
+            if guided:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + request.guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if blend_mask is not None and image_latents is not None:
+                # 4-channel UNet: keep the unmasked area on the original, noised to the next step.
+                known = image_latents
+                if i < len(timesteps) - 1:
+                    known = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+                latents = (1 - blend_mask) * known + blend_mask * latents
+        return latents
+
     denoise_started = time.perf_counter()
-    for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        if conditioning is not None:
-            model_input = torch.cat([model_input, conditioning], dim=1)
-        timestep = torch.full((model_input.shape[0], 1), float(t), dtype=torch.float32, device=device)
-        noise_pred = engines.predict_noise(model_input.contiguous(), timestep, text_embeddings)
-        if guided:
-            uncond, cond = noise_pred.chunk(2)
-            noise_pred = uncond + request.guidance_scale * (cond - uncond)
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-        if blend_mask is not None and image_latents is not None:
-            # 4-channel UNet: keep the unmasked area on the original, noised to the next step.
-            known = image_latents
-            if i < len(timesteps) - 1:
-                known = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
-            latents = (1 - blend_mask) * known + blend_mask * latents
+    latents = denoise(scheduler, timesteps, latents, generators, conditioning)
     timings["denoise"] = _ms_since(denoise_started)
 
-    # 6. Decode and convert to uint8 exactly as diffusers' image processor does.
+    # 6. Hires fix (A1111): upscale the first pass, then redraw it as img2img at the larger size.
+    if request.enable_hr:
+        hires_started = time.perf_counter()
+        hr_width, hr_height = request.hires_size()
+        hr_shape = (n, geometry.latent_channels, hr_height // VAE_SCALE, hr_width // VAE_SCALE)
+        if request.hr_upscaler.lower() == "latent":
+            upscaled = F.interpolate(latents, size=hr_shape[-2:], mode="bilinear")
+        else:
+            first = _to_rgb(engines.decode_latents((latents / geometry.vae_scaling_factor).contiguous()))
+            resized = [
+                images.to_model_input(
+                    Image.fromarray(a).resize((hr_width, hr_height), Image.Resampling.LANCZOS)
+                )
+                for a in first
+            ]
+            upscaled = torch.cat([vae_sample(x, g) for x, g in zip(resized, generators, strict=True)])
+        # The second pass draws from generators seeded afresh, so it depends on the seeds alone.
+        hr_generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        hr_scheduler = schedulers.build(choice, assets.scheduler_config)
+        hr_steps = request.hr_second_pass_steps or request.num_inference_steps
+        hr_scheduler.set_timesteps(hr_steps, device=device)
+        hr_skipped = (hr_steps - int(hr_steps * request.denoising_strength)) * hr_scheduler.order
+        hr_timesteps = hr_scheduler.timesteps[hr_skipped:]
+        if hasattr(hr_scheduler, "set_begin_index"):
+            hr_scheduler.set_begin_index(hr_skipped)
+        hr_noise = randn_tensor(hr_shape, generator=hr_generators, device=device, dtype=torch.float32)
+        latents = hr_scheduler.add_noise(upscaled, hr_noise, hr_timesteps[:1].repeat(n))
+        hr_conditioning = conditioning_for(None, hr_width, hr_height) if conditioning is not None else None
+        latents = denoise(hr_scheduler, hr_timesteps, latents, hr_generators, hr_conditioning)
+        timings["hires"] = _ms_since(hires_started)
+
+    # 7. Decode and convert to uint8 exactly as diffusers' image processor does.
     decode_started = time.perf_counter()
-    decoded = engines.decode_latents((latents / geometry.vae_scaling_factor).contiguous())
-    pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    rgb = (pixels * 255).round().astype(np.uint8)
+    rgb = _to_rgb(engines.decode_latents((latents / geometry.vae_scaling_factor).contiguous()))
     if inputs is not None and inputs.region is not None:
         rgb = np.stack([np.asarray(_paste_back(inputs, Image.fromarray(generated))) for generated in rgb])
     timings["decode"] = _ms_since(decode_started)
@@ -256,6 +310,17 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     }
     if inputs is not None:
         info.update(strength=request.strength, resize_mode=request.resize_mode)
+    if request.subseed_strength > 0:
+        info.update(subseeds=[first_subseed + i for i in range(n)], subseed_strength=request.subseed_strength)
+    if request.enable_hr:
+        info.update(
+            hr_scale=request.hr_scale,
+            hr_upscaler=request.hr_upscaler,
+            hr_second_pass_steps=request.hr_second_pass_steps,
+            denoising_strength=request.denoising_strength,
+            first_pass_width=request.width,
+            first_pass_height=request.height,
+        )
     if inputs is not None and inputs.mask is not None:
         info.update(
             mask_blur=request.mask_blur,
@@ -264,6 +329,26 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
             inpaint_full_res_padding=request.inpaint_full_res_padding,
         )
     return GenerationResult(images=rgb, info=info)
+
+
+def _slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two [C, H, W] noises, normalised along dim 1 as A1111's `slerp`."""
+    low_unit = low / torch.norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(1)
+    if dot.mean() > 0.9995:  # nearly parallel: A1111 mixes linearly (with its weights this way round)
+        return low * t + high * (1 - t)
+    omega = torch.acos(dot)
+    sin_omega = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / sin_omega).unsqueeze(1) * low + (
+        torch.sin(t * omega) / sin_omega
+    ).unsqueeze(1) * high
+
+
+def _to_rgb(decoded: torch.Tensor) -> np.ndarray:
+    """VAE output in [-1, 1] → uint8 [N, H, W, 3], rounded as diffusers' image processor does."""
+    pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return (pixels * 255).round().astype(np.uint8)
 
 
 def _latent_fill(

@@ -32,7 +32,15 @@ REQUEST_INPUTS: dict[str, type[np.generic]] = {
     "inpainting_fill": np.object_,
     "inpaint_full_res": np.bool_,
     "inpaint_full_res_padding": np.int32,
+    "subseed": np.int64,
+    "subseed_strength": np.float32,
+    "enable_hr": np.bool_,
+    "hr_scale": np.float32,
+    "hr_upscaler": np.object_,
+    "hr_second_pass_steps": np.int32,
+    "denoising_strength": np.float32,
 }
+HR_UPSCALERS = ("Latent", "Lanczos")
 # BYTES inputs that carry files (PNG/JPEG/WebP), not text.
 BINARY_INPUTS = frozenset({"image", "mask"})
 MAX_MASK_BLUR = 64  # A1111's slider range
@@ -66,6 +74,42 @@ class GenerationRequest:
     inpainting_fill: str = "original"  # inpainting: what the masked area starts from
     inpaint_full_res: bool = False  # inpainting "only masked": generate the masked area at full size
     inpaint_full_res_padding: int = 32  # ... with this many pixels of context around it
+    subseed: int = -1  # variation seed (-1: random); image i uses subseed + i
+    subseed_strength: float = 0.0  # how far the noise moves toward the variation seed's (slerp)
+    enable_hr: bool = False  # hires fix: a first pass at width x height, upscaled, then redrawn
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"  # "Latent" (bilinear on latents) or "Lanczos" (on the decoded image)
+    hr_second_pass_steps: int = 0  # 0: num_inference_steps
+    denoising_strength: float = 0.7  # of the second pass
+
+    def hires_size(self) -> tuple[int, int]:
+        """A1111's int(side x hr_scale), down to a multiple of the VAE's 8."""
+        return tuple(int(side * self.hr_scale) // VAE_SCALE * VAE_SCALE for side in (self.width, self.height))  # type: ignore[return-value]
+
+    def _validate_hires(self, profile: Profile, max_steps: int) -> None:
+        if self.image is not None:
+            raise InvalidInput("enable_hr", "hires fix is for text to image; send no image with it")
+        _in_range("hr_scale", self.hr_scale, 1.0, 4.0)
+        width, height = self.hires_size()
+        if not (
+            profile.width[0] <= width <= profile.width[2] and profile.height[0] <= height <= profile.height[2]
+        ):
+            raise InvalidInput(
+                "hr_scale",
+                f"{self.hr_scale} makes {width}x{height}, outside the engines' profile "
+                f"({profile.width[0]}..{profile.width[2]} x {profile.height[0]}..{profile.height[2]})",
+            )
+        if self.hr_upscaler.lower() not in {u.lower() for u in HR_UPSCALERS}:
+            raise InvalidInput(
+                "hr_upscaler", f"must be one of {', '.join(HR_UPSCALERS)}, got {self.hr_upscaler!r}"
+            )
+        _in_range("hr_second_pass_steps", self.hr_second_pass_steps, 0, max_steps)
+        _in_range("denoising_strength", self.denoising_strength, 0.0, 1.0)
+        steps = self.hr_second_pass_steps or self.num_inference_steps
+        if int(steps * self.denoising_strength) < 1:
+            raise InvalidInput(
+                "denoising_strength", f"{self.denoising_strength} x {steps} steps leaves no second-pass step"
+            )
 
     def validate(self, profile: Profile, max_steps: int) -> schedulers.SchedulerChoice | None:
         """Raise InvalidInput for the first bad field; return the requested scheduler, if any."""
@@ -104,12 +148,25 @@ class GenerationRequest:
                 "inpaint_full_res_padding",
                 f"must be in 0..{MAX_INPAINT_PADDING}, got {self.inpaint_full_res_padding}",
             )
+        if not -1 <= self.subseed <= MAX_SEED - self.num_images:
+            raise InvalidInput(
+                "subseed", f"must be -1 (random) or in 0..{MAX_SEED - self.num_images}, got {self.subseed}"
+            )
+        if not math.isfinite(self.subseed_strength) or not 0 <= self.subseed_strength <= 1:
+            raise InvalidInput("subseed_strength", f"must be in 0..1, got {self.subseed_strength}")
+        if self.enable_hr:
+            self._validate_hires(profile, max_steps)
         if self.scheduler is None:
             return None
         try:
             return schedulers.lookup(self.scheduler)
         except schedulers.UnknownScheduler as e:
             raise InvalidInput("scheduler", str(e)) from None
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidInput(name, f"must be in {low}..{high}, got {value}")
 
 
 def request_from_inputs(inputs: dict[str, np.ndarray]) -> GenerationRequest:
@@ -132,5 +189,7 @@ def request_from_inputs(inputs: dict[str, np.ndarray]) -> GenerationRequest:
             except UnicodeDecodeError:
                 raise InvalidInput(name, "is not valid UTF-8") from None
         else:
-            values[name] = float(value) if kind is np.float32 else bool(value) if kind is np.bool_ else int(value)
+            values[name] = (
+                float(value) if kind is np.float32 else bool(value) if kind is np.bool_ else int(value)
+            )
     return GenerationRequest(**values)  # type: ignore[arg-type]
