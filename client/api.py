@@ -1,4 +1,5 @@
-"""Python client for the `pipeline` model: text or image to images over Triton's gRPC or HTTP protocol."""
+"""Python client for the `pipeline` model: text or image to images (img2img, inpainting) over Triton's gRPC or
+HTTP protocol."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import numpy as np
 from PIL import Image
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from client.infotext import format_infotext, save_png
-from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS
+from client.infotext import INPAINTING_FILL_LABELS, format_infotext, save_png
+from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS, GenerationRequest
 
-# img2img's initial image: file contents (PNG/JPEG/WebP), a path to such a file, or a PIL image.
+# img2img's initial image or an inpainting mask: file contents (PNG/JPEG/WebP), a path to such a file, or a
+# PIL image.
 ImageInput = bytes | str | Path | Image.Image
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
@@ -71,6 +73,8 @@ def _tensor(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
         return np.array([value], dtype=np.object_)  # file bytes go as they are, never through str()
     if dtype is np.object_:
         return np.array([str(value).encode("utf-8")], dtype=np.object_)
+    if dtype is np.bool_ and not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {value!r}")  # numpy would make "false" True
     if issubclass(dtype, np.integer):
         value = operator.index(value)  # refuse floats rather than truncate them
         limits = np.iinfo(dtype)
@@ -95,17 +99,33 @@ def build_inputs(
     image: ImageInput | None = None,
     strength: float | None = None,
     resize_mode: str | None = None,
+    mask: ImageInput | None = None,
+    mask_blur: int | None = None,
+    inpainting_fill: str | None = None,
+    inpaint_full_res: bool | None = None,
+    inpaint_full_res_padding: int | None = None,
 ) -> list[tuple[str, np.ndarray]]:
     """The request's tensors by input name. Arguments left None are not sent: the server applies its defaults.
 
-    An integer outside its tensor's range, or `strength` / `resize_mode` without an `image` (the server
-    would ignore them), raises GenerationError (status INVALID_ARGUMENT) like the server. A path `image`
-    is read here.
+    An integer outside its tensor's range, `strength` / `resize_mode` / `mask` without an `image`, or a mask
+    option without a `mask` (the server would ignore them) raises GenerationError (status INVALID_ARGUMENT)
+    like the server; a non-bool `inpaint_full_res` raises TypeError. A path `image` or `mask` is read here.
     """
     if image is None:
         for name, value in (("strength", strength), ("resize_mode", resize_mode)):
             if value is not None:
                 raise GenerationError(f"{name} needs an image (img2img)", "INVALID_ARGUMENT")
+        if mask is not None:
+            raise GenerationError("mask needs an image to inpaint", "INVALID_ARGUMENT")
+    if mask is None:
+        for name, value in (
+            ("mask_blur", mask_blur),
+            ("inpainting_fill", inpainting_fill),
+            ("inpaint_full_res", inpaint_full_res),
+            ("inpaint_full_res_padding", inpaint_full_res_padding),
+        ):
+            if value is not None:
+                raise GenerationError(f"{name} needs a mask (inpainting)", "INVALID_ARGUMENT")
     values = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -119,6 +139,11 @@ def build_inputs(
         "image": None if image is None else image_bytes(image),
         "strength": strength,
         "resize_mode": resize_mode,
+        "mask": None if mask is None else image_bytes(mask),
+        "mask_blur": mask_blur,
+        "inpainting_fill": inpainting_fill,
+        "inpaint_full_res": inpaint_full_res,
+        "inpaint_full_res_padding": inpaint_full_res_padding,
     }
     # Names and dtypes are the server's own table of pipeline inputs.
     return [
@@ -143,10 +168,29 @@ def _format_float(value: float) -> str:
     return str(float(f"{value:.6g}"))
 
 
+def _inpainting_params(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A1111's infotext params for inpainting, in its order; none when `info` is not from a masked request."""
+    if "inpainting_fill" not in info:
+        return {}
+    only_masked = bool(info.get("inpaint_full_res"))
+    fill = info["inpainting_fill"]
+    return {
+        "Mask blur": info.get("mask_blur"),
+        # A1111 writes the area and padding only for "Only masked"; readers default to "Whole picture".
+        "Inpaint area": "Only masked" if only_masked else None,
+        "Masked area padding": info.get("inpaint_full_res_padding") if only_masked else None,
+        # A1111 leaves out its default "original"; written anyway, it reads back the same everywhere.
+        "Masked content": INPAINTING_FILL_LABELS.get(fill, fill),
+    }
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
     info: dict[str, Any]  # the server's `info` JSON
+    # The width x height the model generated at, where the images differ (inpainting "only masked" pastes
+    # the generated crop back into the full-size image): A1111's `Size` records it; `--infotext` reads it.
+    generation_size: tuple[int, int] | None = None
 
     def infotexts(self, extra: Mapping[str, Any] | None = None) -> list[str]:
         """A1111 infotext of each image, each with its own seed; `extra` params go at the end."""
@@ -161,15 +205,23 @@ class GenerationResult:
                     "Sampler": info.get("sampler"),
                     "CFG scale": None if cfg is None else _format_float(cfg),
                     "Seed": info["seeds"][i],
-                    "Size": f"{info.get('width', image.width)}x{info.get('height', image.height)}",
+                    "Size": self._size(image),
                     "Model": info.get("model"),
                     # Only img2img info has it; A1111 writes it for img2img too.
                     "Denoising strength": None if strength is None else _format_float(strength),
+                    **_inpainting_params(info),
                     **(extra or {}),
                 },
             )
             for i, image in enumerate(self.images)
         ]
+
+    def _size(self, image: Image.Image) -> str:
+        width, height = self.generation_size or (
+            self.info.get("width", image.width),
+            self.info.get("height", image.height),
+        )
+        return f"{width}x{height}"
 
     def save(self, out_dir: str | Path, prefix: str = "") -> list[Path]:
         """Write each image as `<prefix><NNNNN>-<seed>.png` with its infotext; return the paths.
@@ -320,12 +372,23 @@ class StableDiffusionClient:
         image: ImageInput | None = None,
         strength: float | None = None,
         resize_mode: str | None = None,
+        mask: ImageInput | None = None,
+        mask_blur: int | None = None,
+        inpainting_fill: str | None = None,
+        inpaint_full_res: bool | None = None,
+        inpaint_full_res_padding: int | None = None,
     ) -> GenerationResult:
         """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random.
 
         With `image` it is img2img: the image is fitted to width x height by `resize_mode` ("just_resize",
         "crop_and_resize" or "resize_and_fill", or A1111's labels) and `strength` (0..1, A1111's denoising
         strength) of the steps redraw it.
+
+        With a `mask` too it is inpainting: only the mask's white area is redrawn. `mask_blur` (pixels, 0..64,
+        default 4) softens its edge; `inpainting_fill` ("fill", "original", "latent_noise", "latent_nothing",
+        or A1111's labels; default "original") is what that area starts from; `inpaint_full_res` (A1111's
+        "Inpaint area: Only masked") generates just the masked area plus `inpaint_full_res_padding` pixels
+        (0..256, default 32) at width x height and pastes it back: the images then have the image's size.
         """
         arrays = build_inputs(
             prompt,
@@ -340,6 +403,11 @@ class StableDiffusionClient:
             image=image,
             strength=strength,
             resize_mode=resize_mode,
+            mask=mask,
+            mask_blur=mask_blur,
+            inpainting_fill=inpainting_fill,
+            inpaint_full_res=inpaint_full_res,
+            inpaint_full_res_padding=inpaint_full_res_padding,
         )
         inputs = triton_inputs(self._triton, arrays)
         outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]
@@ -348,4 +416,11 @@ class StableDiffusionClient:
         images, info = result.as_numpy("images"), result.as_numpy("info")
         if images is None or info is None:
             raise GenerationError("the response lacks the images or info output")
-        return decode_response(images, info.reshape(-1)[0])
+        generated = decode_response(images, info.reshape(-1)[0])
+        if mask is not None and inpaint_full_res:
+            # The info reports the full-size images; a size left None is the server's default.
+            generated.generation_size = (
+                GenerationRequest.width if width is None else width,
+                GenerationRequest.height if height is None else height,
+            )
+        return generated

@@ -1,5 +1,5 @@
-"""`sd-client`: generate images (from text or an image) with the Triton `pipeline` model, sweep parameters
-into X/Y/Z grids, or list its schedulers.
+"""`sd-client`: generate images (from text or an image, or inpaint one) with the Triton `pipeline` model,
+sweep parameters into X/Y/Z grids, or list its schedulers.
 
 Exit codes: 0 success, 1 server or I/O failure (including no server at the URL), 2 invalid arguments
 (rejected by argparse, by our checks of input files and axes, or by the server).
@@ -32,6 +32,10 @@ REQUEST_ARGS = (
     "num_images",
     "strength",
     "resize_mode",
+    "mask_blur",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
 )
 
 
@@ -90,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--infotext",
         type=Path,
         metavar="FILE.png",
-        help="take prompt, negative prompt, steps, sampler, CFG scale, seed, size (and for img2img denoising "
-        "strength) from this PNG's A1111 `parameters` chunk; options given here override them",
+        help="take prompt, negative prompt, steps, sampler, CFG scale, seed, size (and for img2img and "
+        "inpaint denoising strength, for inpaint the mask options) from this PNG's A1111 `parameters` chunk; "
+        "options given here override them",
     )
     request.add_argument(
         "--out", type=Path, default=Path("outputs"), metavar="DIR", help="where PNGs go (default: ./outputs)"
@@ -120,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images from an initial image; print the path of each PNG written.",
     )
     _add_image_options(img2img, required=True)
+    inpaint = commands.add_parser(
+        "inpaint",
+        parents=[request, batch, connection],
+        help="redraw the masked part of an image guided by a prompt; save PNGs as generate does",
+        description="Inpaint an image: redraw where the mask is white; print the path of each PNG written.",
+    )
+    _add_image_options(inpaint, required=True)
+    _add_mask_options(inpaint)
     grid = commands.add_parser(
         "grid",
         parents=[request, connection],
@@ -172,6 +185,44 @@ def _add_image_options(parser: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
+def _add_mask_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mask",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="where to redraw: white repaints, black keeps (PNG, JPEG or WebP; stretched to the image size)",
+    )
+    parser.add_argument(
+        "--mask-blur",
+        type=int,
+        metavar="N",
+        help="blur radius of the mask's edge in pixels, 0..64 (default: server default, 4)",
+    )
+    parser.add_argument(
+        "--inpainting-fill",
+        metavar="MODE",
+        help="what the masked area starts from: fill, original, latent_noise or latent_nothing, or A1111's "
+        "labels (default: server default, original)",
+    )
+    # None unless given, so that an --infotext's "Inpaint area" holds where neither flag is given.
+    parser.add_argument(
+        "--only-masked",
+        dest="inpaint_full_res",
+        action=argparse.BooleanOptionalAction,
+        help='A1111\'s "Inpaint area: Only masked": generate the masked area (plus padding) at --width x '
+        "--height and paste it back; the PNGs keep the image's size (default: server default, whole picture)",
+    )
+    parser.add_argument(
+        "--only-masked-padding",
+        dest="inpaint_full_res_padding",
+        type=int,
+        metavar="N",
+        help="pixels of context around the masked area with --only-masked, 0..256 "
+        "(default: server default, 32)",
+    )
+
+
 def _axis(spec: str) -> Axis:
     try:
         return parse_axis(spec)
@@ -182,7 +233,7 @@ def _axis(spec: str) -> Axis:
 def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """StableDiffusionClient.generate's arguments: the command line's, over those of --infotext's PNG.
 
-    Raises UsageError for an unreadable --infotext or --image file and for a missing prompt.
+    Raises UsageError for an unreadable --infotext, --image or --mask file and for a missing prompt.
     """
     request = {name: getattr(args, name) for name in REQUEST_ARGS if hasattr(args, name)}
     if args.infotext is not None:
@@ -203,11 +254,12 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 request[name] = value
     if request["prompt"] is None:
         raise UsageError("a PROMPT is required (or --infotext FILE.png to take it from)")
-    if getattr(args, "image", None) is not None:
-        try:
-            request["image"] = args.image.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"--image: cannot read {args.image}: {exc.strerror or exc}") from None
+    for name in ("image", "mask"):
+        if (path := getattr(args, name, None)) is not None:
+            try:
+                request[name] = path.read_bytes()
+            except OSError as exc:
+                raise UsageError(f"--{name}: cannot read {path}: {exc.strerror or exc}") from None
     return request
 
 

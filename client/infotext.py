@@ -38,7 +38,19 @@ _NUMERIC_PARAMS = {
     "CFG scale": ("guidance_scale", float),
     "Seed": ("seed", int),
     "Denoising strength": ("strength", float),
+    "Mask blur": ("mask_blur", int),
+    "Masked area padding": ("inpaint_full_res_padding", int),
 }
+# The pipeline's `inpainting_fill` names and A1111's "Masked content" labels for them.
+INPAINTING_FILL_LABELS = {
+    "fill": "fill",
+    "original": "original",
+    "latent_noise": "latent noise",
+    "latent_nothing": "latent nothing",
+}
+_FILLS_BY_LABEL = {label: name for name, label in INPAINTING_FILL_LABELS.items()}
+# A1111's "Inpaint area" choices, as `inpaint_full_res`.
+_INPAINT_AREAS = {"Whole picture": False, "Only masked": True}
 
 
 def quote(value: str) -> str:
@@ -98,8 +110,9 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 
 def request_from_infotext(text: str) -> dict[str, Any]:
     """`StableDiffusionClient.generate` arguments recorded in an infotext: prompt, negative prompt and
-    whichever of steps, scheduler (the Sampler label), guidance_scale, seed, width, height and strength
-    (Denoising strength) it holds. A param that doesn't read as its type raises ValueError naming it.
+    whichever of steps, scheduler (the Sampler label), guidance_scale, seed, width, height, strength
+    (Denoising strength) and the inpainting options (Mask blur, Masked content, Inpaint area, Masked area
+    padding) it holds. A param that doesn't read as its type or choices raises ValueError naming it.
     """
     prompt, negative_prompt, params = parse_infotext(text)
     request: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt}
@@ -122,7 +135,18 @@ def request_from_infotext(text: str) -> dict[str, Any]:
         if schedule not in ("Automatic", "") and not sampler.endswith(schedule):
             sampler = f"{sampler} {schedule}"
         request["scheduler"] = sampler
+    if "Masked content" in params:
+        request["inpainting_fill"] = _choice(params, "Masked content", _FILLS_BY_LABEL)
+    if "Inpaint area" in params:
+        request["inpaint_full_res"] = _choice(params, "Inpaint area", _INPAINT_AREAS)
     return request
+
+
+def _choice(params: Mapping[str, str], key: str, choices: Mapping[str, Any]) -> Any:
+    try:
+        return choices[params[key]]
+    except KeyError:
+        raise ValueError(f"{key}: expected one of {', '.join(choices)}, got {params[key]!r}") from None
 
 
 def save_png(image: Image.Image, file: str | Path | IO[bytes], infotext: str) -> None:

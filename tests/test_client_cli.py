@@ -139,6 +139,9 @@ def test_parse_schedulers() -> None:
         [],
         ["generate", "x", "--steps", "many"],
         ["generate", "x", "--image", "in.png"],  # img2img's option
+        ["generate", "x", "--mask", "m.png"],  # inpaint's option
+        ["inpaint", "x", "--image", "in.png", "--mask-blur", "4"],  # no --mask
+        ["inpaint", "x", "--image", "in.png", "--mask", "m.png", "--mask-blur", "soft"],
         ["generate", "x", "--protocol", "udp"],
         ["nope"],
     ],
@@ -518,6 +521,8 @@ def test_infotext_strength_for_img2img_only(recorded_png: Path, tmp_path: Path) 
         (["generate", "--infotext", "{text_file}"], "--infotext: cannot read"),
         (["generate", "--infotext", "{bad_steps}"], "Steps: expected an integer, got 'many'"),
         (["img2img", "x", "--image", "{missing}"], "--image: cannot read"),
+        (["inpaint", "x", "--image", "{plain}", "--mask", "{missing}"], "--mask: cannot read"),
+        (["inpaint", "x", "--image", "{missing}", "--mask", "{plain}"], "--image: cannot read"),
         (["grid", "x", "--x", "steps=1,2", "--y", "steps=3"], "--y: Steps is already swept by --x"),
         (["grid", "x", "--x", "strength=0.5"], "strength needs an image"),
         (["grid", "x", "--x", "seed=1", "--strength", "0.5"], "strength needs an image"),

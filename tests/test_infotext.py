@@ -212,6 +212,41 @@ def test_request_from_infotext_takes_only_what_is_there() -> None:
 
 
 @pytest.mark.parametrize(
+    ("label", "fill"),
+    [
+        ("fill", "fill"),
+        ("original", "original"),
+        ("latent noise", "latent_noise"),
+        ("latent nothing", "latent_nothing"),
+    ],
+)
+def test_request_from_a1111_inpainting_infotext(label: str, fill: str) -> None:
+    # As A1111's img2img inpaint tab writes it ("Masked content" only for a fill other than its default).
+    text = (
+        "a red hat\n"
+        "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.75, Mask blur: 4, "
+        f"Inpaint area: Only masked, Masked area padding: 32, Masked content: {label}, Version: v1.10.1"
+    )
+    request = request_from_infotext(text)
+    assert {key: request[key] for key in ("strength", "width", "height", "scheduler")} == {
+        "strength": 0.75,
+        "width": 512,
+        "height": 512,
+        "scheduler": "DPM++ 2M Karras",
+    }
+    assert (
+        request["mask_blur"],
+        request["inpainting_fill"],
+        request["inpaint_full_res"],
+        request["inpaint_full_res_padding"],
+    ) == (4, fill, True, 32)
+    whole = request_from_infotext("p\nSteps: 1, Seed: 2, Mask blur: 0, Inpaint area: Whole picture")
+    assert (whole["mask_blur"], whole["inpaint_full_res"]) == (0, False)
+    assert "inpainting_fill" not in whole and "inpaint_full_res_padding" not in whole  # the server defaults
+
+
+@pytest.mark.parametrize(
     ("sampler", "schedule", "scheduler"),
     [
         ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),  # A1111 >= 1.9 writes the schedule apart
@@ -234,6 +269,19 @@ def test_request_from_infotext_scheduler(sampler: str, schedule: str | None, sch
         ("CFG scale", "high", "CFG scale: expected a number, got 'high'"),
         ("Denoising strength", "", "Denoising strength: expected a number, got ''"),
         ("Size", "512", "Size: expected WIDTHxHEIGHT, got '512'"),
+        ("Mask blur", "4.5", "Mask blur: expected an integer, got '4.5'"),
+        ("Masked area padding", "wide", "Masked area padding: expected an integer, got 'wide'"),
+        (
+            "Masked content",
+            "lama cleaner",  # an extension's choice
+            "Masked content: expected one of fill, original, latent noise, latent nothing, "
+            "got 'lama cleaner'",
+        ),
+        (
+            "Inpaint area",
+            "Everything",
+            "Inpaint area: expected one of Whole picture, Only masked, got 'Everything'",
+        ),
     ],
 )
 def test_request_from_infotext_refuses_unreadable_values(key: str, value: str, complaint: str) -> None:
@@ -333,3 +381,44 @@ def test_sd_parsers_reads_a_grid_infotext(tmp_path) -> None:
     assert parsed is not None and parsed.full_prompt == "a castle, at dusk"
     assert parsed.samplers[0].name == "Euler a" and parsed.samplers[0].parameters["steps"] == "10"
     assert parsed.metadata["X Type"] == "Steps" and parsed.metadata["Size"] == "8x8"
+
+
+@pytest.mark.parametrize("only_masked", [True, False])
+def test_sd_parsers_reads_an_inpainting_infotext(tmp_path, only_masked: bool) -> None:
+    # sd-parsers has no inpainting fields of its own: it keeps every param it doesn't know in `metadata`.
+    info = {
+        **INFO_FOR_GRID,
+        "strength": float(np.float32(0.6)),
+        "resize_mode": "just_resize",
+        "mask_blur": 8,
+        "inpainting_fill": "latent_nothing",
+        "inpaint_full_res": only_masked,
+        "inpaint_full_res_padding": 24,
+        "width": 40,  # "only masked": the original image's size
+        "height": 24,
+    }
+    result = decode_response(np.zeros((1, 24, 40, 3), np.uint8), json.dumps(info).encode())
+    if only_masked:
+        result.generation_size = (16, 8)
+    [path] = result.save(tmp_path)
+
+    parsed = sd_parsers.ParserManager().parse(path)
+    assert parsed is not None and parsed.generator == Generators.AUTOMATIC1111
+    assert parsed.full_prompt == "a castle, at dusk" and parsed.samplers[0].name == "Euler a"
+    inpainting = {
+        key: parsed.metadata.get(key) for key in ("Mask blur", "Inpaint area", "Masked area padding")
+    }
+    assert inpainting == (
+        {"Mask blur": "8", "Inpaint area": "Only masked", "Masked area padding": "24"}
+        if only_masked
+        else {"Mask blur": "8", "Inpaint area": None, "Masked area padding": None}
+    )
+    assert parsed.metadata["Masked content"] == "latent nothing"
+    assert parsed.metadata["Denoising strength"] == "0.6"
+    assert parsed.metadata["Size"] == ("16x8" if only_masked else "40x24")
+    # ... and `--infotext` reads back the request's arguments.
+    ours = request_from_infotext(read_infotext(path) or "")
+    assert (ours["mask_blur"], ours["inpainting_fill"], ours["strength"]) == (8, "latent_nothing", 0.6)
+    assert ours.get("inpaint_full_res") == (True if only_masked else None)
+    assert ours.get("inpaint_full_res_padding") == (24 if only_masked else None)
+    assert (ours["width"], ours["height"]) == ((16, 8) if only_masked else (40, 24))
