@@ -21,6 +21,9 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from client.infotext import INPAINTING_FILL_LABELS, format_infotext, save_png
 from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS, GenerationRequest
 
+# Options of the hires fix, each refused without `enable_hr` (the server would ignore it).
+HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
+
 # img2img's initial image or an inpainting mask: file contents (PNG/JPEG/WebP), a path to such a file, or a
 # PIL image.
 ImageInput = bytes | str | Path | Image.Image
@@ -104,12 +107,21 @@ def build_inputs(
     inpainting_fill: str | None = None,
     inpaint_full_res: bool | None = None,
     inpaint_full_res_padding: int | None = None,
+    subseed: int | None = None,
+    subseed_strength: float | None = None,
+    enable_hr: bool | None = None,
+    hr_scale: float | None = None,
+    hr_upscaler: str | None = None,
+    hr_second_pass_steps: int | None = None,
+    denoising_strength: float | None = None,
 ) -> list[tuple[str, np.ndarray]]:
     """The request's tensors by input name. Arguments left None are not sent: the server applies its defaults.
 
-    An integer outside its tensor's range, `strength` / `resize_mode` / `mask` without an `image`, or a mask
-    option without a `mask` (the server would ignore them) raises GenerationError (status INVALID_ARGUMENT)
-    like the server; a non-bool `inpaint_full_res` raises TypeError. A path `image` or `mask` is read here.
+    An integer outside its tensor's range, `strength` / `resize_mode` / `mask` without an `image`, a mask
+    option without a `mask`, `subseed` without `subseed_strength` or a hires option without `enable_hr` (the
+    server would ignore them), or `enable_hr` with an `image` raises GenerationError (status
+    INVALID_ARGUMENT) like the server; a non-bool `inpaint_full_res` or `enable_hr` raises TypeError. A path
+    `image` or `mask` is read here.
     """
     if image is None:
         for name, value in (("strength", strength), ("resize_mode", resize_mode)):
@@ -126,6 +138,15 @@ def build_inputs(
         ):
             if value is not None:
                 raise GenerationError(f"{name} needs a mask (inpainting)", "INVALID_ARGUMENT")
+    if subseed is not None and subseed_strength is None:
+        raise GenerationError("subseed needs subseed_strength (variation seeds)", "INVALID_ARGUMENT")
+    if enable_hr and image is not None:
+        raise GenerationError("enable_hr is for text to image; send no image with it", "INVALID_ARGUMENT")
+    if not enable_hr:
+        hires = (hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength)
+        for name, value in zip(HIRES_OPTIONS, hires, strict=True):
+            if value is not None:
+                raise GenerationError(f"{name} needs enable_hr (hires fix)", "INVALID_ARGUMENT")
     values = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -144,6 +165,13 @@ def build_inputs(
         "inpainting_fill": inpainting_fill,
         "inpaint_full_res": inpaint_full_res,
         "inpaint_full_res_padding": inpaint_full_res_padding,
+        "subseed": subseed,
+        "subseed_strength": subseed_strength,
+        "enable_hr": enable_hr,
+        "hr_scale": hr_scale,
+        "hr_upscaler": hr_upscaler,
+        "hr_second_pass_steps": hr_second_pass_steps,
+        "denoising_strength": denoising_strength,
     }
     # Names and dtypes are the server's own table of pipeline inputs.
     return [
@@ -163,9 +191,9 @@ def triton_inputs(triton: ModuleType, arrays: list[tuple[str, np.ndarray]]) -> l
     return inputs
 
 
-def _format_float(value: float) -> str:
+def _format_float(value: float | None) -> str | None:
     # The server reads FP32 inputs: guidance scale 7.3 comes back as 7.300000190734863.
-    return str(float(f"{value:.6g}"))
+    return None if value is None else str(float(f"{value:.6g}"))
 
 
 def _inpainting_params(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,6 +212,17 @@ def _inpainting_params(info: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _hires_params(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A1111's infotext params for the hires fix, in its order; none for a request without it."""
+    if "hr_scale" not in info:
+        return {}
+    return {
+        "Hires upscale": f"{info['hr_scale']:.6g}",  # as A1111 writes it: 2, not 2.0
+        "Hires steps": info.get("hr_second_pass_steps") or None,  # A1111 leaves out 0 (= Steps)
+        "Hires upscaler": info.get("hr_upscaler"),
+    }
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
@@ -193,9 +232,10 @@ class GenerationResult:
     generation_size: tuple[int, int] | None = None
 
     def infotexts(self, extra: Mapping[str, Any] | None = None) -> list[str]:
-        """A1111 infotext of each image, each with its own seed; `extra` params go at the end."""
+        """A1111 infotext of each image, each with its own seed (and variation seed); `extra` params go at the
+        end."""
         info = self.info
-        cfg, strength = info.get("guidance_scale"), info.get("strength")
+        subseeds = info.get("subseeds")  # only with a subseed_strength above 0, as A1111 writes them
         return [
             format_infotext(
                 info.get("prompt", ""),
@@ -203,13 +243,16 @@ class GenerationResult:
                 {
                     "Steps": info.get("steps"),
                     "Sampler": info.get("sampler"),
-                    "CFG scale": None if cfg is None else _format_float(cfg),
+                    "CFG scale": _format_float(info.get("guidance_scale")),
                     "Seed": info["seeds"][i],
                     "Size": self._size(image),
                     "Model": info.get("model"),
-                    # Only img2img info has it; A1111 writes it for img2img too.
-                    "Denoising strength": None if strength is None else _format_float(strength),
+                    "Variation seed": None if subseeds is None else subseeds[i],
+                    "Variation seed strength": _format_float(info.get("subseed_strength")),
+                    # img2img's strength or the hires fix's second pass one: A1111 writes either here.
+                    "Denoising strength": _format_float(info.get("strength", info.get("denoising_strength"))),
                     **_inpainting_params(info),
+                    **_hires_params(info),
                     **(extra or {}),
                 },
             )
@@ -217,9 +260,11 @@ class GenerationResult:
         ]
 
     def _size(self, image: Image.Image) -> str:
+        # A1111's Size is the generation size; for the hires fix the first pass's (its scale goes apart).
+        info = self.info
         width, height = self.generation_size or (
-            self.info.get("width", image.width),
-            self.info.get("height", image.height),
+            info.get("first_pass_width", info.get("width", image.width)),
+            info.get("first_pass_height", info.get("height", image.height)),
         )
         return f"{width}x{height}"
 
@@ -377,6 +422,13 @@ class StableDiffusionClient:
         inpainting_fill: str | None = None,
         inpaint_full_res: bool | None = None,
         inpaint_full_res_padding: int | None = None,
+        subseed: int | None = None,
+        subseed_strength: float | None = None,
+        enable_hr: bool | None = None,
+        hr_scale: float | None = None,
+        hr_upscaler: str | None = None,
+        hr_second_pass_steps: int | None = None,
+        denoising_strength: float | None = None,
     ) -> GenerationResult:
         """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random.
 
@@ -389,6 +441,13 @@ class StableDiffusionClient:
         or A1111's labels; default "original") is what that area starts from; `inpaint_full_res` (A1111's
         "Inpaint area: Only masked") generates just the masked area plus `inpaint_full_res_padding` pixels
         (0..256, default 32) at width x height and pastes it back: the images then have the image's size.
+
+        Variation seeds (A1111's): `subseed_strength` (0..1) moves each image's noise toward that of its
+        variation seed, `subseed` + i for image i (None or -1: random).
+
+        Hires fix (text to image only, `enable_hr`): a first pass at width x height is upscaled `hr_scale`
+        times (default 2; sides rounded down to multiples of 8) by `hr_upscaler` ("Latent" or "Lanczos") and
+        `denoising_strength` (default 0.7) of `hr_second_pass_steps` (default 0: `steps`) redraw it.
         """
         arrays = build_inputs(
             prompt,
@@ -408,6 +467,13 @@ class StableDiffusionClient:
             inpainting_fill=inpainting_fill,
             inpaint_full_res=inpaint_full_res,
             inpaint_full_res_padding=inpaint_full_res_padding,
+            subseed=subseed,
+            subseed_strength=subseed_strength,
+            enable_hr=enable_hr,
+            hr_scale=hr_scale,
+            hr_upscaler=hr_upscaler,
+            hr_second_pass_steps=hr_second_pass_steps,
+            denoising_strength=denoising_strength,
         )
         inputs = triton_inputs(self._triton, arrays)
         outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from client.api import DEFAULT_URLS, GenerationError, GenerationResult, StableDiffusionClient, save_pngs
+from client.api import (
+    DEFAULT_URLS,
+    HIRES_OPTIONS,
+    GenerationError,
+    GenerationResult,
+    StableDiffusionClient,
+    save_pngs,
+)
 from client.grid import PARAMS, Axis, parse_axis, sweep
 from client.infotext import read_infotext, request_from_infotext
 
@@ -36,6 +43,10 @@ REQUEST_ARGS = (
     "inpainting_fill",
     "inpaint_full_res",
     "inpaint_full_res_padding",
+    "subseed",
+    "subseed_strength",
+    "enable_hr",
+    *HIRES_OPTIONS,
 )
 
 
@@ -91,12 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--width", type=int, metavar="N", help="in pixels (default: server default)")
     request.add_argument("--height", type=int, metavar="N", help="in pixels (default: server default)")
     request.add_argument(
+        "--subseed",
+        type=int,
+        metavar="N",
+        help="variation seed (A1111's): image i's noise moves toward that of N + i; needs --subseed-strength "
+        "(default: server default, random; -1 is random too)",
+    )
+    request.add_argument(
+        "--subseed-strength",
+        type=float,
+        metavar="F",
+        help="how far the noise moves toward the variation seed's, 0..1 (default: server default, 0)",
+    )
+    request.add_argument(
         "--infotext",
         type=Path,
         metavar="FILE.png",
-        help="take prompt, negative prompt, steps, sampler, CFG scale, seed, size (and for img2img and "
-        "inpaint denoising strength, for inpaint the mask options) from this PNG's A1111 `parameters` chunk; "
-        "options given here override them",
+        help="take prompt, negative prompt, steps, sampler, CFG scale, seed, size, variation seed and "
+        "strength (and for generate the hires fix, for img2img and inpaint denoising strength, for inpaint "
+        "the mask options) from this PNG's A1111 `parameters` chunk; options given here override them",
     )
     request.add_argument(
         "--out", type=Path, default=Path("outputs"), metavar="DIR", help="where PNGs go (default: ./outputs)"
@@ -112,12 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or list its schedulers.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
+    generate = commands.add_parser(
         "generate",
         parents=[request, batch, connection],
         help="generate images and save them as PNGs with A1111 infotext",
         description="Generate images; print the path of each PNG written. Server warnings go to stderr.",
     )
+    _add_hires_options(generate)
     img2img = commands.add_parser(
         "img2img",
         parents=[request, batch, connection],
@@ -141,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "given); writes one labelled contact sheet PNG per Z value (X across, Y down) as grid-NNNNN.png, "
         "with the first cell's infotext plus the axes, and prints their paths. "
         f"NAME is one of: {', '.join(PARAMS)} (aliases: cfg, sampler, denoising, negative); "
+        "hr_scale and denoising_strength need --enable-hr. "
         'values are comma-separated, quoted where they hold a comma: --y scheduler="Euler a",DDIM. '
         "An axis overrides the option of the same parameter.",
     )
@@ -153,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
             help={"x": "the columns", "y": "the rows", "z": "one sheet per value"}[letter],
         )
     _add_image_options(grid, required=False)
+    _add_hires_options(grid)
 
     commands.add_parser(
         "schedulers",
@@ -182,6 +209,40 @@ def _add_image_options(parser: argparse.ArgumentParser, required: bool) -> None:
         metavar="MODE",
         help="how the image is fitted to --width x --height: just_resize, crop_and_resize or "
         "resize_and_fill, or A1111's labels (default: server default, just_resize)",
+    )
+
+
+def _add_hires_options(parser: argparse.ArgumentParser) -> None:
+    # None unless given, so that an --infotext's hires fix holds where neither flag is given.
+    parser.add_argument(
+        "--enable-hr",
+        action=argparse.BooleanOptionalAction,
+        help="hires fix (A1111's): generate at --width x --height, upscale, then redraw at the larger size; "
+        "the options below need it (default: server default, off)",
+    )
+    parser.add_argument(
+        "--hr-scale",
+        type=float,
+        metavar="F",
+        help="upscale factor, 1..4; sides round down to multiples of 8 (default: server default, 2)",
+    )
+    parser.add_argument(
+        "--hr-upscaler",
+        metavar="NAME",
+        help="Latent (bilinear on the latents) or Lanczos (on the decoded image) (default: server default, "
+        "Latent)",
+    )
+    parser.add_argument(
+        "--hr-second-pass-steps",
+        type=int,
+        metavar="N",
+        help="steps of the second pass, 0 for --steps (default: server default, 0)",
+    )
+    parser.add_argument(
+        "--denoising-strength",
+        type=float,
+        metavar="F",
+        help="how much the second pass redraws, 0..1 (default: server default, 0.7)",
     )
 
 
@@ -248,7 +309,10 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as exc:
             raise UsageError(f"--infotext: {args.infotext}: {exc}") from None
         if getattr(args, "image", None) is None:
-            recorded.pop("strength", None)  # a txt2img hires-fix strength, meaningless without an image
+            recorded.pop("strength", None)  # an img2img strength, meaningless without an image
+        if getattr(args, "image", None) is not None or getattr(args, "enable_hr", None) is False:
+            for name in ("enable_hr", *HIRES_OPTIONS):  # the hires fix is text to image only
+                recorded.pop(name, None)
         for name, value in recorded.items():
             if name in request and request[name] is None:
                 request[name] = value

@@ -34,6 +34,11 @@ PARAMS = {
     "height": Param("height", "Height", int),
     "strength": Param("strength", "Denoising", float),
     "negative_prompt": Param("negative_prompt", "Negative prompt", str),
+    "subseed_strength": Param("subseed_strength", "Var. strength", float),
+    # A1111 has no axis for the scale; this is its infotext key.
+    "hr_scale": Param("hr_scale", "Hires upscale", float),
+    # The hires fix's: A1111's one "Denoising" axis is img2img's strength in img2img, this in txt2img.
+    "denoising_strength": Param("denoising_strength", "Denoising", float),
 }
 ALIASES = {
     "cfg": "guidance",
@@ -41,8 +46,9 @@ ALIASES = {
     "guidance_scale": "guidance",
     "sampler": "scheduler",
     "denoising": "strength",
-    "denoising_strength": "strength",
     "negative": "negative_prompt",
+    "variation_strength": "subseed_strength",
+    "hires_upscale": "hr_scale",
 }
 PAD = 8  # pixels around each label
 
@@ -167,13 +173,15 @@ def sweep(
     X across, Y down. The infotext is the sheet's first cell's plus A1111's "X Type"/"X Values" params.
 
     Without a seed (or with -1) and no seed axis, the seed the first response reports is reused for every
-    other cell, so that cells differ only in the swept parameters.
+    other cell, so that cells differ only in the swept parameters; likewise the first variation seed
+    reported, without a subseed.
     """
     axes = {"X": x, "Y": y, "Z": z}
     request = dict(request)
     fix_seed = request.get("seed") in (None, -1) and all(
         a is None or a.param.name != "seed" for a in axes.values()
     )
+    fix_subseed = request.get("subseed") in (None, -1)
     axis_params = {}
     for letter, axis in axes.items():
         if axis is not None:
@@ -197,6 +205,8 @@ def sweep(
                 result = generate(**{**request, **z_values, **y_values, **x_values})
                 if fix_seed:
                     request["seed"], fix_seed = result.info["seeds"][0], False
+                if fix_subseed and "subseeds" in result.info:  # reported where subseed_strength > 0
+                    request["subseed"], fix_subseed = result.info["subseeds"][0], False
                 results[-1].append(result)
         images = [[result.images[0] for result in row] for row in results]
         sheet = contact_sheet(images, [label for label, _ in rows], x.labels(), title)

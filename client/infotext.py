@@ -40,7 +40,13 @@ _NUMERIC_PARAMS = {
     "Denoising strength": ("strength", float),
     "Mask blur": ("mask_blur", int),
     "Masked area padding": ("inpaint_full_res_padding", int),
+    "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float),
+    "Hires upscale": ("hr_scale", float),
+    "Hires steps": ("hr_second_pass_steps", int),
 }
+# A1111 writes these for a hires fix request only (and "Hires upscale" or "Hires resize" always).
+_HIRES_PARAMS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")
 # The pipeline's `inpainting_fill` names and A1111's "Masked content" labels for them.
 INPAINTING_FILL_LABELS = {
     "fill": "fill",
@@ -111,8 +117,11 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 def request_from_infotext(text: str) -> dict[str, Any]:
     """`StableDiffusionClient.generate` arguments recorded in an infotext: prompt, negative prompt and
     whichever of steps, scheduler (the Sampler label), guidance_scale, seed, width, height, strength
-    (Denoising strength) and the inpainting options (Mask blur, Masked content, Inpaint area, Masked area
-    padding) it holds. A param that doesn't read as its type or choices raises ValueError naming it.
+    (Denoising strength), the inpainting options (Mask blur, Masked content, Inpaint area, Masked area
+    padding), subseed and subseed_strength (Variation seed, Variation seed strength) it holds. Hires params
+    (Hires upscale or a uniform Hires resize, Hires steps, Hires upscaler) make it enable_hr with hr_scale,
+    hr_second_pass_steps and hr_upscaler, and Denoising strength its denoising_strength, as A1111's txt2img
+    reads them. A param that doesn't read as its type or choices raises ValueError naming it.
     """
     prompt, negative_prompt, params = parse_infotext(text)
     request: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt}
@@ -139,7 +148,29 @@ def request_from_infotext(text: str) -> dict[str, Any]:
         request["inpainting_fill"] = _choice(params, "Masked content", _FILLS_BY_LABEL)
     if "Inpaint area" in params:
         request["inpaint_full_res"] = _choice(params, "Inpaint area", _INPAINT_AREAS)
+    if any(key in params for key in _HIRES_PARAMS):
+        request["enable_hr"] = True
+        if "Hires upscaler" in params:
+            request["hr_upscaler"] = params["Hires upscaler"]
+        if "Hires resize" in params and "hr_scale" not in request:
+            request["hr_scale"] = _hires_resize_scale(params["Hires resize"], request)
+        if "strength" in request:
+            request["denoising_strength"] = request.pop("strength")
     return request
+
+
+def _hires_resize_scale(resize: str, request: Mapping[str, Any]) -> float:
+    """A1111's "Hires resize: WxH" (a 0 side follows the other) as the one scale of Size it must be: the
+    server takes a scale, and A1111 crops a target of another aspect ratio."""
+    target = _SIZE.fullmatch(resize)
+    if target is None or "width" not in request:
+        raise ValueError(f"Hires resize: expected WIDTHxHEIGHT (with a Size), got {resize!r}")
+    sides = zip((int(target[1]), int(target[2])), (request["width"], request["height"]), strict=True)
+    scales = {side / first_pass for side, first_pass in sides if side and first_pass}
+    if len(scales) != 1:
+        size = f"{request['width']}x{request['height']}"
+        raise ValueError(f"Hires resize: {resize} is not Size {size} scaled (the server takes only a scale)")
+    return scales.pop()
 
 
 def _choice(params: Mapping[str, str], key: str, choices: Mapping[str, Any]) -> Any:

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc
 import tritonclient.http
 from PIL import Image
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, serialize_byte_tensor
 
 from client import (
     GenerationError,
@@ -23,6 +23,7 @@ from client import (
     save_png,
 )
 from client.api import (
+    HIRES_OPTIONS,
     build_inputs,
     decode_response,
     error_from_exception,
@@ -31,6 +32,7 @@ from client.api import (
 )
 from client.cli import build_parser, format_scheduler_table, main, request_kwargs, save_and_report
 from client.grid import contact_sheet, parse_axis, sweep
+from python_backend.request import request_from_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -439,6 +441,13 @@ RECORDED = (
 )
 
 
+# generate's arguments that RECORDED lacks: left to the server.
+NOT_RECORDED = dict.fromkeys(
+    ["subseed", "subseed_strength", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps"]
+    + ["denoising_strength"]
+)
+
+
 @pytest.fixture
 def recorded_png(tmp_path: Path) -> Path:
     path = tmp_path / "recorded.png"
@@ -462,6 +471,7 @@ def test_infotext_supplies_the_prompt_and_every_recorded_value(recorded_png: Pat
         "height": 768,
         "num_images": None,
         # no strength: generate has no image to apply it to
+        **NOT_RECORDED,
     }
 
 
@@ -496,6 +506,7 @@ def test_command_line_overrides_infotext(recorded_png: Path) -> None:
         "width": 512,  # not given: still the recorded one
         "height": 256,
         "num_images": 2,
+        **NOT_RECORDED,
     }
 
 
@@ -560,7 +571,23 @@ def test_unusable_command_lines_exit_2_before_any_request(
         ("seed=1,-1", "seed", (1, -1), None),
         ("width=512,768", "width", (512, 768), None),
         ("height=64", "height", (64,), None),
-        ("denoising-strength=0.3,0.6", "strength", (0.3, 0.6), ["Denoising: 0.3", "Denoising: 0.6"]),
+        ("denoising=0.3,0.6", "strength", (0.3, 0.6), ["Denoising: 0.3", "Denoising: 0.6"]),
+        # The hires fix's: A1111's txt2img "Denoising".
+        (
+            "denoising-strength=0.3,0.6",
+            "denoising_strength",
+            (0.3, 0.6),
+            ["Denoising: 0.3", "Denoising: 0.6"],
+        ),
+        (
+            "subseed_strength=0,0.5",
+            "subseed_strength",
+            (0.0, 0.5),
+            ["Var. strength: 0", "Var. strength: 0.5"],
+        ),
+        ("variation strength=1", "subseed_strength", (1.0,), None),
+        ("hr_scale=1.5,2", "hr_scale", (1.5, 2.0), ["Hires upscale: 1.5", "Hires upscale: 2"]),
+        ("Hires upscale=2", "hr_scale", (2.0,), None),
         (
             'negative="blurry, lowres",,ugly',
             "negative_prompt",
@@ -721,3 +748,286 @@ def test_sweep_keeps_given_seeds(
     [(sheet, _)] = sweep(_sweep_generate(calls), {"prompt": "p", "seed": request_seed}, parse_axis(axes[0]))
     assert [call["seed"] for call in calls] == expected_seeds
     assert sheet.height > 8  # one row of images under the column labels, no row labels
+
+
+# --- variation seeds and hires fix --------------------------------------------------------------------
+
+VARIATION_AND_HIRES = {
+    "subseed": 900,
+    "subseed_strength": 0.3,
+    "enable_hr": True,
+    "hr_scale": 1.5,
+    "hr_upscaler": "Lanczos",
+    "hr_second_pass_steps": 10,
+    "denoising_strength": 0.55,
+}
+
+
+def test_parse_variation_and_hires_options() -> None:
+    args = build_parser().parse_args(
+        ["generate", "a cat", "--subseed", "900", "--subseed-strength", "0.3", "--enable-hr"]
+        + ["--hr-scale", "1.5", "--hr-upscaler", "Lanczos", "--hr-second-pass-steps", "10"]
+        + ["--denoising-strength", "0.55"]
+    )
+    assert {name: getattr(args, name) for name in VARIATION_AND_HIRES} == VARIATION_AND_HIRES
+    defaults = build_parser().parse_args(["generate", "a cat"])
+    assert all(getattr(defaults, name) is None for name in VARIATION_AND_HIRES)
+    assert build_parser().parse_args(["generate", "a", "--no-enable-hr"]).enable_hr is False
+    grid = build_parser().parse_args(["grid", "a", "--x", "hr_scale=1.5,2", "--enable-hr", "--subseed", "1"])
+    assert (grid.enable_hr, grid.subseed, grid.x.param.name) == (True, 1, "hr_scale")
+    img2img = build_parser().parse_args(["img2img", "a", "--image", "i.png", "--subseed-strength", "0.2"])
+    assert img2img.subseed_strength == 0.2 and not hasattr(img2img, "enable_hr")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["img2img", "x", "--image", "i.png", "--enable-hr"],  # the hires fix is text to image only
+        ["inpaint", "x", "--image", "i.png", "--mask", "m.png", "--hr-scale", "2"],
+        ["generate", "x", "--hr-scale", "twice"],
+        ["generate", "x", "--subseed", "0.5"],
+    ],
+)
+def test_parse_rejects_bad_variation_and_hires_options(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("triton", [tritonclient.grpc, tritonclient.http])
+def test_triton_inputs_for_variation_and_hires(triton) -> None:
+    tensors = triton_inputs(triton, build_inputs("a", **VARIATION_AND_HIRES))
+    assert [(t.name(), t.datatype(), list(t.shape())) for t in tensors] == [
+        ("prompt", "BYTES", [1]),
+        ("subseed", "INT64", [1]),
+        ("subseed_strength", "FP32", [1]),
+        ("enable_hr", "BOOL", [1]),
+        ("hr_scale", "FP32", [1]),
+        ("hr_upscaler", "BYTES", [1]),
+        ("hr_second_pass_steps", "INT32", [1]),
+        ("denoising_strength", "FP32", [1]),
+    ]
+
+
+def test_the_server_reads_back_variation_and_hires_inputs() -> None:
+    arrays = dict(build_inputs("a cat", **{**VARIATION_AND_HIRES, "subseed": 2**40}))
+    wire = {
+        name: deserialize_bytes_tensor(serialize_byte_tensor(a).item()) if a.dtype == np.object_ else a
+        for name, a in arrays.items()
+    }
+    request = request_from_inputs(wire)
+    assert (request.subseed, request.enable_hr, request.hr_upscaler, request.hr_second_pass_steps) == (
+        2**40,
+        True,
+        "Lanczos",
+        10,
+    )
+    assert (request.subseed_strength, request.hr_scale, request.denoising_strength) == pytest.approx(
+        (0.3, 1.5, 0.55)
+    )
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("hr_scale", 2.0), ("hr_upscaler", "Latent"), ("hr_second_pass_steps", 0), ("denoising_strength", 0.7)],
+)
+@pytest.mark.parametrize("enable_hr", [None, False])
+def test_hires_options_without_enable_hr_are_refused(
+    argument: str, value: Any, enable_hr: bool | None
+) -> None:
+    with pytest.raises(GenerationError) as error:
+        build_inputs("a", enable_hr=enable_hr, **{argument: value})
+    assert (
+        error.value.is_invalid_argument and error.value.message == f"{argument} needs enable_hr (hires fix)"
+    )
+
+
+def test_bad_variation_and_hires_arguments_are_refused() -> None:
+    with pytest.raises(GenerationError) as error:
+        build_inputs("a", image=b"\x89PNG", enable_hr=True)
+    assert error.value.is_invalid_argument
+    assert error.value.message == "enable_hr is for text to image; send no image with it"
+    with pytest.raises(GenerationError) as error:
+        build_inputs("a", subseed=5)  # the server would ignore it: subseed_strength defaults to 0
+    assert error.value.is_invalid_argument
+    assert error.value.message == "subseed needs subseed_strength (variation seeds)"
+    with pytest.raises(GenerationError, match="subseed must be within"):
+        build_inputs("a", subseed=2**63, subseed_strength=0.5)
+    with pytest.raises(TypeError, match="enable_hr must be a bool"):
+        build_inputs("a", enable_hr="false")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        build_inputs("a", enable_hr=True, hr_second_pass_steps=2.5)  # type: ignore[arg-type]
+    assert dict(build_inputs("a", enable_hr=False))["enable_hr"][0] == np.False_  # sent, refused nothing
+
+
+def _fp32(value: float) -> float:
+    return float(np.float32(value))  # as the server echoes an FP32 input
+
+
+# The info of a hires fix request with variation seeds: 16x8 first pass, 32x16 images.
+HIRES_INFO = {
+    **INFO,
+    "width": 32,
+    "height": 16,
+    "subseeds": [900, 901],
+    "subseed_strength": _fp32(0.3),
+    "hr_scale": 2.0,
+    "hr_upscaler": "Latent",
+    "hr_second_pass_steps": 10,
+    "denoising_strength": _fp32(0.7),
+    "first_pass_width": 16,
+    "first_pass_height": 8,
+}
+
+
+def _hires_result(**info: Any) -> GenerationResult:
+    return decode_response(_images(height=16, width=32), json.dumps({**HIRES_INFO, **info}).encode())
+
+
+def test_infotexts_of_variation_seeds_and_hires_fix() -> None:
+    texts = _hires_result().infotexts()
+    params_line = (
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: {}, Size: 16x8, Model: stable-diffusion-v1-4, "
+        "Variation seed: {}, Variation seed strength: 0.3, Denoising strength: 0.7, Hires upscale: 2, "
+        "Hires steps: 10, Hires upscaler: Latent"
+    )
+    assert [text.splitlines()[-1] for text in texts] == [
+        params_line.format(123, 900),
+        params_line.format(124, 901),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        ({"hr_second_pass_steps": 0}, {"Hires steps": None}),  # as A1111: 0 means Steps, left out
+        (
+            {"hr_scale": _fp32(1.3), "hr_upscaler": "Lanczos"},
+            {"Hires upscale": "1.3", "Hires upscaler": "Lanczos"},
+        ),
+        ({"hr_scale": 2.5}, {"Hires upscale": "2.5"}),
+    ],
+)
+def test_infotext_hires_values(info: dict[str, Any], expected: dict[str, str | None]) -> None:
+    params = parse_infotext(_hires_result(**info).infotexts()[0])[2]
+    assert {key: params.get(key) for key in expected} == expected
+
+
+def test_infotext_without_variation_or_hires_has_neither() -> None:
+    params = parse_infotext(_result().infotexts()[0])[2]
+    assert not [key for key in params if key.startswith(("Variation", "Hires", "Denoising"))]
+    assert params["Size"] == "16x8"
+
+
+def test_variation_and_hires_infotext_round_trip(tmp_path: Path) -> None:
+    """The PNG of a hires fix request with variation seeds, read back by `--infotext`, asks for the same
+    request (at the first-pass size)."""
+    [png, _] = _hires_result(hr_scale=1.5, hr_upscaler="Lanczos").save(tmp_path / "out")
+    recorded = _request("generate", "--infotext", str(png))
+    assert recorded == {
+        "prompt": "a castle, at dusk",
+        "negative_prompt": "blurry",
+        "steps": 20,
+        "guidance_scale": 7.5,
+        "seed": 123,
+        "scheduler": "Euler a",
+        "width": 16,
+        "height": 8,
+        "num_images": None,
+        "subseed": 900,
+        "subseed_strength": 0.3,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Lanczos",
+        "hr_second_pass_steps": 10,
+        "denoising_strength": 0.7,
+    }
+    assert build_inputs(**recorded)  # every argument is one build_inputs takes, none refused
+    overridden = _request(
+        "generate",
+        "--infotext",
+        str(png),
+        "--hr-scale",
+        "2",
+        "--subseed-strength",
+        "0",
+        "--denoising-strength",
+        "0.4",
+    )
+    assert (overridden["hr_scale"], overridden["subseed_strength"], overridden["denoising_strength"]) == (
+        2.0,
+        0.0,
+        0.4,
+    )
+    # --no-enable-hr drops the recorded hires fix; the hires fix is generate's and grid's (text to image).
+    no_hires = _request("generate", "--infotext", str(png), "--no-enable-hr")
+    assert no_hires["enable_hr"] is False and all(no_hires[name] is None for name in HIRES_OPTIONS)
+    assert build_inputs(**no_hires)
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for command in (["img2img", "--image", str(image)], ["grid", "--x", "seed=1", "--image", str(image)]):
+        other = _request(*command, "--infotext", str(png))
+        assert (other["subseed"], other["subseed_strength"], other["strength"]) == (900, 0.3, None)
+        assert not any(other.get(name) for name in ("enable_hr", *HIRES_OPTIONS))
+    assert _request("grid", "--x", "seed=1", "--infotext", str(png))["hr_scale"] == 1.5
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["generate", "x", "--hr-scale", "2"], "hr_scale needs enable_hr (hires fix)"),
+        (
+            ["generate", "x", "--no-enable-hr", "--denoising-strength", "0.5"],
+            "denoising_strength needs enable_hr",
+        ),
+        (["generate", "x", "--subseed", "5"], "subseed needs subseed_strength"),
+        (["generate", "x", "--subseed", str(2**63), "--subseed-strength", "1"], "subseed must be within"),
+        (["grid", "x", "--x", "hr_scale=1.5,2"], "hr_scale needs enable_hr"),
+        (
+            ["grid", "x", "--x", "denoising_strength=0.5", "--image", "{image}"],
+            "denoising_strength needs enable_hr",
+        ),
+        (
+            ["grid", "x", "--x", "seed=1", "--enable-hr", "--image", "{image}"],
+            "enable_hr is for text to image",
+        ),
+        (["generate", "--infotext", "{resized}"], "Hires resize: 1000x600 is not Size 512x512 scaled"),
+    ],
+)
+def test_unusable_variation_and_hires_command_lines_exit_2(
+    argv: list[str], complaint: str, tmp_path: Path, free_port: int, capsys
+) -> None:
+    files = {"image": tmp_path / "in.png", "resized": tmp_path / "resized.png"}
+    Image.new("RGB", (8, 8)).save(files["image"])
+    text = "p\nSteps: 2, Seed: 1, Size: 512x512, Hires resize: 1000x600, Hires upscaler: Latent"
+    save_png(Image.new("RGB", (8, 8)), files["resized"], text)
+    argv = [arg.format(**files) for arg in argv]
+    assert main([*argv, "--url", f"127.0.0.1:{free_port}"]) == 2  # nothing listens: never got that far
+    err = capsys.readouterr().err
+    assert err.startswith("sd-client: error: ") and complaint in err
+
+
+def test_generate_with_variation_and_hires_gets_as_far_as_the_server(free_port: int, capsys) -> None:
+    argv = ["generate", "x", "--subseed", "5", "--subseed-strength", "0.5", "--enable-hr", "--hr-scale", "2"]
+    assert main([*argv, "--url", f"127.0.0.1:{free_port}"]) == 1
+    assert "cannot reach the Triton server" in capsys.readouterr().err
+
+
+def test_sweep_reuses_the_first_variation_seed_reported() -> None:
+    calls: list[dict[str, Any]] = []
+
+    def generate(**kwargs: Any) -> GenerationResult:
+        # As the server: a random variation seed (a new one each call), reported where the strength is > 0.
+        calls.append(kwargs)
+        info = {**INFO, "seeds": [kwargs["seed"]]}
+        if kwargs.get("subseed_strength"):
+            random = 500 + len(calls)
+            info.update(subseeds=[random if kwargs.get("subseed") in (None, -1) else kwargs["subseed"]])
+        return decode_response(_images(n=1), json.dumps(info).encode())
+
+    axis = parse_axis("subseed_strength=0,0.3,0.6")
+    sweep(generate, {"prompt": "p", "seed": 1, "subseed": None}, axis)
+    assert [(c["subseed"], c["subseed_strength"]) for c in calls] == [(None, 0.0), (None, 0.3), (502, 0.6)]
+    calls.clear()
+    sweep(generate, {"prompt": "p", "seed": 1, "subseed": 7}, axis)
+    assert [c["subseed"] for c in calls] == [7, 7, 7]

@@ -482,6 +482,8 @@ def test_inpaint_infotext_round_trip(png_file: Path, mask_file: Path, tmp_path: 
         "inpainting_fill": "latent_noise",
         "inpaint_full_res": True,
         "inpaint_full_res_padding": 40,
+        "subseed": None,
+        "subseed_strength": None,
     }
     assert (recorded["image"], recorded["mask"]) == (png_file.read_bytes(), mask_file.read_bytes())
     overridden = request("--no-only-masked", "--mask-blur", "0", "--inpainting-fill", "fill")

@@ -282,11 +282,70 @@ def test_request_from_infotext_scheduler(sampler: str, schedule: str | None, sch
             "Everything",
             "Inpaint area: expected one of Whole picture, Only masked, got 'Everything'",
         ),
+        ("Variation seed", "-", "Variation seed: expected an integer, got '-'"),
+        ("Variation seed strength", "some", "Variation seed strength: expected a number, got 'some'"),
+        ("Hires upscale", "2x", "Hires upscale: expected a number, got '2x'"),
+        ("Hires steps", "1.5", "Hires steps: expected an integer, got '1.5'"),
+        ("Hires resize", "1024", "Hires resize: expected WIDTHxHEIGHT (with a Size), got '1024'"),
+        ("Hires resize", "1024x512", "Hires resize: 1024x512 is not Size 512x512 scaled"),
+        ("Hires resize", "0x0", "Hires resize: 0x0 is not Size 512x512 scaled"),
     ],
 )
 def test_request_from_infotext_refuses_unreadable_values(key: str, value: str, complaint: str) -> None:
     with pytest.raises(ValueError, match=re.escape(complaint)):
         request_from_infotext(format_infotext("p", None, {**PARAMS, key: value}))
+
+
+def test_request_from_a1111_variation_and_hires_infotext() -> None:
+    # As A1111's txt2img writes it: Size is the first pass's, the hires fix's params come last.
+    text = (
+        "a red hat\n"
+        "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x768, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Variation seed: 3735928559, "
+        "Variation seed strength: 0.25, Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 12, "
+        "Hires upscaler: Latent, Version: v1.10.1"
+    )
+    request = request_from_infotext(text)
+    assert {key: request[key] for key in ("seed", "width", "height", "subseed", "subseed_strength")} == {
+        "seed": 42,
+        "width": 512,
+        "height": 768,
+        "subseed": 3735928559,
+        "subseed_strength": 0.25,
+    }
+    assert {
+        key: request[key] for key in ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler")
+    } == {
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_second_pass_steps": 12,
+        "hr_upscaler": "Latent",
+    }
+    assert request["denoising_strength"] == 0.45 and "strength" not in request  # txt2img's: the second pass
+
+
+@pytest.mark.parametrize(
+    ("hires_params", "expected"),
+    [
+        # No "Hires steps" (A1111's 0, = Steps): the server's default; an upscaler the server lacks is
+        # passed on for it to refuse.
+        ("Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+", {"hr_scale": 2.0, "hr_upscaler": "R-ESRGAN 4x+"}),
+        # A1111's "Resize to" (a 0 side follows the other), as the scale of Size it is.
+        ("Hires resize: 1024x1536, Hires upscaler: Lanczos", {"hr_scale": 2.0, "hr_upscaler": "Lanczos"}),
+        ("Hires resize: 768x0, Hires upscaler: Latent", {"hr_scale": 1.5, "hr_upscaler": "Latent"}),
+        ("Hires resize: 0x1152, Hires steps: 5", {"hr_scale": 1.5, "hr_second_pass_steps": 5}),
+    ],
+)
+def test_request_from_infotext_hires_variants(hires_params: str, expected: dict) -> None:
+    request = request_from_infotext(f"p\nSteps: 20, Seed: 1, Size: 512x768, {hires_params}")
+    hires = {key: value for key, value in request.items() if key.startswith("hr_")}
+    assert request["enable_hr"] is True and hires == expected
+
+
+def test_request_from_infotext_without_hires_keeps_img2img_strength() -> None:
+    request = request_from_infotext("p\nSteps: 20, Seed: 1, Size: 512x512, Denoising strength: 0.4")
+    assert request["strength"] == 0.4
+    assert not {"enable_hr", "denoising_strength", "subseed", "subseed_strength"} & set(request)
 
 
 # --- a third-party reader: sd-parsers -----------------------------------------------------------------
@@ -422,3 +481,55 @@ def test_sd_parsers_reads_an_inpainting_infotext(tmp_path, only_masked: bool) ->
     assert ours.get("inpaint_full_res") == (True if only_masked else None)
     assert ours.get("inpaint_full_res_padding") == (24 if only_masked else None)
     assert (ours["width"], ours["height"]) == ((16, 8) if only_masked else (40, 24))
+
+
+def test_sd_parsers_reads_a_variation_and_hires_infotext(tmp_path) -> None:
+    # sd-parsers reads Seed, Steps, CFG scale and the sampler; it keeps the variation and hires params in
+    # `metadata`, as A1111 writes them.
+    info = {
+        **INFO_FOR_GRID,
+        "width": 32,  # the upscaled images
+        "height": 16,
+        "subseeds": [99],
+        "subseed_strength": float(np.float32(0.3)),
+        "hr_scale": 2.0,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 4,
+        "denoising_strength": float(np.float32(0.7)),
+        "first_pass_width": 16,
+        "first_pass_height": 8,
+    }
+    [path] = decode_response(np.zeros((1, 16, 32, 3), np.uint8), json.dumps(info).encode()).save(tmp_path)
+
+    parsed = sd_parsers.ParserManager().parse(path)
+    assert parsed is not None and parsed.generator == Generators.AUTOMATIC1111
+    [sampler] = parsed.samplers
+    assert sampler.name == "Euler a"
+    assert sampler.parameters == {"steps": "10", "cfg_scale": "7.0", "seed": "7"}
+    keys = ("Size", "Variation seed", "Variation seed strength", "Denoising strength", "Hires upscale")
+    assert {key: parsed.metadata[key] for key in (*keys, "Hires steps", "Hires upscaler")} == {
+        "Size": "16x8",  # the first pass's, as A1111's
+        "Variation seed": "99",
+        "Variation seed strength": "0.3",
+        "Denoising strength": "0.7",
+        "Hires upscale": "2",
+        "Hires steps": "4",
+        "Hires upscaler": "Latent",
+    }
+    # ... and `--infotext` reads back the request's arguments.
+    ours = request_from_infotext(read_infotext(path) or "")
+    assert {key: value for key, value in ours.items() if key not in ("prompt", "negative_prompt")} == {
+        "steps": 10,
+        "guidance_scale": 7.0,
+        "seed": 7,
+        "width": 16,
+        "height": 8,
+        "scheduler": "Euler a",
+        "subseed": 99,
+        "subseed_strength": 0.3,
+        "enable_hr": True,
+        "hr_scale": 2.0,
+        "hr_second_pass_steps": 4,
+        "hr_upscaler": "Latent",
+        "denoising_strength": 0.7,
+    }

@@ -236,3 +236,117 @@ def test_sd_client_cli(server, tmp_path):
 
     listing = sd_client("schedulers")
     assert listing.returncode == 0 and "euler_a" in listing.stdout and "DPM++ 2M Karras" in listing.stdout
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _smooth_picture(width: int, height: int):
+    from PIL import Image
+
+    cells = np.random.default_rng(0).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_img2img_matches_diffusers(server, tiny_checkpoint, protocol):
+    picture = _smooth_picture(96, 64)
+    result = client_for(server, protocol).generate(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=8,
+        seed=31,
+        width=96,
+        height=64,
+        image=_png_bytes(picture),
+        strength=0.6,
+        scheduler="Euler a",
+    )
+    expected = diffusers_images(
+        tiny_checkpoint,
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=8,
+        guidance_scale=7.5,
+        seed=31,
+        scheduler="EulerAncestralDiscreteScheduler",
+        pipeline_class="StableDiffusionImg2ImgPipeline",
+        image=picture,
+        strength=0.6,
+    )
+    served = np.stack([np.asarray(image) for image in result.images])
+    assert max_pixel_diff(served, expected) <= TOLERANCE
+
+
+def test_served_inpainting_matches_diffusers(server, tiny_checkpoint):
+    from PIL import Image, ImageDraw
+
+    picture = _smooth_picture(96, 64)
+    mask = Image.new("L", (96, 64), 0)
+    ImageDraw.Draw(mask).rectangle((24, 16, 72, 48), fill=255)
+    result = client_for(server, "grpc").generate(
+        PROMPT,
+        steps=8,
+        seed=32,
+        width=96,
+        height=64,
+        image=_png_bytes(picture),
+        mask=_png_bytes(mask),
+        mask_blur=0,
+        strength=0.8,
+    )
+    expected = diffusers_images(
+        tiny_checkpoint,
+        PROMPT,
+        steps=8,
+        guidance_scale=7.5,
+        seed=32,
+        scheduler="PNDMScheduler",
+        pipeline_class="StableDiffusionInpaintPipeline",
+        image=picture,
+        mask_image=mask,
+        strength=0.8,
+        width=96,
+        height=64,
+    )
+    served = np.stack([np.asarray(image) for image in result.images])
+    assert max_pixel_diff(served, expected) <= TOLERANCE
+
+
+def test_served_hires_fix_and_variation_seeds(server):
+    result = client_for(server, "grpc").generate(
+        PROMPT,
+        steps=3,
+        seed=7,
+        width=64,
+        height=64,
+        enable_hr=True,
+        hr_scale=2.0,
+        subseed=9,
+        subseed_strength=0.4,
+    )
+    assert result.images[0].size == (128, 128)
+    assert result.info["subseeds"] == [9] and result.info["hr_upscaler"] == "Latent"
+
+
+@pytest.mark.parametrize(
+    ("field", "arguments"),
+    [
+        ("image", {"image": b"not an image"}),
+        ("strength", {"image": "PICTURE", "strength": 1.5}),
+        ("mask_blur", {"image": "PICTURE", "mask": "PICTURE", "mask_blur": 100}),
+        ("hr_scale", {"enable_hr": True, "hr_scale": 9.0}),
+    ],
+)
+def test_bad_image_and_hires_values_are_invalid_arg(server, field, arguments):
+    picture = _png_bytes(_smooth_picture(64, 64))
+    arguments = {k: picture if v == "PICTURE" else v for k, v in arguments.items()}
+    with pytest.raises(GenerationError) as raised:
+        client_for(server, "grpc").generate(PROMPT, steps=2, width=64, height=64, **arguments)
+    assert raised.value.is_invalid_argument and field in raised.value.message
+    assert client_for(server, "grpc").is_ready()
