@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from functools import partial
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-prompt-chunks",
         type=int,
         default=3,
-        help="longest prompt, in 75-token chunks (default 3); each chunk adds 77 tokens to the UNet's text input",
+        help="longest prompt in 75-token chunks (default 3); each adds 77 tokens to the UNet text input",
     )
     trt = parser.add_argument_group("tensorrt target")
     trt.add_argument(
@@ -163,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
 
     device = "cuda" if args.target == "tensorrt" else "cpu"
-    manifest = PipelineManifest(args.profile, geometry, args.model_name or checkpoint.name, device)
+    # One hash for the checkpoint's weights (A1111 hashes its single file; a diffusers folder has several).
+    model_hash = hashlib.sha256("".join(digests[c] for c in sorted(digests)).encode()).hexdigest()[:10]
+    manifest = PipelineManifest(
+        args.profile, geometry, args.model_name or checkpoint.name, device, model_hash
+    )
     repository.write_pipeline_model(repo, checkpoint, manifest)
     print(f"model repository written: {repo}")
     print(f"serve it with: sd-serve --model-repository {repo}")

@@ -33,7 +33,7 @@ from python_backend.shapes import (
 )
 
 OPSET = 17  # LayerNormalization is a single op from 17 on (no fp16 overflow in a decomposed one)
-EXPORT_FORMAT = 5  # bump when the export itself changes, so cached ONNX files are redone
+EXPORT_FORMAT = 6  # bump when the export itself changes, so cached ONNX files are redone
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA = "model.onnx.data"
 # ONNX Runtime vs fp32 torch on random inputs. Measured on the tiny checkpoint: fp32 ≤ 4e-6;
@@ -51,12 +51,26 @@ class ExportError(RuntimeError):
 
 
 class _TextEncoder(nn.Module):
+    """CLIP's text encoder with A1111's clip skip N per row: the output of layer L - N + 1 of its L layers
+    (N = 1: the last), through the final layer norm as the last layer's output goes. The layer is picked
+    by a gather in the graph, so one batch can mix values."""
+
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        # transformers 4 keeps it under `text_model`, transformers 5 on the model itself.
+        text_model = getattr(text_encoder, "text_model", text_encoder)
+        self.final_layer_norm = text_model.get_submodule("final_layer_norm")
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True).hidden_states
+        layers = torch.stack(hidden[1:], dim=1)  # [B, L, 77, D]; hidden[0] is the token embedding
+        num_layers = len(hidden) - 1
+        # The pipeline rejects values outside 1..L; the clamp keeps a direct call to the engine inside
+        # the stack (TensorRT does not bounds-check gathers).
+        index = (num_layers - clip_skip.to(torch.int64)).clamp(0, num_layers - 1)  # [B, 1]
+        index = index[:, :, None, None].expand(-1, -1, *layers.shape[2:])
+        return self.final_layer_norm(layers.gather(1, index).squeeze(1))
 
 
 class _UNet(nn.Module):
@@ -117,6 +131,7 @@ def read_geometry(checkpoint: Path) -> ModelGeometry:
         unet_in_channels=unet["in_channels"],
         latent_channels=vae["latent_channels"],
         text_hidden_size=text["hidden_size"],
+        text_layers=text["num_hidden_layers"],
         vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
     )
 
@@ -154,7 +169,12 @@ def sample_inputs(spec: EngineSpec, sizes: dict[str, int], seed: int = 0) -> dic
     out: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in tensor.dims)
-        if tensor.dtype == np.int32:
+        if tensor.value_range is not None:
+            # Distinct values while there are enough of them, so that one batch mixes several.
+            low, high = tensor.value_range
+            values = rng.permutation(np.arange(low, high + 1, dtype=np.int32))
+            out[tensor.name] = np.resize(values, shape)
+        elif tensor.dtype == np.int32:  # token ids
             out[tensor.name] = rng.integers(0, 49406, size=shape, dtype=np.int32)
         elif tensor.name == "timestep":
             out[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)

@@ -114,6 +114,7 @@ def build_inputs(
     hr_upscaler: str | None = None,
     hr_second_pass_steps: int | None = None,
     denoising_strength: float | None = None,
+    clip_skip: int | None = None,
 ) -> list[tuple[str, np.ndarray]]:
     """The request's tensors by input name. Arguments left None are not sent: the server applies its defaults.
 
@@ -172,6 +173,7 @@ def build_inputs(
         "hr_upscaler": hr_upscaler,
         "hr_second_pass_steps": hr_second_pass_steps,
         "denoising_strength": denoising_strength,
+        "clip_skip": clip_skip,
     }
     # Names and dtypes are the server's own table of pipeline inputs.
     return [
@@ -246,11 +248,13 @@ class GenerationResult:
                     "CFG scale": _format_float(info.get("guidance_scale")),
                     "Seed": info["seeds"][i],
                     "Size": self._size(image),
+                    "Model hash": info.get("model_hash") or None,
                     "Model": info.get("model"),
                     "Variation seed": None if subseeds is None else subseeds[i],
                     "Variation seed strength": _format_float(info.get("subseed_strength")),
                     # img2img's strength or the hires fix's second pass one: A1111 writes either here.
                     "Denoising strength": _format_float(info.get("strength", info.get("denoising_strength"))),
+                    "Clip skip": info.get("clip_skip"),  # the server reports it only when > 1, as A1111
                     **_inpainting_params(info),
                     **_hires_params(info),
                     **(extra or {}),
@@ -429,6 +433,7 @@ class StableDiffusionClient:
         hr_upscaler: str | None = None,
         hr_second_pass_steps: int | None = None,
         denoising_strength: float | None = None,
+        clip_skip: int | None = None,
     ) -> GenerationResult:
         """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random.
 
@@ -474,6 +479,7 @@ class StableDiffusionClient:
             hr_upscaler=hr_upscaler,
             hr_second_pass_steps=hr_second_pass_steps,
             denoising_strength=denoising_strength,
+            clip_skip=clip_skip,
         )
         inputs = triton_inputs(self._triton, arrays)
         outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]

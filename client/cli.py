@@ -47,6 +47,7 @@ REQUEST_ARGS = (
     "subseed_strength",
     "enable_hr",
     *HIRES_OPTIONS,
+    "clip_skip",
 )
 
 
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="F",
         help="how far the noise moves toward the variation seed's, 0..1 (default: server default, 0)",
+    )
+    request.add_argument(
+        "--clip-skip",
+        type=int,
+        metavar="N",
+        help="A1111's Clip skip: 1 = CLIP's last layer, 2 = the penultimate (default: server default, 1)",
     )
     request.add_argument(
         "--infotext",

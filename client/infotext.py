@@ -44,6 +44,7 @@ _NUMERIC_PARAMS = {
     "Variation seed strength": ("subseed_strength", float),
     "Hires upscale": ("hr_scale", float),
     "Hires steps": ("hr_second_pass_steps", int),
+    "Clip skip": ("clip_skip", int),
 }
 # A1111 writes these for a hires fix request only (and "Hires upscale" or "Hires resize" always).
 _HIRES_PARAMS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")

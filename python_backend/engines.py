@@ -27,8 +27,11 @@ class Engines(ABC):
     def run(self, engine: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run one engine model on named inputs; return its named outputs."""
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.run(TEXT_ENCODER, {"input_ids": input_ids.to(torch.int32)})["last_hidden_state"]
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """CLIP embeddings of [B, 77] token ids; clip_skip as A1111's (1 = the last layer)."""
+        skip = torch.full((input_ids.shape[0], 1), clip_skip, dtype=torch.int32, device=self.device)
+        inputs = {"input_ids": input_ids.to(torch.int32), "clip_skip": skip}
+        return self.run(TEXT_ENCODER, inputs)["last_hidden_state"]
 
     def predict_noise(
         self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor

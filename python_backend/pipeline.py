@@ -119,7 +119,10 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     9-channel (inpainting) UNet is conditioned on the mask and masked image in every mode, as A1111 does.
     """
     # 1. Check inputs.
-    choice = request.validate(assets.manifest.profile, assets.max_steps) or assets.default_scheduler
+    choice = (
+        request.validate(assets.manifest.profile, assets.max_steps, assets.manifest.geometry.text_layers)
+        or assets.default_scheduler
+    )
     inputs = prepare_image_inputs(request, assets.manifest.profile)
     first_seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
     seeds = [first_seed + i for i in range(request.num_images)]
@@ -136,7 +139,8 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     chunks = [_chunks(assets, getattr(request, f), f) for f in fields]
     if guided:
         chunks = list(prompts.pad_to_same_length(*chunks))
-    encoded = engines.encode_text(torch.from_numpy(np.concatenate([c.ids for c in chunks])).to(device))
+    ids = torch.from_numpy(np.concatenate([c.ids for c in chunks])).to(device)
+    encoded = engines.encode_text(ids, request.clip_skip)
     per_prompt = encoded.split([c.count for c in chunks])
     weighted = [
         prompts.apply_weights(e, torch.from_numpy(c.weights).to(device))
@@ -193,15 +197,18 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     else:
         # As diffusers' inpainting: one VAE sample (the first generator's), noise per image.
         full_strength = request.strength == 1.0
-        if geometry.unet_in_channels == 4 or not full_strength:
-            image_latents = vae_sample(inputs.init_image, generators[0]).repeat(n, 1, 1, 1)
-        noise = initial_noise()
         if geometry.unet_in_channels == 4:
+            sampled = vae_sample(inputs.init_image, generators[0]).repeat(n, 1, 1, 1)
+            noise = initial_noise()
             # diffusers also samples the masked image's latents, which a 4-channel UNet never reads;
             # the same draw keeps the first generator's later noise (ancestral steps) identical.
             randn_tensor((1, *shape[1:]), generator=generators[0])
             blend_mask = F.interpolate(inputs.mask, size=shape[-2:]).to(device)
-            image_latents = _latent_fill(inputs.fill, image_latents, blend_mask, generators)
+            image_latents = _latent_fill(inputs.fill, sampled, blend_mask, generators)
+        else:
+            if not full_strength:
+                image_latents = vae_sample(inputs.init_image, generators[0]).repeat(n, 1, 1, 1)
+            noise = initial_noise()
         if full_strength:
             latents = noise * scheduler.init_noise_sigma
         else:
@@ -305,11 +312,14 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
         "width": rgb.shape[2],
         "height": rgb.shape[1],
         "model": assets.manifest.model_name,
+        "model_hash": assets.manifest.model_hash,
         "timings_ms": timings,
         "warnings": warnings,
     }
     if inputs is not None:
         info.update(strength=request.strength, resize_mode=request.resize_mode)
+    if request.clip_skip > 1:  # A1111 writes "Clip skip" only then
+        info.update(clip_skip=request.clip_skip)
     if request.subseed_strength > 0:
         info.update(subseeds=[first_subseed + i for i in range(n)], subseed_strength=request.subseed_strength)
     if request.enable_hr:

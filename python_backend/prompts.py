@@ -210,5 +210,7 @@ def apply_weights(embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     """
     original_mean = embeddings.mean(dim=(1, 2), keepdim=True)
     weighted = embeddings * weights.to(embeddings.device).unsqueeze(-1)
-    weighted = weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
+    new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    # A mean of exactly 0 (a final LayerNorm without bias, as in random-weight checkpoints) would be 0/0.
+    weighted = weighted * torch.where(new_mean == 0, 1.0, original_mean / new_mean)
     return weighted.to(embeddings.dtype).reshape(1, -1, embeddings.shape[-1])

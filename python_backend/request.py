@@ -39,6 +39,7 @@ REQUEST_INPUTS: dict[str, type[np.generic]] = {
     "hr_upscaler": np.object_,
     "hr_second_pass_steps": np.int32,
     "denoising_strength": np.float32,
+    "clip_skip": np.int32,
 }
 HR_UPSCALERS = ("Latent", "Lanczos")
 # BYTES inputs that carry files (PNG/JPEG/WebP), not text.
@@ -81,6 +82,7 @@ class GenerationRequest:
     hr_upscaler: str = "Latent"  # "Latent" (bilinear on latents) or "Lanczos" (on the decoded image)
     hr_second_pass_steps: int = 0  # 0: num_inference_steps
     denoising_strength: float = 0.7  # of the second pass
+    clip_skip: int = 1  # A1111's "Clip skip": 1 = CLIP's last layer, 2 = the penultimate (diffusers' 1)
 
     def hires_size(self) -> tuple[int, int]:
         """A1111's int(side x hr_scale), down to a multiple of the VAE's 8."""
@@ -111,8 +113,12 @@ class GenerationRequest:
                 "denoising_strength", f"{self.denoising_strength} x {steps} steps leaves no second-pass step"
             )
 
-    def validate(self, profile: Profile, max_steps: int) -> schedulers.SchedulerChoice | None:
-        """Raise InvalidInput for the first bad field; return the requested scheduler, if any."""
+    def validate(
+        self, profile: Profile, max_steps: int, text_layers: int
+    ) -> schedulers.SchedulerChoice | None:
+        """Raise InvalidInput for the first bad field; return the requested scheduler, if any.
+
+        text_layers: the text encoder's layer count (`ModelGeometry.text_layers`), clip_skip's maximum."""
         for name, value, (low, _, high) in (
             ("width", self.width, profile.width),
             ("height", self.height, profile.height),
@@ -156,6 +162,7 @@ class GenerationRequest:
             raise InvalidInput("subseed_strength", f"must be in 0..1, got {self.subseed_strength}")
         if self.enable_hr:
             self._validate_hires(profile, max_steps)
+        _in_range("clip_skip", self.clip_skip, 1, text_layers)
         if self.scheduler is None:
             return None
         try:

@@ -91,6 +91,7 @@ class ModelGeometry:
     unet_in_channels: int = 4  # 9 for inpainting checkpoints
     latent_channels: int = 4
     text_hidden_size: int = 768
+    text_layers: int = 12  # CLIP's num_hidden_layers: clip_skip takes 1..text_layers
     vae_scaling_factor: float = 0.18215
 
     def to_dict(self) -> dict[str, float | int]:
@@ -108,6 +109,7 @@ class TensorSpec:
     name: str
     dtype: type[np.generic]
     dims: tuple[int | str, ...]
+    value_range: tuple[int, int] | None = None  # (min, max) an integer input's values must lie in
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -140,7 +142,11 @@ def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
     specs = [
         EngineSpec(
             TEXT_ENCODER,
-            inputs=(TensorSpec("input_ids", np.int32, ("guided_batch", TOKENS_PER_CHUNK)),),
+            inputs=(
+                TensorSpec("input_ids", np.int32, ("guided_batch", TOKENS_PER_CHUNK)),
+                # A1111's clip skip, one per row (batch first so that Triton can batch it).
+                TensorSpec("clip_skip", np.int32, ("guided_batch", 1), value_range=(1, geometry.text_layers)),
+            ),
             outputs=(TensorSpec("last_hidden_state", f32, ("guided_batch", TOKENS_PER_CHUNK, hid)),),
         ),
         EngineSpec(
@@ -181,6 +187,7 @@ class PipelineManifest:
     geometry: ModelGeometry
     model_name: str
     device: str = "cpu"  # where the engines take and give tensors: "cuda" for TensorRT engines
+    model_hash: str = ""  # first 10 hex digits of the weights' sha256 (A1111's "Model hash" field)
 
     def write(self, path: Path) -> None:
         data = {
@@ -188,6 +195,7 @@ class PipelineManifest:
             "geometry": self.geometry.to_dict(),
             "model_name": self.model_name,
             "device": self.device,
+            "model_hash": self.model_hash,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -199,4 +207,5 @@ class PipelineManifest:
             geometry=ModelGeometry.from_dict(data["geometry"]),
             model_name=data["model_name"],
             device=data.get("device", "cpu"),
+            model_hash=data.get("model_hash", ""),
         )

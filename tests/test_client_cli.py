@@ -444,7 +444,7 @@ RECORDED = (
 # generate's arguments that RECORDED lacks: left to the server.
 NOT_RECORDED = dict.fromkeys(
     ["subseed", "subseed_strength", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps"]
-    + ["denoising_strength"]
+    + ["denoising_strength", "clip_skip"]
 )
 
 
@@ -941,6 +941,7 @@ def test_variation_and_hires_infotext_round_trip(tmp_path: Path) -> None:
         "hr_upscaler": "Lanczos",
         "hr_second_pass_steps": 10,
         "denoising_strength": 0.7,
+        "clip_skip": None,
     }
     assert build_inputs(**recorded)  # every argument is one build_inputs takes, none refused
     overridden = _request(

@@ -484,6 +484,7 @@ def test_inpaint_infotext_round_trip(png_file: Path, mask_file: Path, tmp_path: 
         "inpaint_full_res_padding": 40,
         "subseed": None,
         "subseed_strength": None,
+        "clip_skip": None,
     }
     assert (recorded["image"], recorded["mask"]) == (png_file.read_bytes(), mask_file.read_bytes())
     overridden = request("--no-only-masked", "--mask-blur", "0", "--inpainting-fill", "fill")

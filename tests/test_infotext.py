@@ -533,3 +533,26 @@ def test_sd_parsers_reads_a_variation_and_hires_infotext(tmp_path) -> None:
         "hr_upscaler": "Latent",
         "denoising_strength": 0.7,
     }
+
+
+def test_clip_skip_and_model_hash_are_written_and_read_back():
+    from client.api import decode_response
+    from client.infotext import parse_infotext, request_from_infotext
+
+    info = {
+        "prompt": "a cat",
+        "seeds": [3],
+        "steps": 4,
+        "sampler": "Euler a",
+        "guidance_scale": 7.0,
+        "width": 64,
+        "height": 64,
+        "model": "tiny",
+        "model_hash": "0123456789",
+        "clip_skip": 2,
+    }
+    result = decode_response(np.zeros((1, 64, 64, 3), np.uint8), json.dumps(info).encode())
+    [text] = result.infotexts()
+    _, _, params = parse_infotext(text)
+    assert params["Clip skip"] == "2" and params["Model hash"] == "0123456789"
+    assert request_from_infotext(text)["clip_skip"] == 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from python_backend.engines import OnnxRuntimeEngines
-from python_backend.pipeline import PipelineAssets, generate
+from python_backend.pipeline import GenerationResult, PipelineAssets, generate
 from python_backend.request import REQUEST_INPUTS, GenerationRequest, InvalidInput, request_from_inputs
 from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff
 
@@ -359,3 +359,25 @@ def test_bad_img2img_input_names_the_field(engines, assets, field, change):
     with pytest.raises(InvalidInput) as raised:
         generate(GenerationRequest(**arguments), engines, assets)
     assert raised.value.field == field
+
+
+def test_clip_skip_uses_an_earlier_clip_layer(engines, assets):
+    def run(**fields) -> GenerationResult:
+        request = GenerationRequest(
+            prompt=PROMPT, width=64, height=64, num_inference_steps=3, seed=4, **fields
+        )
+        return generate(request, engines, assets)
+
+    last, penultimate = run(), run(clip_skip=2)
+    assert max_pixel_diff(last.images, penultimate.images) > 0
+    assert penultimate.info["clip_skip"] == 2 and "clip_skip" not in last.info  # A1111 writes it above 1 only
+    for bad in (0, assets.manifest.geometry.text_layers + 1):
+        with pytest.raises(InvalidInput, match="clip_skip: must be in 1"):
+            run(clip_skip=bad)
+
+
+def test_info_carries_the_model_hash(engines, assets):
+    request = GenerationRequest(prompt=PROMPT, width=64, height=64, num_inference_steps=1, seed=4)
+    model_hash = generate(request, engines, assets).info["model_hash"]
+    assert len(model_hash) == 10 and int(model_hash, 16) >= 0
+    assert model_hash == assets.manifest.model_hash

@@ -189,3 +189,11 @@ def test_apply_weights_scales_tokens_and_keeps_each_chunk_mean() -> None:
         expected = weighted * (embeddings[i].mean() / weighted.mean())
         torch.testing.assert_close(chunk, expected)
         torch.testing.assert_close(chunk.mean(), embeddings[i].mean())
+
+
+def test_apply_weights_keeps_zero_mean_embeddings_finite():
+    # A final LayerNorm without bias (random-weight checkpoints) can give a mean of exactly 0: 0/0 was NaN.
+    embeddings = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
+    weighted = apply_weights(embeddings, torch.tensor([[1.0, 1.5]]))
+    assert torch.isfinite(weighted).all()
+    assert torch.equal(apply_weights(embeddings, torch.ones(1, 2)), embeddings.reshape(1, 2, 2))

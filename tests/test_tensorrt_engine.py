@@ -38,7 +38,10 @@ def test_profile_shapes_unet():
 
 
 def test_profile_shapes_text_encoder_and_vae():
-    assert te.profile_shapes(SPECS[TEXT_ENCODER], PROFILE) == {"input_ids": ((1, 77), (2, 77), (8, 77))}
+    assert te.profile_shapes(SPECS[TEXT_ENCODER], PROFILE) == {
+        "input_ids": ((1, 77), (2, 77), (8, 77)),
+        "clip_skip": ((1, 1), (2, 1), (8, 1)),
+    }
     assert te.profile_shapes(SPECS[VAE_DECODER], PROFILE) == {
         "latent": ((1, 4, 8, 8), (1, 4, 64, 64), (4, 4, 128, 128))
     }
