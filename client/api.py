@@ -198,6 +198,13 @@ def _format_float(value: float | None) -> str | None:
     return None if value is None else str(float(f"{value:.6g}"))
 
 
+def _sampler_params(label: str | None) -> dict[str, Any]:
+    """A1111 (1.9 on) writes the Karras schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras"."""
+    if label and label.endswith(" Karras"):
+        return {"Sampler": label.removesuffix(" Karras"), "Schedule type": "Karras"}
+    return {"Sampler": label}
+
+
 def _inpainting_params(info: Mapping[str, Any]) -> dict[str, Any]:
     """A1111's infotext params for inpainting, in its order; none when `info` is not from a masked request."""
     if "inpainting_fill" not in info:
@@ -244,7 +251,7 @@ class GenerationResult:
                 info.get("negative_prompt"),
                 {
                     "Steps": info.get("steps"),
-                    "Sampler": info.get("sampler"),
+                    **_sampler_params(info.get("sampler")),
                     "CFG scale": _format_float(info.get("guidance_scale")),
                     "Seed": info["seeds"][i],
                     "Size": self._size(image),

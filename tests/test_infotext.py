@@ -393,8 +393,13 @@ def test_sd_parsers_reads_our_pngs(tmp_path, prompt: str, negative: str, info_ex
     assert parsed is not None and parsed.generator == Generators.AUTOMATIC1111
     [sampler] = parsed.samplers
     assert (parsed.full_prompt, parsed.full_negative_prompt) == (prompt, negative)
-    assert sampler.name == "DPM++ 2M Karras"
-    assert sampler.parameters == {"steps": "28", "cfg_scale": "6.5", "seed": "3735928559"}
+    assert sampler.name == "DPM++ 2M"  # A1111 >= 1.9 style: the schedule apart
+    assert sampler.parameters == {
+        "steps": "28",
+        "cfg_scale": "6.5",
+        "seed": "3735928559",
+        "scheduler": "Karras",
+    }
     assert sampler.model is not None and sampler.model.name == "stable-diffusion-v1-4"
     assert parsed.metadata["Size"] == "24x16"
     assert parsed.metadata.get("Denoising strength") == ("0.6" if info_extra else None)
@@ -556,3 +561,14 @@ def test_clip_skip_and_model_hash_are_written_and_read_back():
     _, _, params = parse_infotext(text)
     assert params["Clip skip"] == "2" and params["Model hash"] == "0123456789"
     assert request_from_infotext(text)["clip_skip"] == 2
+
+
+def test_karras_schedules_are_written_as_a1111_schedule_type():
+    from client.api import decode_response
+    from client.infotext import parse_infotext, request_from_infotext
+
+    info = {"prompt": "a cat", "seeds": [3], "steps": 4, "sampler": "DPM++ 2M Karras", "guidance_scale": 7.0}
+    [text] = decode_response(np.zeros((1, 8, 8, 3), np.uint8), json.dumps(info).encode()).infotexts()
+    _, _, params = parse_infotext(text)
+    assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Karras")
+    assert request_from_infotext(text)["scheduler"] == "DPM++ 2M Karras"
