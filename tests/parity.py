@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 # Images must match diffusers' to within this, per pixel (uint8).
 TOLERANCE = 2
@@ -59,3 +61,16 @@ def diffusers_images(
 def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An image as the PNG file bytes a client sends."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def smooth_picture(width: int = 96, height: int = 64) -> Image.Image:
+    """A fixed test picture: smooth colour fields (VAE-friendly), the same on every run."""
+    cells = np.random.default_rng(0).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR)

@@ -3,7 +3,6 @@ StableDiffusionInpaintPipeline for 4- and 9-channel UNets, and A1111's mask opti
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,9 @@ from PIL import Image, ImageDraw
 from python_backend.engines import OnnxRuntimeEngines
 from python_backend.pipeline import PipelineAssets, generate
 from python_backend.request import GenerationRequest, InvalidInput
-from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff
+from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff, png_bytes, smooth_picture
 
 PROMPT = "a photo of a cat"
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _picture(width: int = 96, height: int = 64) -> Image.Image:
-    rng = np.random.default_rng(0)
-    cells = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    return Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR)
 
 
 def _mask(
@@ -67,7 +54,7 @@ def test_inpainting_matches_diffusers(
 ):
     engines, assets = request.getfixturevalue("standard" if unet == "4-channel" else "inpainting")
     checkpoint = tiny_checkpoint if unet == "4-channel" else tiny_inpainting_checkpoint
-    picture, mask = _picture(), _mask()
+    picture, mask = smooth_picture(), _mask()
     ours = generate(
         GenerationRequest(
             prompt=PROMPT,
@@ -78,8 +65,8 @@ def test_inpainting_matches_diffusers(
             num_images=2,
             seed=5,
             scheduler=scheduler,
-            image=_png(picture),
-            mask=_png(mask),
+            image=png_bytes(picture),
+            mask=png_bytes(mask),
             mask_blur=0,
             strength=strength,
         ),
@@ -108,7 +95,7 @@ def test_inpainting_matches_diffusers(
 
 def test_only_masked_keeps_the_original_size_and_outside_pixels(standard):
     engines, assets = standard
-    picture = _picture(192, 128)
+    picture = smooth_picture(192, 128)
     mask = _mask(192, 128, (96, 64, 127, 95))
     result = generate(
         GenerationRequest(
@@ -117,8 +104,8 @@ def test_only_masked_keeps_the_original_size_and_outside_pixels(standard):
             height=64,
             num_inference_steps=4,
             seed=1,
-            image=_png(picture),
-            mask=_png(mask),
+            image=png_bytes(picture),
+            mask=png_bytes(mask),
             mask_blur=2,
             inpaint_full_res=True,
             inpaint_full_res_padding=8,
@@ -146,8 +133,8 @@ def test_fill_modes_run_and_change_the_result(standard, fill):
                 height=64,
                 num_inference_steps=4,
                 seed=1,
-                image=_png(_picture()),
-                mask=_png(_mask()),
+                image=png_bytes(smooth_picture()),
+                mask=png_bytes(_mask()),
                 inpainting_fill=mode,
                 strength=0.8,
             ),
@@ -186,8 +173,8 @@ def test_bad_inpainting_input_names_the_field(standard, field, change):
         "prompt": PROMPT,
         "width": 96,
         "height": 64,
-        "image": _png(_picture()),
-        "mask": _png(_mask()),
+        "image": png_bytes(smooth_picture()),
+        "mask": png_bytes(_mask()),
         **change,
     }
     with pytest.raises(InvalidInput) as raised:

@@ -12,7 +12,7 @@ import torch
 from python_backend.engines import OnnxRuntimeEngines
 from python_backend.pipeline import GenerationResult, PipelineAssets, generate
 from python_backend.request import REQUEST_INPUTS, GenerationRequest, InvalidInput, request_from_inputs
-from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff
+from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff, png_bytes, smooth_picture
 
 PROMPT = "a photo of a cat"
 
@@ -272,28 +272,12 @@ def test_core_on_the_gpu_matches_diffusers(
     assert max_pixel_diff(result.images, expected) <= TOLERANCE
 
 
-def _png(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _test_picture(width: int, height: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    smooth = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    return Image.fromarray(smooth).resize((width, height), Image.Resampling.BILINEAR)
-
-
 @pytest.mark.parametrize(
     ("scheduler", "diffusers_class"),
     [("pndm", "PNDMScheduler"), ("ddim", "DDIMScheduler"), ("Euler a", "EulerAncestralDiscreteScheduler")],
 )
 def test_img2img_matches_diffusers(engines, assets, tiny_checkpoint, scheduler, diffusers_class):
-    picture = _test_picture(96, 64)
+    picture = smooth_picture(96, 64)
     request = GenerationRequest(
         prompt=PROMPT,
         negative_prompt="blurry",
@@ -303,7 +287,7 @@ def test_img2img_matches_diffusers(engines, assets, tiny_checkpoint, scheduler, 
         num_images=2,
         seed=99,
         scheduler=scheduler,
-        image=_png(picture),
+        image=png_bytes(picture),
         strength=0.6,
     )
     result = generate(request, engines, assets)
@@ -326,7 +310,7 @@ def test_img2img_matches_diffusers(engines, assets, tiny_checkpoint, scheduler, 
 
 
 def test_img2img_strength_decides_how_much_changes(engines, assets):
-    picture = _test_picture(64, 64)
+    picture = smooth_picture(64, 64)
     original = np.asarray(picture).astype(np.int16)
 
     def change(strength: float) -> float:
@@ -336,7 +320,7 @@ def test_img2img_strength_decides_how_much_changes(engines, assets):
             height=64,
             num_inference_steps=10,
             seed=1,
-            image=_png(picture),
+            image=png_bytes(picture),
             strength=strength,
         )
         return float(np.abs(generate(request, engines, assets).images[0].astype(np.int16) - original).mean())
@@ -355,7 +339,13 @@ def test_img2img_strength_decides_how_much_changes(engines, assets):
     ],
 )
 def test_bad_img2img_input_names_the_field(engines, assets, field, change):
-    arguments = {"prompt": PROMPT, "width": 64, "height": 64, "image": _png(_test_picture(64, 64)), **change}
+    arguments = {
+        "prompt": PROMPT,
+        "width": 64,
+        "height": 64,
+        "image": png_bytes(smooth_picture(64, 64)),
+        **change,
+    }
     with pytest.raises(InvalidInput) as raised:
         generate(GenerationRequest(**arguments), engines, assets)
     assert raised.value.field == field

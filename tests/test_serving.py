@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from client import GenerationError, StableDiffusionClient, parse_infotext, read_infotext
-from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff
+from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff, png_bytes, smooth_picture
 from tests.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -238,24 +238,9 @@ def test_sd_client_cli(server, tmp_path):
     assert listing.returncode == 0 and "euler_a" in listing.stdout and "DPM++ 2M Karras" in listing.stdout
 
 
-def _png_bytes(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _smooth_picture(width: int, height: int):
-    from PIL import Image
-
-    cells = np.random.default_rng(0).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    return Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR)
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_served_img2img_matches_diffusers(server, tiny_checkpoint, protocol):
-    picture = _smooth_picture(96, 64)
+    picture = smooth_picture(96, 64)
     result = client_for(server, protocol).generate(
         PROMPT,
         negative_prompt=NEGATIVE,
@@ -263,7 +248,7 @@ def test_served_img2img_matches_diffusers(server, tiny_checkpoint, protocol):
         seed=31,
         width=96,
         height=64,
-        image=_png_bytes(picture),
+        image=png_bytes(picture),
         strength=0.6,
         scheduler="Euler a",
     )
@@ -286,7 +271,7 @@ def test_served_img2img_matches_diffusers(server, tiny_checkpoint, protocol):
 def test_served_inpainting_matches_diffusers(server, tiny_checkpoint):
     from PIL import Image, ImageDraw
 
-    picture = _smooth_picture(96, 64)
+    picture = smooth_picture(96, 64)
     mask = Image.new("L", (96, 64), 0)
     ImageDraw.Draw(mask).rectangle((24, 16, 72, 48), fill=255)
     result = client_for(server, "grpc").generate(
@@ -295,8 +280,8 @@ def test_served_inpainting_matches_diffusers(server, tiny_checkpoint):
         seed=32,
         width=96,
         height=64,
-        image=_png_bytes(picture),
-        mask=_png_bytes(mask),
+        image=png_bytes(picture),
+        mask=png_bytes(mask),
         mask_blur=0,
         strength=0.8,
     )
@@ -344,7 +329,7 @@ def test_served_hires_fix_and_variation_seeds(server):
     ],
 )
 def test_bad_image_and_hires_values_are_invalid_arg(server, field, arguments):
-    picture = _png_bytes(_smooth_picture(64, 64))
+    picture = png_bytes(smooth_picture(64, 64))
     arguments = {k: picture if v == "PICTURE" else v for k, v in arguments.items()}
     with pytest.raises(GenerationError) as raised:
         client_for(server, "grpc").generate(PROMPT, steps=2, width=64, height=64, **arguments)
