@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,26 @@ def prepare_image_inputs(request: GenerationRequest, profile: Profile) -> ImageI
     return inputs
 
 
-def generate(request: GenerationRequest, engines: Engines, assets: PipelineAssets) -> GenerationResult:
+@dataclass(frozen=True)
+class Progress:
+    """Passed to `generate`'s `on_step` after every denoising step."""
+
+    step: int  # 1-based, over both passes of a hires fix
+    total: int
+    elapsed_s: float
+    latents: torch.Tensor
+
+
+class Cancelled(Exception):
+    """Raised by an `on_step` callback to stop a request between steps."""
+
+
+def generate(
+    request: GenerationRequest,
+    engines: Engines,
+    assets: PipelineAssets,
+    on_step: Callable[[Progress], None] | None = None,
+) -> GenerationResult:
     """Run one request. Raises `InvalidInput` (naming the field) before any engine is called.
 
     Text to image, img2img (`image`) and inpainting (`image` + `mask`) follow diffusers'
@@ -230,6 +250,27 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
     if geometry.unet_in_channels == 9:
         conditioning = conditioning_for(inputs, request.width, request.height)
 
+    # The hires fix's second pass: its own scheduler and timesteps (set up now, to count all steps).
+    hr_timesteps = timesteps[:0]
+    if request.enable_hr:
+        hr_scheduler = schedulers.build(choice, assets.scheduler_config)
+        hr_steps = request.hr_second_pass_steps or request.num_inference_steps
+        hr_scheduler.set_timesteps(hr_steps, device=device)
+        hr_skipped = (hr_steps - int(hr_steps * request.denoising_strength)) * hr_scheduler.order
+        hr_timesteps = hr_scheduler.timesteps[hr_skipped:]
+        if hasattr(hr_scheduler, "set_begin_index"):
+            hr_scheduler.set_begin_index(hr_skipped)
+
+    steps_done = 0
+    total_steps = len(timesteps) + len(hr_timesteps)
+
+    def report(latents: torch.Tensor) -> None:
+        """One UNet step done: tell `on_step` (which may raise Cancelled)."""
+        nonlocal steps_done
+        steps_done += 1
+        if on_step is not None:
+            on_step(Progress(steps_done, total_steps, time.perf_counter() - started, latents))
+
     # 5. Denoise.
     def denoise(
         scheduler: Any,
@@ -256,6 +297,7 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
                 if i < len(timesteps) - 1:
                     known = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
                 latents = (1 - blend_mask) * known + blend_mask * latents
+            report(latents)
         return latents
 
     denoise_started = time.perf_counter()
@@ -280,13 +322,6 @@ def generate(request: GenerationRequest, engines: Engines, assets: PipelineAsset
             upscaled = torch.cat([vae_sample(x, g) for x, g in zip(resized, generators, strict=True)])
         # The second pass draws from generators seeded afresh, so it depends on the seeds alone.
         hr_generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        hr_scheduler = schedulers.build(choice, assets.scheduler_config)
-        hr_steps = request.hr_second_pass_steps or request.num_inference_steps
-        hr_scheduler.set_timesteps(hr_steps, device=device)
-        hr_skipped = (hr_steps - int(hr_steps * request.denoising_strength)) * hr_scheduler.order
-        hr_timesteps = hr_scheduler.timesteps[hr_skipped:]
-        if hasattr(hr_scheduler, "set_begin_index"):
-            hr_scheduler.set_begin_index(hr_skipped)
         hr_noise = randn_tensor(hr_shape, generator=hr_generators, device=device, dtype=torch.float32)
         latents = hr_scheduler.add_noise(upscaled, hr_noise, hr_timesteps[:1].repeat(n))
         hr_conditioning = conditioning_for(None, hr_width, hr_height) if conditioning is not None else None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from python_backend.engines import OnnxRuntimeEngines
-from python_backend.pipeline import GenerationResult, PipelineAssets, generate
+from python_backend.pipeline import Cancelled, GenerationResult, PipelineAssets, Progress, generate
 from python_backend.request import REQUEST_INPUTS, GenerationRequest, InvalidInput, request_from_inputs
 from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff, png_bytes, smooth_picture
 
@@ -371,3 +371,38 @@ def test_info_carries_the_model_hash(engines, assets):
     model_hash = generate(request, engines, assets).info["model_hash"]
     assert len(model_hash) == 10 and int(model_hash, 16) >= 0
     assert model_hash == assets.manifest.model_hash
+
+
+def test_progress_is_reported_after_every_step_of_both_passes(engines, assets):
+    seen = []
+    request = GenerationRequest(
+        prompt=PROMPT,
+        width=64,
+        height=64,
+        num_inference_steps=5,
+        seed=1,
+        enable_hr=True,
+        hr_second_pass_steps=4,
+        denoising_strength=0.5,
+    )
+    generate(request, engines, assets, on_step=seen.append)
+    assert [p.step for p in seen] == list(range(1, 5 + 2 + 1))  # 5 steps, then 2 of the second pass
+    assert {p.total for p in seen} == {7} and seen[-1].latents.shape == (1, 4, 16, 16)
+
+
+def test_a_callback_cancels_between_steps(engines, assets):
+    seen = []
+
+    def stop_at_two(progress: Progress) -> None:
+        seen.append(progress.step)
+        if progress.step == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        generate(
+            GenerationRequest(prompt=PROMPT, width=64, height=64, num_inference_steps=20, seed=1),
+            engines,
+            assets,
+            on_step=stop_at_two,
+        )
+    assert seen == [1, 2]
