@@ -384,9 +384,11 @@ def test_progress_is_reported_after_every_step_of_both_passes(engines, assets):
         enable_hr=True,
         hr_second_pass_steps=4,
         denoising_strength=0.5,
+        scheduler="euler",
     )
     generate(request, engines, assets, on_step=seen.append)
-    assert [p.step for p in seen] == list(range(1, 5 + 2 + 1))  # 5 steps, then 2 of the second pass
+    # A step is a UNet call: Euler's 5, then 2 of the second pass (PNDM's PLMS adds one per pass).
+    assert [p.step for p in seen] == list(range(1, 5 + 2 + 1))
     assert {p.total for p in seen} == {7} and seen[-1].latents.shape == (1, 4, 16, 16)
 
 
