@@ -16,12 +16,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from python_backend import schedulers
 from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
-from python_backend.request import REQUEST_INPUTS
+from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import PIPELINE_MANIFEST, UNET, EngineSpec, PipelineManifest, Profile, TensorSpec
 
 # The hand-written python models that build-engines copies into the repository it writes.
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
 PIPELINE = "pipeline"
+PIPELINE_STREAM = "pipeline_stream"
 
 TRITON_DTYPES = {
     np.float32: mc.TYPE_FP32,
@@ -81,12 +82,22 @@ def tensorrt_engine_config(spec: EngineSpec, profile: Profile) -> mc.ModelConfig
     return config
 
 
-def pipeline_config(default_scheduler: schedulers.SchedulerChoice, gpu_engines: bool) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
-    for name, dtype in REQUEST_INPUTS.items():
+def pipeline_config(
+    default_scheduler: schedulers.SchedulerChoice, gpu_engines: bool, streaming: bool = False
+) -> mc.ModelConfig:
+    """`pipeline`, or with `streaming` the decoupled `pipeline_stream` (same model.py): progress and
+    previews over gRPC streaming, cancellable."""
+    config = mc.ModelConfig(
+        name=PIPELINE_STREAM if streaming else PIPELINE, backend="python", max_batch_size=0
+    )
+    for name, dtype in (REQUEST_INPUTS | (STREAM_INPUTS if streaming else {})).items():
         _tensor(config.input.add(), name, dtype, (1,)).optional = name != "prompt"
     _tensor(config.output.add(), "images", np.uint8, (-1, -1, -1, 3))
     _tensor(config.output.add(), "info", np.object_, (1,))
+    if streaming:
+        _tensor(config.output.add(), "progress", np.object_, (1,))  # JSON: step, total, elapsed_s
+        _tensor(config.output.add(), "preview", np.object_, (1,))  # PNG
+        config.model_transaction_policy.decoupled = True
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     listing = [
         {"name": s.name, "a1111": s.a1111, **({"default": True} if s == default_scheduler else {})}
@@ -136,16 +147,18 @@ def _remove(folder: Path, *names: str) -> None:
 
 
 def write_pipeline_model(repository: Path, checkpoint: Path, manifest: PipelineManifest) -> None:
-    """The pipeline model with what it needs from the checkpoint: tokenizer, scheduler config, manifest."""
-    model_dir = repository / PIPELINE
-    version = model_dir / "1"
-    version.mkdir(parents=True, exist_ok=True)
+    """The pipeline models (`pipeline` and the streaming `pipeline_stream`) with what they need from the
+    checkpoint: tokenizer, scheduler config, manifest."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
-    write_config(model_dir, pipeline_config(default, gpu_engines=manifest.device != "cpu"))
-    shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
-    shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)
-    shutil.copytree(checkpoint / TOKENIZER_DIR, version / TOKENIZER_DIR)
-    (version / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
-    shutil.copyfile(checkpoint / SCHEDULER_CONFIG, version / SCHEDULER_CONFIG)
-    manifest.write(version / PIPELINE_MANIFEST)
+    for name, streaming in ((PIPELINE, False), (PIPELINE_STREAM, True)):
+        model_dir = repository / name
+        version = model_dir / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        write_config(model_dir, pipeline_config(default, manifest.device != "cpu", streaming))
+        shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
+        shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)
+        shutil.copytree(checkpoint / TOKENIZER_DIR, version / TOKENIZER_DIR)
+        (version / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
+        shutil.copyfile(checkpoint / SCHEDULER_CONFIG, version / SCHEDULER_CONFIG)
+        manifest.write(version / PIPELINE_MANIFEST)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 import json
 import operator
+import queue
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_s
 # PIL image.
 ImageInput = bytes | str | Path | Image.Image
 
+STREAM_MODEL = "pipeline_stream"  # the decoupled twin of `pipeline`: progress, previews, cancellation
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
 
@@ -351,6 +353,7 @@ class StableDiffusionClient:
         self.url = url or DEFAULT_URLS[protocol]
         self.protocol = protocol
         self.model_name = model_name
+        self.timeout_s = timeout_s
         # Imported per protocol: gRPC and HTTP each pull in their own stack (grpcio, gevent).
         with self._errors():
             if protocol == "grpc":
@@ -441,6 +444,8 @@ class StableDiffusionClient:
         hr_second_pass_steps: int | None = None,
         denoising_strength: float | None = None,
         clip_skip: int | None = None,
+        on_progress: Callable[[dict[str, Any], bytes | None], None] | None = None,
+        preview_every: int = 0,
     ) -> GenerationResult:
         """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random.
 
@@ -488,10 +493,16 @@ class StableDiffusionClient:
             denoising_strength=denoising_strength,
             clip_skip=clip_skip,
         )
-        inputs = triton_inputs(self._triton, arrays)
-        outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]
-        with self._errors():
-            result = self._client.infer(self.model_name, inputs, outputs=outputs, **self._call_kwargs)
+        if on_progress is None:
+            inputs = triton_inputs(self._triton, arrays)
+            outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]
+            with self._errors():
+                result = self._client.infer(self.model_name, inputs, outputs=outputs, **self._call_kwargs)
+        else:
+            preview = np.array([preview_every], dtype=np.int32)
+            result = self._stream(
+                triton_inputs(self._triton, [*arrays, ("preview_every", preview)]), on_progress
+            )
         images, info = result.as_numpy("images"), result.as_numpy("info")
         if images is None or info is None:
             raise GenerationError("the response lacks the images or info output")
@@ -503,3 +514,34 @@ class StableDiffusionClient:
                 GenerationRequest.height if height is None else height,
             )
         return generated
+
+    def _stream(self, inputs: list[Any], on_progress: Callable[[dict[str, Any], bytes | None], None]) -> Any:
+        """Run `pipeline_stream` over gRPC streaming: each progress response (and its preview PNG, if any)
+        goes to `on_progress`; returns the final response. A timeout, or an exception from `on_progress`
+        (Ctrl-C too), cancels the request on the server, which stops within a step."""
+        if self.protocol != "grpc":
+            raise GenerationError("progress streaming needs the grpc protocol", "INVALID_ARGUMENT")
+        responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        finished = False
+        with self._errors():
+            self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            try:
+                self._client.async_stream_infer(STREAM_MODEL, inputs)
+                while True:
+                    try:
+                        result, error = responses.get(timeout=self.timeout_s)
+                    except queue.Empty:
+                        raise GenerationError(
+                            f"no answer in {self.timeout_s} s", "DEADLINE_EXCEEDED"
+                        ) from None
+                    if error is not None:
+                        finished = True
+                        raise error
+                    if result.as_numpy("images") is not None:
+                        finished = True
+                        return result
+                    [status] = result.as_numpy("progress")
+                    preview = result.as_numpy("preview")
+                    on_progress(json.loads(status), None if preview is None else bytes(preview[0]))
+            finally:
+                self._client.stop_stream(cancel_requests=not finished)

@@ -130,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
         "the mask options) from this PNG's A1111 `parameters` chunk; options given here override them",
     )
     request.add_argument(
+        "--progress",
+        action="store_true",
+        help="show a progress bar streamed from the server (gRPC; Ctrl-C or --timeout cancels it there)",
+    )
+    request.add_argument(
+        "--preview-dir", type=Path, metavar="DIR", help="with --progress: save the server's preview PNGs here"
+    )
+    request.add_argument(
+        "--preview-every",
+        type=int,
+        default=5,
+        metavar="K",
+        help="with --preview-dir: a preview every K steps",
+    )
+    request.add_argument(
         "--out", type=Path, default=Path("outputs"), metavar="DIR", help="where PNGs go (default: ./outputs)"
     )
     batch = argparse.ArgumentParser(add_help=False)
@@ -365,6 +380,28 @@ def _grid(client: StableDiffusionClient, args: argparse.Namespace, request: dict
         print(path)
 
 
+def _generate(
+    client: StableDiffusionClient, request: dict[str, Any], args: argparse.Namespace
+) -> GenerationResult:
+    """One request; with --progress streamed, a bar on stderr and previews saved as they come."""
+    if not args.progress:
+        return client.generate(**request)
+    from tqdm import tqdm
+
+    if args.preview_dir is not None:
+        args.preview_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(unit="step", file=sys.stderr, desc="denoising") as bar:
+
+        def on_progress(status: dict[str, Any], preview: bytes | None) -> None:
+            bar.total = status["total"]
+            bar.update(status["step"] - bar.n)
+            if preview is not None and args.preview_dir is not None:
+                (args.preview_dir / f"step-{status['step']:04d}.png").write_bytes(preview)
+
+        every = args.preview_every if args.preview_dir is not None else 0
+        return client.generate(**request, on_progress=on_progress, preview_every=every)
+
+
 def save_and_report(result: GenerationResult, out_dir: Path) -> None:
     """Server warnings to stderr; the PNGs to `out_dir`, one path a line on stdout for scripts to read."""
     for warning in result.info.get("warnings", []):
@@ -383,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.command == "grid":
                 _grid(client, args, request)
             else:
-                save_and_report(client.generate(**request), args.out)
+                save_and_report(_generate(client, request, args), args.out)
     except UsageError as exc:
         print(f"sd-client: error: {exc}", file=sys.stderr)
         return EXIT_INVALID_ARGUMENT

@@ -42,6 +42,8 @@ REQUEST_INPUTS: dict[str, type[np.generic]] = {
     "clip_skip": np.int32,
 }
 HR_UPSCALERS = ("Latent", "Lanczos")
+# Inputs only the streaming model (`pipeline_stream`) takes: a preview PNG every k steps (0 = none).
+STREAM_INPUTS: dict[str, type[np.generic]] = {"preview_every": np.int32}
 # BYTES inputs that carry files (PNG/JPEG/WebP), not text.
 BINARY_INPUTS = frozenset({"image", "mask"})
 MAX_MASK_BLUR = 64  # A1111's slider range

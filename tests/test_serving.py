@@ -234,6 +234,29 @@ def test_sd_client_cli(server, tmp_path):
     rejected = sd_client("generate", PROMPT, "--width", "100")
     assert rejected.returncode == 2 and "width" in rejected.stderr
 
+    streamed = sd_client(
+        "generate",
+        PROMPT,
+        "--steps",
+        "4",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--scheduler",
+        "euler",
+        "--progress",
+        "--preview-dir",
+        str(tmp_path / "previews"),
+        "--preview-every",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert "4/4" in streamed.stderr  # the progress bar
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step-0002.png", "step-0004.png"]
+
     listing = sd_client("schedulers")
     assert listing.returncode == 0 and "euler_a" in listing.stdout and "DPM++ 2M Karras" in listing.stdout
 
@@ -335,3 +358,57 @@ def test_bad_image_and_hires_values_are_invalid_arg(server, field, arguments):
         client_for(server, "grpc").generate(PROMPT, steps=2, width=64, height=64, **arguments)
     assert raised.value.is_invalid_argument and field in raised.value.message
     assert client_for(server, "grpc").is_ready()
+
+
+def test_streaming_sends_progress_and_previews_then_the_same_images(server):
+    client = client_for(server, "grpc")
+    seen: list[tuple[dict, bytes | None]] = []
+    streamed = client.generate(
+        PROMPT,
+        steps=6,
+        seed=41,
+        width=64,
+        height=64,
+        scheduler="euler",
+        on_progress=lambda status, preview: seen.append((status, preview)),
+        preview_every=2,
+    )
+    assert [status["step"] for status, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert {status["total"] for status, _ in seen} == {6}
+    previews = [preview for _, preview in seen if preview is not None]
+    assert len(previews) == 3
+    import io
+
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(previews[0])).size == (8, 8)  # the latents' size
+    plain = client.generate(PROMPT, steps=6, seed=41, width=64, height=64, scheduler="euler")
+    assert np.array_equal(np.asarray(streamed.images[0]), np.asarray(plain.images[0]))
+
+
+def _unet_calls(server: TritonServer) -> int:
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("unet")
+    return int(stats.model_stats[0].inference_stats.success.count)
+
+
+def test_cancelling_the_stream_stops_the_denoising_loop(server):
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(status: dict, preview: bytes | None) -> None:
+        if status["step"] == 3:
+            raise Stop
+
+    before = _unet_calls(server)
+    with pytest.raises(Stop):
+        client_for(server, "grpc").generate(
+            PROMPT, steps=400, seed=1, width=64, height=64, on_progress=stop_after_three
+        )
+    time.sleep(2)  # let the server notice and wind down
+    calls = _unet_calls(server) - before
+    assert 3 <= calls < 60, calls  # 400 steps were asked for; it stopped within a few
+    # ... and the instance is free for the next request.
+    after = client_for(server, "grpc").generate(PROMPT, steps=2, seed=1, width=64, height=64)
+    assert after.images[0].size == (64, 64)

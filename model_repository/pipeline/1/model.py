@@ -1,4 +1,6 @@
-"""Triton python model `pipeline`: request tensors → the denoising core (over BLS) → images + info."""
+"""Triton python models `pipeline` and `pipeline_stream` (decoupled: chosen by config): request
+tensors → the denoising core (over BLS) → images + info; the stream also sends progress and previews
+after every step, and stops when the client cancels."""
 
 import json
 from pathlib import Path
@@ -7,8 +9,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.bls import BlsEngines
-from python_backend.pipeline import PipelineAssets, generate
-from python_backend.request import REQUEST_INPUTS, InvalidInput, request_from_inputs
+from python_backend.pipeline import Cancelled, PipelineAssets, generate
+from python_backend.previews import preview_png
+from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS, InvalidInput, request_from_inputs
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
@@ -16,22 +21,50 @@ class TritonPythonModel:
         self.assets = PipelineAssets.load(Path(args["model_repository"]) / args["model_version"])
         manifest = self.assets.manifest
         self.engines = BlsEngines(manifest.geometry, manifest.device)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
         self.logger = pb_utils.Logger
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
+        if not self.decoupled:
+            return [self._respond(request) for request in requests]
+        for request in requests:
+            sender = request.get_response_sender()
+            sender.send(self._respond(request, sender), flags=FINAL)
+        return None
 
-    def _respond(self, request):
+    def _respond(self, request, sender=None):
         inputs = {}
-        for name in REQUEST_INPUTS:
+        for name in (*REQUEST_INPUTS, *STREAM_INPUTS):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
+        preview_every = int(inputs.pop("preview_every", [0])[0])
+
+        def on_step(progress):
+            if request.is_cancelled():
+                raise Cancelled
+            status = {
+                "step": progress.step,
+                "total": progress.total,
+                "elapsed_s": round(progress.elapsed_s, 3),
+            }
+            tensors = [pb_utils.Tensor("progress", np.array([json.dumps(status).encode()], dtype=np.object_))]
+            if preview_every > 0 and progress.step % preview_every == 0:
+                preview = np.array([preview_png(progress.latents)], dtype=np.object_)
+                tensors.append(pb_utils.Tensor("preview", preview))
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+
         try:
-            result = generate(request_from_inputs(inputs), self.engines, self.assets)
+            result = generate(
+                request_from_inputs(inputs), self.engines, self.assets, on_step if sender else None
+            )
         except InvalidInput as e:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+            )
+        except Cancelled:
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
             )
         except Exception as e:  # one failed request must not fail the others in this batch
             self.logger.log_error(f"pipeline: request failed: {e!r}")
