@@ -41,8 +41,10 @@ class TritonPythonModel:
         preview_every = int(inputs.pop("preview_every", [0])[0])
 
         def on_step(progress):
-            if request.is_cancelled():
+            if request.is_cancelled():  # the client went away (stream cancelled, timeout): stop now
                 raise Cancelled
+            if sender is None:
+                return
             status = {
                 "step": progress.step,
                 "total": progress.total,
