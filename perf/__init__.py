@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m perf.compare` (see perf/README.md)."""

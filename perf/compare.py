@@ -1,0 +1,441 @@
+"""Compare diffusers eager, our core in-process and our pipeline served by Triton: one run, one machine.
+
+    python -m perf.compare --checkpoint DIR [--size 64] [--steps 4] [--repeats 3] [--out perf/results/NAME.md]
+
+Builds (or reuses: build-engines skips finished exports) the ONNX model repository of the checkpoint in a
+work folder, then times the same request (prompt, seed, size, steps, scheduler, guidance) on each
+contestant: one warm-up call each, then `--repeats` rounds of one timed call per contestant (interleaved);
+the median is reported. The images of our pipeline must equal diffusers' within 2/255 per pixel, else the
+exit code is 1 (the report is still written). See perf/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from python_backend.request import GenerationRequest
+from python_backend.serve import default_cache_dir
+
+TOLERANCE = 2  # max per-pixel difference (uint8) from diffusers' image, as the parity tests
+REFERENCE = "a"
+# ONNX Runtime's idle threads spin for a moment after each run (in this process and in the server's stubs):
+# on the tiny model their CPU use ends within 0.5 s; waiting that long keeps it out of the next call.
+SETTLE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoint: Path
+    size: int
+    steps: int
+    repeats: int
+    seed: int
+    guidance: float
+    prompt: str
+    scheduler: str | None  # None: the checkpoint's own
+
+
+@dataclass
+class Measurement:
+    key: str  # a, b, c, d
+    name: str
+    call: Callable[[], np.ndarray] | None = field(default=None, repr=False)  # one image, uint8 [1, H, W, 3]
+    skipped: str = ""  # why it is not measured (then `call` is None)
+    latencies_s: list[float] = field(default_factory=list)  # timed calls, warm-up excluded
+    images: np.ndarray | None = None  # of the last timed call
+    server_pid: int | None = None  # served only: tritonserver
+    server_processes: int = 0  # tritonserver and its python backend stubs
+    server_peak_rss: int = 0  # bytes, the sum of their VmHWM
+    server_pss: int = 0  # bytes, the sum of their Pss after the timed calls
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.latencies_s)
+
+    @property
+    def images_per_s(self) -> float:
+        return 1.0 / self.median_s
+
+
+def measure(contestants: list[Measurement], repeats: int) -> None:
+    """One warm-up call each, then `repeats` rounds of one timed call each (a, b, c, d, a, b, ...):
+    interleaved, a burst of load from elsewhere on the machine hits every contestant alike. Each timed
+    call starts SETTLE_S after the previous one ended, once ONNX Runtime's threads stopped spinning."""
+    ready = [(m, m.call) for m in contestants if m.call is not None]
+    for _, call in ready:
+        call()
+    for _ in range(repeats):
+        for m, call in ready:
+            time.sleep(SETTLE_S)
+            started = time.perf_counter()
+            m.images = call()
+            m.latencies_s.append(time.perf_counter() - started)
+    for m, _ in ready:
+        if m.server_pid is not None:
+            pids = process_tree(m.server_pid)
+            m.server_processes = len(pids)
+            m.server_peak_rss = sum(proc_status_kib(pid, "VmHWM") for pid in pids) * 1024
+            m.server_pss = sum(proc_smaps_rollup_kib(pid, "Pss") for pid in pids) * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Contestants: each loads its models and returns a Measurement whose `call` makes the image
+
+
+def diffusers_eager(s: Settings) -> Measurement:
+    """(a) diffusers' StableDiffusionPipeline, eager torch on the CPU; one CPU generator per image."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(s.checkpoint, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return Measurement("a", "diffusers eager (torch CPU)", _diffusers_call(pipe, s))
+
+
+def _diffusers_call(pipe: Any, s: Settings) -> Callable[[], np.ndarray]:
+    """A call of a diffusers-style pipeline (diffusers' or optimum's) with the settings' request."""
+    import torch
+
+    from python_backend import schedulers
+
+    if s.scheduler:
+        pipe.scheduler = schedulers.build(schedulers.lookup(s.scheduler), dict(pipe.scheduler.config))
+
+    def call() -> np.ndarray:
+        images = pipe(
+            s.prompt,
+            negative_prompt="",
+            width=s.size,
+            height=s.size,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            generator=[torch.Generator("cpu").manual_seed(s.seed)],
+            output_type="np",
+        ).images
+        return (np.asarray(images) * 255).round().astype(np.uint8)
+
+    return call
+
+
+def _request(s: Settings) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=s.prompt,
+        width=s.size,
+        height=s.size,
+        num_inference_steps=s.steps,
+        guidance_scale=s.guidance,
+        seed=s.seed,
+        scheduler=s.scheduler,
+    )
+
+
+def in_process(s: Settings, repo: Path) -> Measurement:
+    """(b) our denoising core on in-process ONNX Runtime sessions over the repository's model.onnx files."""
+    from python_backend.engines import OnnxRuntimeEngines
+    from python_backend.pipeline import PipelineAssets, generate
+
+    assets = PipelineAssets.load(repo / "pipeline" / "1")
+    engines = OnnxRuntimeEngines(repo, assets.manifest.geometry)
+    request = _request(s)
+    return Measurement(
+        "b", "ours in-process (ONNX Runtime)", lambda: generate(request, engines, assets).images
+    )
+
+
+def served(s: Settings, repo: Path, stack: contextlib.ExitStack) -> Measurement:
+    """(c) the same repository served by tritonserver (BLS pipeline + python-backend engines), over gRPC.
+    The server runs until `stack` closes."""
+    from client import StableDiffusionClient
+    from python_backend.serve import ServeOptions, TritonProcess
+
+    http_port, grpc_port, metrics_port = free_ports(3)
+    options = ServeOptions(
+        repo.resolve(), http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+    )
+    server = stack.enter_context(TritonProcess(options, echo_log=False))
+    server.wait_ready(timeout=900)
+    client = stack.enter_context(StableDiffusionClient(f"127.0.0.1:{grpc_port}"))
+    request = _request(s)
+
+    def call() -> np.ndarray:
+        result = client.generate(
+            request.prompt,
+            steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            seed=request.seed,
+            scheduler=request.scheduler,
+            width=request.width,
+            height=request.height,
+        )
+        return np.stack([np.asarray(image) for image in result.images])
+
+    return Measurement("c", "ours served (Triton, gRPC)", call, server_pid=server.pid)
+
+
+def optimum_ort(s: Settings) -> Measurement:
+    """(d) optimum's ONNX Runtime Stable Diffusion pipeline (its own export), when optimum is installed.
+    Its first call is tried here: its API moves between versions, and a failure must not end the run."""
+    key, name = "d", "optimum ORTStableDiffusionPipeline"
+    try:
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+    except ImportError as e:
+        return Measurement(key, name, skipped=f"optimum is not importable ({e})")
+    try:
+        pipe = ORTStableDiffusionPipeline.from_pretrained(s.checkpoint, export=True)
+        call = _diffusers_call(pipe, s)
+        call()
+    except Exception as e:
+        return Measurement(key, name, skipped=f"optimum failed: {type(e).__name__}: {e}")
+    return Measurement(key, name, call)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def build_repository(checkpoint: Path, work_dir: Path) -> Path:
+    from build_engines import cli
+
+    repo = work_dir / "repository"
+    if cli.main(["--checkpoint", str(checkpoint), "--output", str(repo)]) != 0:
+        sys.exit("perf.compare: build-engines failed")
+    return repo
+
+
+def weights_bytes(repo: Path) -> int:
+    """The engines' weights as served: every model.onnx (+ model.onnx.data) of the repository."""
+    files = [*repo.glob("*/1/model.onnx"), *repo.glob("*/1/model.onnx.data")]
+    return sum(f.stat().st_size for f in files)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (tritonserver forks one python backend stub per model instance)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _kib_field(path: Path, name: str) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.startswith(f"{name}:")), 0)
+
+
+def proc_status_kib(pid: int, name: str) -> int:
+    return _kib_field(Path(f"/proc/{pid}/status"), name)
+
+
+def proc_smaps_rollup_kib(pid: int, name: str) -> int:
+    return _kib_field(Path(f"/proc/{pid}/smaps_rollup"), name)
+
+
+def checkpoint_scheduler(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+
+
+def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
+    if a.shape != b.shape:
+        return 255
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    import onnxruntime
+    import torch
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "CPU": cpu,
+        "cores": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)",
+        "torch threads": str(torch.get_num_threads()),
+        "OS": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "diffusers": version("diffusers"),
+        "tritonserver": f"nvidia-pytriton {version('nvidia-pytriton')}",
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def report(s: Settings, results: list[Measurement], repo: Path) -> tuple[str, bool]:
+    """The Markdown report and whether every image of ours matched diffusers' within TOLERANCE."""
+    by_key = {m.key: m for m in results if not m.skipped}
+    ref = by_key[REFERENCE]
+    assert ref.images is not None
+    parity_ok = True
+    rows = [
+        "| contestant | median s/image | images/s | speed vs (a) | max pixel diff vs (a) | timed calls (s) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for m in results:
+        if m.skipped:
+            rows.append(f"| ({m.key}) {m.name} | — | — | — | — | skipped: {m.skipped} |")
+            continue
+        assert m.images is not None
+        diff = max_pixel_diff(m.images, ref.images)
+        verdict = ""
+        if m.key in ("b", "c"):
+            ok = diff <= TOLERANCE
+            parity_ok &= ok
+            verdict = " ok" if ok else f" **FAIL (> {TOLERANCE})**"
+        diff_cell = "reference" if m is ref else f"{diff}/255{verdict}"
+        calls = ", ".join(f"{t:.3f}" for t in m.latencies_s)
+        rows.append(
+            f"| ({m.key}) {m.name} | {m.median_s:.3f} | {m.images_per_s:.2f} | "
+            f"{ref.median_s / m.median_s:.2f}× | {diff_cell} | {calls} |"
+        )
+
+    lines = [
+        f"# perf.compare: {s.checkpoint.name}, {s.size}×{s.size}, {s.steps} steps",
+        "",
+        f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in machine().items()),
+        "",
+        f"Settings: checkpoint `{s.checkpoint}`; prompt {s.prompt!r}, negative prompt '', seed {s.seed}, "
+        f"{s.size}×{s.size}, {s.steps} steps, guidance {s.guidance}, "
+        f"scheduler {s.scheduler or checkpoint_scheduler(s.checkpoint) + ' (the checkpoint’s)'}; "
+        f"1 image per call; 1 warm-up call each, then {s.repeats} rounds of one timed call per contestant "
+        f"(interleaved, {SETTLE_S} s apart); medians.",
+        "",
+        *rows,
+        "",
+    ]
+    b, c = by_key.get("b"), by_key.get("c")
+    if b and c:
+        per_step_ms = (c.median_s - b.median_s) / s.steps * 1000
+        lines += [
+            f"- served ÷ in-process latency: **{c.median_s / b.median_s:.3f}** (target ≤ 1.03)",
+            f"- BLS overhead per step, (c − b) / steps: {per_step_ms:.1f} ms "
+            + (
+                "(an upper estimate: it also holds the client round trip and the text-encoder and VAE "
+                "BLS calls)"
+                if per_step_ms >= 0
+                else "(below the timing noise: (c) was faster than (b) here)"
+            ),
+        ]
+    if c:
+        weights = weights_bytes(repo)
+        lines += [
+            f"- tritonserver peak RSS (sum of VmHWM over {c.server_processes} processes: the server and its "
+            f"python backend stubs): {_mib(c.server_peak_rss)} = **{c.server_peak_rss / weights:.2f}× the "
+            f"weights** (target ≤ 1.2×); their PSS after the timed calls: {_mib(c.server_pss)} "
+            f"({c.server_pss / weights:.2f}×)",
+            f"- weights: {_mib(weights)} (every model.onnx + model.onnx.data in the repository, the unused "
+            "vae_encoder included)",
+        ]
+    lines.append(f"- images of (b) and (c) within {TOLERANCE}/255 of (a): {'yes' if parity_ok else '**NO**'}")
+    return "\n".join(lines) + "\n", parity_ok
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="diffusers SD v1.x checkpoint folder")
+    parser.add_argument("--size", type=int, default=64, help="image side, pixels (default 64)")
+    parser.add_argument("--steps", type=int, default=4, help="inference steps (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per contestant (default 3)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
+    parser.add_argument("--scheduler", help="our name or A1111 label (default: the checkpoint's own)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the model repository is built (default: a cache folder per checkpoint)",
+    )
+    parser.add_argument("--out", type=Path, help="write the report here as Markdown")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkpoint = args.checkpoint.resolve()
+    s = Settings(
+        checkpoint, args.size, args.steps, args.repeats, args.seed, args.guidance, args.prompt, args.scheduler
+    )
+    digest = hashlib.sha256(str(checkpoint).encode()).hexdigest()[:8]
+    work_dir = args.work_dir or default_cache_dir() / "perf" / f"{checkpoint.name}-{digest}"
+    repo = build_repository(checkpoint, work_dir)
+
+    with contextlib.ExitStack() as stack:  # stops the server however the run ends
+        contestants = [diffusers_eager(s), in_process(s, repo), served(s, repo, stack), optimum_ort(s)]
+        measure(contestants, s.repeats)
+    for m in contestants:
+        print(f"perf.compare: ({m.key}) {m.name}: " + (m.skipped or f"median {m.median_s:.3f} s"))
+
+    text, parity_ok = report(s, contestants, repo)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"perf.compare: wrote {args.out}")
+    if not parity_ok:
+        print(f"perf.compare: images differ from diffusers' by more than {TOLERANCE}/255", file=sys.stderr)
+    return 0 if parity_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
