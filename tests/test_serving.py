@@ -412,3 +412,30 @@ def test_cancelling_the_stream_stops_the_denoising_loop(server):
     # ... and the instance is free for the next request.
     after = client_for(server, "grpc").generate(PROMPT, steps=2, seed=1, width=64, height=64)
     assert after.images[0].size == (64, 64)
+
+
+def test_pipeline_metrics_are_scraped_from_tritons_endpoint(server):
+    import time
+    import urllib.request
+
+    client = client_for(server, "grpc")
+    client.generate(PROMPT, steps=3, seed=1, width=64, height=64, num_images=2)
+    with pytest.raises(GenerationError):
+        client.generate(PROMPT, width=100)
+
+    def stop(status: dict, preview: bytes | None) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C in sd-client --progress
+
+    with pytest.raises(KeyboardInterrupt):
+        client.generate(PROMPT, steps=200, width=64, height=64, on_progress=stop)
+    time.sleep(1)  # the server notices at its next step
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+
+    def value(line_start: str) -> float:
+        return float(next(line for line in text.splitlines() if line.startswith(line_start)).split()[-1])
+
+    assert value('sd_images_generated_total{model="pipeline"}') >= 2
+    assert value('sd_requests_failed_total{model="pipeline",reason="invalid_input"}') >= 1
+    assert value('sd_stage_duration_seconds_count{model="pipeline",stage="denoise"}') >= 1
+    assert value('sd_denoising_steps_per_second{model="pipeline"}') > 0
+    assert value('sd_requests_cancelled_total{model="pipeline_stream"}') >= 1

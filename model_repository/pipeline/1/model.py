@@ -9,6 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.bls import BlsEngines
+from python_backend.metrics import PipelineMetrics
 from python_backend.pipeline import Cancelled, PipelineAssets, generate
 from python_backend.previews import preview_png
 from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS, InvalidInput, request_from_inputs
@@ -23,6 +24,7 @@ class TritonPythonModel:
         self.engines = BlsEngines(manifest.geometry, manifest.device)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
         self.logger = pb_utils.Logger
+        self.metrics = PipelineMetrics(pb_utils, json.loads(args["model_config"])["name"])
 
     def execute(self, requests):
         if not self.decoupled:
@@ -40,7 +42,11 @@ class TritonPythonModel:
                 inputs[name] = tensor.as_numpy()
         preview_every = int(inputs.pop("preview_every", [0])[0])
 
+        steps = 0
+
         def on_step(progress):
+            nonlocal steps
+            steps = progress.step
             if request.is_cancelled():  # the client went away (stream cancelled, timeout): stop now
                 raise Cancelled
             if sender is None:
@@ -57,20 +63,22 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
         try:
-            result = generate(
-                request_from_inputs(inputs), self.engines, self.assets, on_step if sender else None
-            )
+            result = generate(request_from_inputs(inputs), self.engines, self.assets, on_step)
         except InvalidInput as e:
+            self.metrics.failed("invalid_input")
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
             )
         except Cancelled:
+            self.metrics.cancelled()
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
             )
         except Exception as e:  # one failed request must not fail the others in this batch
             self.logger.log_error(f"pipeline: request failed: {e!r}")
+            self.metrics.failed("error")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
+        self.metrics.generated(len(result.images), steps, result.info["timings_ms"])
         info = np.array([json.dumps(result.info).encode()], dtype=np.object_)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("images", result.images), pb_utils.Tensor("info", info)]
