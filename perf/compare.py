@@ -19,7 +19,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from python_backend.request import GenerationRequest
-from python_backend.serve import default_cache_dir
+from python_backend.serve import default_cache_dir, free_ports
 
 TOLERANCE = 2  # max per-pixel difference (uint8) from diffusers' image, as the parity tests
 REFERENCE = "a"
@@ -222,17 +221,6 @@ def weights_bytes(repo: Path) -> int:
     """The engines' weights as served: every model.onnx (+ model.onnx.data) of the repository."""
     files = [*repo.glob("*/1/model.onnx"), *repo.glob("*/1/model.onnx.data")]
     return sum(f.stat().st_size for f in files)
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def process_tree(root: int) -> list[int]:

@@ -520,6 +520,18 @@ def serve(
             signal.signal(signum, handler)
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports nothing listens on now (all held open together while picking, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 1 <= port <= 65535:  # 0 would let Triton pick one we cannot poll for readiness

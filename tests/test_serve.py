@@ -23,7 +23,8 @@ import pytest
 from build_engines import tensorrt_engine as te
 from build_engines.tensorrt_engine import GpuIdentity, PlanRecord
 from python_backend import serve
-from tests.triton_server import PROJECT_ROOT, TritonServer, free_ports, run_sd_serve, tritonserver_available
+from python_backend.serve import free_ports
+from tests.triton_server import PROJECT_ROOT, TritonServer, run_sd_serve, tritonserver_available
 
 requires_tritonserver = pytest.mark.skipif(
     not tritonserver_available(), reason="no tritonserver on PATH and nvidia-pytriton not installed"

@@ -21,7 +21,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from python_backend.serve import free_ports
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 READY_PREFIX = "sd-serve: ready ("
 _PORT_ATTEMPTS = 3  # free ports are picked before the server binds them: another process may win the race
@@ -37,18 +38,6 @@ _PORT_ATTEMPTS = 3  # free ports are picked before the server binds them: anothe
 
 class TritonServerError(RuntimeError):
     """The server did not become ready; the message ends with its log tail."""
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports nothing listens on now (all held open together while picking, so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def tritonserver_available() -> bool:
