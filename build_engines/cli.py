@@ -69,6 +69,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     trt.add_argument(
         "--refittable", action="store_true", help="build refittable engines (weights can be swapped)"
     )
+    serving = parser.add_argument_group("serving")
+    serving.add_argument(
+        "--pipeline-instances",
+        type=int,
+        help="requests generated at once (pipeline model instances, no weights each; default: --max-batch, "
+        "so that the UNet's batch fills with that many one-image requests)",
+    )
+    serving.add_argument(
+        "--response-cache",
+        action="store_true",
+        help="let Triton answer a repeated identical `pipeline` request from its response cache (start the "
+        "server with --cache-config local,size=BYTES); requests without a fixed seed are cached too",
+    )
     parser.add_argument(
         "--model-name", help="name reported in info and infotext (default: checkpoint folder)"
     )
@@ -89,6 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.profile = Profile.square(args.min_size, opt_size, args.max_size, **batch)
     except ValueError as e:
         parser.error(str(e))
+    if args.pipeline_instances is None:
+        args.pipeline_instances = args.max_batch
+    if args.pipeline_instances < 1:
+        parser.error(f"--pipeline-instances must be at least 1, got {args.pipeline_instances}")
     return args
 
 
@@ -145,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"max abs diff vs fp32 torch {exported.max_abs_diff:.2e}"
                 )
                 if args.target == "onnx":
-                    repository.write_onnx_runtime_model(repo, spec)
+                    repository.write_onnx_runtime_model(repo, spec, args.profile)
                     continue
                 bar.set_description(f"{spec.name}: TensorRT build")
                 built = tensorrt_engine.build_engine(
@@ -169,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = PipelineManifest(
         args.profile, geometry, args.model_name or checkpoint.name, device, model_hash
     )
-    repository.write_pipeline_model(repo, checkpoint, manifest)
+    repository.write_pipeline_model(repo, checkpoint, manifest, args.pipeline_instances, args.response_cache)
     print(f"model repository written: {repo}")
     print(f"serve it with: sd-serve --model-repository {repo}")
     return 0

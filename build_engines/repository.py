@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from python_backend import schedulers
 from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS
-from python_backend.shapes import PIPELINE_MANIFEST, UNET, EngineSpec, PipelineManifest, Profile, TensorSpec
+from python_backend.shapes import PIPELINE_MANIFEST, UNET, EngineSpec, PipelineManifest, Profile
 
 # The hand-written python models that build-engines copies into the repository it writes.
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
@@ -44,49 +44,51 @@ def _tensor(
     return message
 
 
-def _add_io(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
-    for t in inputs:
-        _tensor(config.input.add(), t.name, t.dtype, t.concrete_dims())
-    for t in outputs:
-        _tensor(config.output.add(), t.name, t.dtype, t.concrete_dims())
-
-
-def onnx_runtime_engine_config(spec: EngineSpec) -> mc.ModelConfig:
+def onnx_runtime_engine_config(spec: EngineSpec, profile: Profile) -> mc.ModelConfig:
     """A python-backend model running the engine's ONNX file on ONNX Runtime (CPU)."""
-    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=0)
-    _add_io(config, spec.inputs, spec.outputs)
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    return config
-
-
-# Requests at different steps share UNet calls; a short wait lets concurrent ones meet.
-UNET_QUEUE_DELAY_US = 500
+    return _engine_config(mc.ModelConfig(name=spec.name, backend="python"), spec, profile, gpu=False)
 
 
 def tensorrt_engine_config(spec: EngineSpec, profile: Profile) -> mc.ModelConfig:
-    """A `tensorrt_plan` model. The batch axis is Triton's (max_batch_size > 0), so the UNet can batch
-    calls from different requests; its per-sample timestep input makes that correct."""
+    """A `tensorrt_plan` model."""
+    return _engine_config(mc.ModelConfig(name=spec.name, platform="tensorrt_plan"), spec, profile, gpu=True)
+
+
+# Lets UNet calls that arrive while the UNet is idle wait a moment for others; under load they queue anyway.
+UNET_QUEUE_DELAY_US = 500
+
+
+def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, gpu: bool) -> mc.ModelConfig:
+    """The batch axis is Triton's (max_batch_size > 0), so the UNet's dynamic batcher can merge calls
+    from concurrent requests (at different steps: the timestep is per sample) into one engine run.
+    Triton only merges calls whose other dims agree (same size, same prompt length)."""
     batch_axes = {str(t.dims[0]) for t in (*spec.inputs, *spec.outputs)}
     if len(batch_axes) != 1 or not {"batch", "guided_batch"} >= batch_axes:
         raise ValueError(f"{spec.name}: every tensor must lead with the same batch axis, got {batch_axes}")
-    _, opt_batch, max_batch = profile.axis_ranges()[batch_axes.pop()]
-    config = mc.ModelConfig(name=spec.name, platform="tensorrt_plan", max_batch_size=max_batch)
+    config.max_batch_size = profile.axis_ranges()[batch_axes.pop()][2]
     for t in spec.inputs:
         _tensor(config.input.add(), t.name, t.dtype, t.concrete_dims()[1:])
     for t in spec.outputs:
         _tensor(config.output.add(), t.name, t.dtype, t.concrete_dims()[1:])
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=1)  # one copy of the weights
     if spec.name == UNET:
-        config.dynamic_batching.preferred_batch_size.extend(sorted({opt_batch, max_batch}))
+        # No preferred sizes: the batcher then forms the largest batch the queue holds (Triton's advice).
         config.dynamic_batching.max_queue_delay_microseconds = UNET_QUEUE_DELAY_US
     return config
 
 
 def pipeline_config(
-    default_scheduler: schedulers.SchedulerChoice, gpu_engines: bool, streaming: bool = False
+    default_scheduler: schedulers.SchedulerChoice,
+    gpu_engines: bool,
+    streaming: bool = False,
+    instances: int = 1,
+    response_cache: bool = False,
 ) -> mc.ModelConfig:
     """`pipeline`, or with `streaming` the decoupled `pipeline_stream` (same model.py): progress and
-    previews over gRPC streaming, cancellable."""
+    previews over gRPC streaming, cancellable. `instances` requests run at once (each instance is a
+    python process holding no weights); their UNet calls meet in the UNet's dynamic batcher.
+    `response_cache` (non-streaming only) lets Triton answer a repeated request from its cache."""
     config = mc.ModelConfig(
         name=PIPELINE_STREAM if streaming else PIPELINE, backend="python", max_batch_size=0
     )
@@ -98,7 +100,8 @@ def pipeline_config(
         _tensor(config.output.add(), "progress", np.object_, (1,))  # JSON: step, total, elapsed_s
         _tensor(config.output.add(), "preview", np.object_, (1,))  # PNG
         config.model_transaction_policy.decoupled = True
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    config.response_cache.enable = response_cache and not streaming  # Triton refuses it for decoupled models
     listing = [
         {"name": s.name, "a1111": s.a1111, **({"default": True} if s == default_scheduler else {})}
         for s in schedulers.SCHEDULERS
@@ -125,10 +128,10 @@ def onnx_dir(repository: Path, engine: str, target: str) -> Path:
     return repository / engine / ("1" if target == "onnx" else "onnx")
 
 
-def write_onnx_runtime_model(repository: Path, spec: EngineSpec) -> None:
+def write_onnx_runtime_model(repository: Path, spec: EngineSpec, profile: Profile) -> None:
     """config.pbtxt and model.py of an ONNX Runtime engine model (its model.onnx is exported there)."""
     model_dir = repository / spec.name
-    write_config(model_dir, onnx_runtime_engine_config(spec))
+    write_config(model_dir, onnx_runtime_engine_config(spec, profile))
     _remove(model_dir / "1", "model.plan", "model.plan.json")
     shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
 
@@ -146,7 +149,13 @@ def _remove(folder: Path, *names: str) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-def write_pipeline_model(repository: Path, checkpoint: Path, manifest: PipelineManifest) -> None:
+def write_pipeline_model(
+    repository: Path,
+    checkpoint: Path,
+    manifest: PipelineManifest,
+    instances: int = 1,
+    response_cache: bool = False,
+) -> None:
     """The pipeline models (`pipeline` and the streaming `pipeline_stream`) with what they need from the
     checkpoint: tokenizer, scheduler config, manifest."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
@@ -155,7 +164,8 @@ def write_pipeline_model(repository: Path, checkpoint: Path, manifest: PipelineM
         model_dir = repository / name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
-        write_config(model_dir, pipeline_config(default, manifest.device != "cpu", streaming))
+        config = pipeline_config(default, manifest.device != "cpu", streaming, instances, response_cache)
+        write_config(model_dir, config)
         shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
         shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)
         shutil.copytree(checkpoint / TOKENIZER_DIR, version / TOKENIZER_DIR)

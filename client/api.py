@@ -8,6 +8,7 @@ import json
 import operator
 import queue
 import re
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,6 +151,12 @@ def build_inputs(
         for name, value in zip(HIRES_OPTIONS, hires, strict=True):
             if value is not None:
                 raise GenerationError(f"{name} needs enable_hr (hires fix)", "INVALID_ARGUMENT")
+    # Random seeds are drawn here rather than by the server, so that a server with a response cache never
+    # answers a "random" request with an earlier image, and the request sent names its seed.
+    if seed is None or seed == -1:
+        seed = secrets.randbelow(2**32)
+    if subseed_strength is not None and (subseed is None or subseed == -1):
+        subseed = secrets.randbelow(2**32)
     values = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,

@@ -42,9 +42,11 @@ def test_config_matches_onnx_graph(model_repository, tiny_checkpoint, engine):
             expected_dtype = repository.TRITON_DTYPES[ONNX_TO_NUMPY[onnx_type.elem_type]]
             assert tensor.data_type == expected_dtype, tensor.name
             onnx_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in onnx_type.shape.dim]
-            assert list(tensor.dims) == onnx_dims, tensor.name
-    assert config.backend == "python" and config.max_batch_size == 0
-    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+            assert [-1, *tensor.dims] == onnx_dims, tensor.name  # Triton owns the leading batch axis
+    assert config.backend == "python"
+    assert config.max_batch_size == (8 if engine in ("text_encoder", "unet") else 4)  # --max-batch 4, guided
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
+    assert config.HasField("dynamic_batching") == (engine == "unet")
 
 
 def test_pipeline_config(model_repository):
@@ -59,6 +61,18 @@ def test_pipeline_config(model_repository):
     listing = json.loads(config.parameters["schedulers"].string_value)
     assert [s["name"] for s in listing if s.get("default")] == ["pndm"]
     assert {"name": "euler_a", "a1111": "Euler a"} in listing
+    # --pipeline-instances defaults to --max-batch: that many one-image requests fill the UNet's batch
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 4)]
+    assert not config.response_cache.enable
+
+
+def test_pipeline_instances_and_response_cache_options(tiny_checkpoint, tmp_path):
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--max-size", "64"]
+    assert build_cli.main([*args, "--pipeline-instances", "2", "--response-cache"]) == 0
+    for name, cached in (("pipeline", True), ("pipeline_stream", False)):  # Triton refuses it for decoupled
+        config = repository.read_config(tmp_path / name)
+        assert [g.count for g in config.instance_group] == [2]
+        assert config.response_cache.enable == cached
 
 
 def test_pipeline_manifest_and_assets(model_repository, tiny_checkpoint):
@@ -116,6 +130,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
         (["--static", "512x500"], "height sizes must be positive multiples of 8"),
         (["--static", "512"], "--static must look like 512x768"),
         (["--max-batch", "0"], "1 <= opt_batch <= max_batch"),
+        (["--pipeline-instances", "0"], "--pipeline-instances must be at least 1"),
     ],
 )
 def test_bad_profile_is_a_clear_error(tiny_checkpoint, tmp_path, capsys, args, message):

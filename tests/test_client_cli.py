@@ -166,8 +166,8 @@ def test_generate_help_says_server_default(capsys) -> None:
 
 
 def test_build_inputs_prompt_only() -> None:
-    [(name, array)] = build_inputs("a cat")
-    assert name == "prompt"
+    [(name, array), (seed, _)] = build_inputs("a cat")  # the other inputs take the server's defaults
+    assert (name, seed) == ("prompt", "seed")
     assert array.dtype == np.object_ and array.shape == (1,) and array[0] == b"a cat"
 
 
@@ -207,9 +207,15 @@ def test_build_inputs_all_arguments() -> None:
     assert values["seed"] == 2**40
 
 
-def test_build_inputs_sends_explicit_empty_negative_and_random_seed() -> None:
+def test_build_inputs_sends_explicit_empty_negative_and_draws_random_seeds() -> None:
     inputs = dict(build_inputs("a", negative_prompt="", seed=-1))
-    assert inputs["negative_prompt"][0] == b"" and inputs["seed"][0] == -1
+    assert inputs["negative_prompt"][0] == b""
+    # Drawn by the client, so that a server's response cache cannot answer a "random" request.
+    seeds = {int(dict(build_inputs("a", seed=seed))["seed"][0]) for seed in (None, -1, -1, None)}
+    assert len(seeds) == 4 and all(0 <= s < 2**32 for s in seeds)
+    varied = dict(build_inputs("a", seed=1, subseed_strength=0.5))
+    assert 0 <= varied["subseed"][0] < 2**32 and varied["seed"][0] == 1
+    assert "subseed" not in dict(build_inputs("a", seed=1))
 
 
 def test_build_inputs_refuses_out_of_range_and_non_integers() -> None:
@@ -799,6 +805,7 @@ def test_triton_inputs_for_variation_and_hires(triton) -> None:
     tensors = triton_inputs(triton, build_inputs("a", **VARIATION_AND_HIRES))
     assert [(t.name(), t.datatype(), list(t.shape())) for t in tensors] == [
         ("prompt", "BYTES", [1]),
+        ("seed", "INT64", [1]),  # drawn by the client
         ("subseed", "INT64", [1]),
         ("subseed_strength", "FP32", [1]),
         ("enable_hr", "BOOL", [1]),

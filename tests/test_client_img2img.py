@@ -91,6 +91,7 @@ def test_triton_inputs_for_img2img(triton, png_file: Path) -> None:
     tensors = triton_inputs(triton, arrays)
     assert [(t.name(), t.datatype(), list(t.shape())) for t in tensors] == [
         ("prompt", "BYTES", [1]),
+        ("seed", "INT64", [1]),  # drawn by the client
         ("image", "BYTES", [1]),
         ("strength", "FP32", [1]),
         ("resize_mode", "BYTES", [1]),
@@ -206,6 +207,7 @@ def test_triton_inputs_for_inpainting(triton, png_file: Path, mask_file: Path) -
     tensors = triton_inputs(triton, arrays)
     assert [(t.name(), t.datatype(), list(t.shape())) for t in tensors] == [
         ("prompt", "BYTES", [1]),
+        ("seed", "INT64", [1]),  # drawn by the client
         ("image", "BYTES", [1]),
         ("mask", "BYTES", [1]),
         ("mask_blur", "INT32", [1]),

@@ -8,6 +8,7 @@ from the model's config.pbtxt.
 import json
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
@@ -25,16 +26,29 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            feeds = {
-                name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs
-            }
-            try:
-                arrays = self.session.run(self.outputs, feeds)
-            except Exception as e:  # e.g. a shape outside what the graph accepts: fail this request only
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {e}")))
-                continue
-            tensors = [pb_utils.Tensor(name, array) for name, array in zip(self.outputs, arrays, strict=True)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        return responses
+        """Triton's dynamic batcher may hand over several requests (same shapes but the batch axis): one
+        session run over their concatenation, split back by each request's batch size."""
+        feeds = {
+            name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
+            for name in self.inputs
+        }
+        sizes = [len(array) for array in feeds[self.inputs[0]]]
+        try:
+            arrays = self.session.run(
+                self.outputs, {name: np.concatenate(parts) for name, parts in feeds.items()}
+            )
+        except (
+            Exception
+        ) as e:  # e.g. a shape outside what the graph accepts: fail these requests, not the model
+            error = pb_utils.TritonError(f"{self.name}: {e}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        bounds = np.cumsum(sizes)[:-1]
+        per_request = zip(*(np.split(array, bounds) for array in arrays), strict=True)
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor(name, part) for name, part in zip(self.outputs, parts, strict=True)
+                ]
+            )
+            for parts in per_request
+        ]
