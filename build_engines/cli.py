@@ -71,10 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument(
-        "--pipeline-instances",
+        "--max-concurrent-requests",
         type=int,
-        help="requests generated at once (pipeline model instances, no weights each; default: --max-batch, "
-        "so that the UNet's batch fills with that many one-image requests)",
+        help="requests generated at once, their UNet calls batched together (default: --max-batch, so that "
+        "that many one-image requests fill the UNet's batch)",
     )
     serving.add_argument(
         "--response-cache",
@@ -102,10 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.profile = Profile.square(args.min_size, opt_size, args.max_size, **batch)
     except ValueError as e:
         parser.error(str(e))
-    if args.pipeline_instances is None:
-        args.pipeline_instances = args.max_batch
-    if args.pipeline_instances < 1:
-        parser.error(f"--pipeline-instances must be at least 1, got {args.pipeline_instances}")
+    if args.max_concurrent_requests is None:
+        args.max_concurrent_requests = args.max_batch
+    if args.max_concurrent_requests < 1:
+        parser.error(f"--max-concurrent-requests must be at least 1, got {args.max_concurrent_requests}")
     return args
 
 
@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = PipelineManifest(
         args.profile, geometry, args.model_name or checkpoint.name, device, model_hash
     )
-    repository.write_pipeline_model(repo, checkpoint, manifest, args.pipeline_instances, args.response_cache)
+    repository.write_pipeline_model(
+        repo, checkpoint, manifest, args.max_concurrent_requests, args.response_cache
+    )
     print(f"model repository written: {repo}")
     print(f"serve it with: sd-serve --model-repository {repo}")
     return 0

@@ -82,13 +82,13 @@ def pipeline_config(
     default_scheduler: schedulers.SchedulerChoice,
     gpu_engines: bool,
     streaming: bool = False,
-    instances: int = 1,
+    max_concurrent_requests: int = 1,
     response_cache: bool = False,
 ) -> mc.ModelConfig:
     """`pipeline`, or with `streaming` the decoupled `pipeline_stream` (same model.py): progress and
-    previews over gRPC streaming, cancellable. `instances` requests run at once (each instance is a
-    python process holding no weights); their UNet calls meet in the UNet's dynamic batcher.
-    `response_cache` (non-streaming only) lets Triton answer a repeated request from its cache."""
+    previews over gRPC streaming, cancellable. One instance (its process imports torch: ~250 MB)
+    generates up to `max_concurrent_requests` requests at once in worker threads. `response_cache`
+    (`pipeline` only: Triton caches no decoupled model) lets Triton answer a repeated request."""
     config = mc.ModelConfig(
         name=PIPELINE_STREAM if streaming else PIPELINE, backend="python", max_batch_size=0
     )
@@ -100,8 +100,10 @@ def pipeline_config(
         _tensor(config.output.add(), "progress", np.object_, (1,))  # JSON: step, total, elapsed_s
         _tensor(config.output.add(), "preview", np.object_, (1,))  # PNG
         config.model_transaction_policy.decoupled = True
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    config.response_cache.enable = response_cache and not streaming  # Triton refuses it for decoupled models
+    else:
+        config.response_cache.enable = response_cache
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.parameters["max_concurrent_requests"].string_value = str(max_concurrent_requests)
     listing = [
         {"name": s.name, "a1111": s.a1111, **({"default": True} if s == default_scheduler else {})}
         for s in schedulers.SCHEDULERS
@@ -153,18 +155,19 @@ def write_pipeline_model(
     repository: Path,
     checkpoint: Path,
     manifest: PipelineManifest,
-    instances: int = 1,
+    max_concurrent_requests: int = 1,
     response_cache: bool = False,
 ) -> None:
     """The pipeline models (`pipeline` and the streaming `pipeline_stream`) with what they need from the
     checkpoint: tokenizer, scheduler config, manifest."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
+    gpu = manifest.device != "cpu"
     for name, streaming in ((PIPELINE, False), (PIPELINE_STREAM, True)):
         model_dir = repository / name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
-        config = pipeline_config(default, manifest.device != "cpu", streaming, instances, response_cache)
+        config = pipeline_config(default, gpu, streaming, max_concurrent_requests, response_cache)
         write_config(model_dir, config)
         shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
         shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -413,9 +414,15 @@ def _paste_back(inputs: ImageInputs, generated: Image.Image) -> Image.Image:
     return images.paste_back(inputs.original, generated, inputs.region, inputs.mask_image)
 
 
+# A transformers tokenizer sets its backend's truncation/padding state on every call: one call at a time
+# (requests are generated in several threads of one process).
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def _chunks(assets: PipelineAssets, text: str, field: str) -> prompts.PromptChunks:
     try:
-        return prompts.tokenize_chunks(assets.tokenizer, text, assets.manifest.profile.max_prompt_chunks)
+        with _TOKENIZER_LOCK:
+            return prompts.tokenize_chunks(assets.tokenizer, text, assets.manifest.profile.max_prompt_chunks)
     except ValueError as e:
         raise InvalidInput(field, str(e)) from None
 

@@ -19,7 +19,7 @@ from tests.triton_server import TritonServer
 pytestmark = pytest.mark.integration
 
 PROMPT = "a lighthouse in a storm"
-INSTANCES = 4
+CONCURRENT = 4
 # Different step counts and schedulers: the requests are at different timesteps when their UNet calls meet.
 REQUESTS = [
     {"seed": 11, "steps": 8, "scheduler": "Euler a"},
@@ -34,7 +34,7 @@ def server(model_repository: Path, tiny_checkpoint: Path, tmp_path_factory: pyte
     repo = tmp_path_factory.mktemp("batching") / "repo"
     shutil.copytree(model_repository, repo)  # the exports are reused: only the configs are rewritten
     args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
-    assert build_cli.main([*args, "--pipeline-instances", str(INSTANCES), "--response-cache"]) == 0
+    assert build_cli.main([*args, "--max-concurrent-requests", str(CONCURRENT), "--response-cache"]) == 0
     with TritonServer(repo, extra_args=["--cache-config=local,size=67108864"]) as running:
         yield running
 

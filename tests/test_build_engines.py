@@ -61,18 +61,21 @@ def test_pipeline_config(model_repository):
     listing = json.loads(config.parameters["schedulers"].string_value)
     assert [s["name"] for s in listing if s.get("default")] == ["pndm"]
     assert {"name": "euler_a", "a1111": "Euler a"} in listing
-    # --pipeline-instances defaults to --max-batch: that many one-image requests fill the UNet's batch
-    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 4)]
+    # One instance generates --max-concurrent-requests requests at once (default --max-batch: that many
+    # one-image requests fill the UNet's batch).
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
+    assert config.parameters["max_concurrent_requests"].string_value == "4"
     assert not config.response_cache.enable
 
 
-def test_pipeline_instances_and_response_cache_options(tiny_checkpoint, tmp_path):
+def test_concurrency_and_response_cache_options(tiny_checkpoint, tmp_path):
     args = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--max-size", "64"]
-    assert build_cli.main([*args, "--pipeline-instances", "2", "--response-cache"]) == 0
-    for name, cached in (("pipeline", True), ("pipeline_stream", False)):  # Triton refuses it for decoupled
-        config = repository.read_config(tmp_path / name)
-        assert [g.count for g in config.instance_group] == [2]
-        assert config.response_cache.enable == cached
+    assert build_cli.main([*args, "--max-concurrent-requests", "2", "--response-cache"]) == 0
+    unary, stream = (repository.read_config(tmp_path / name) for name in ("pipeline", "pipeline_stream"))
+    for config in (unary, stream):
+        assert config.parameters["max_concurrent_requests"].string_value == "2"
+    assert unary.response_cache.enable
+    assert not stream.response_cache.enable  # Triton refuses a cache for decoupled models
 
 
 def test_pipeline_manifest_and_assets(model_repository, tiny_checkpoint):
@@ -130,7 +133,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
         (["--static", "512x500"], "height sizes must be positive multiples of 8"),
         (["--static", "512"], "--static must look like 512x768"),
         (["--max-batch", "0"], "1 <= opt_batch <= max_batch"),
-        (["--pipeline-instances", "0"], "--pipeline-instances must be at least 1"),
+        (["--max-concurrent-requests", "0"], "--max-concurrent-requests must be at least 1"),
     ],
 )
 def test_bad_profile_is_a_clear_error(tiny_checkpoint, tmp_path, capsys, args, message):

@@ -1,8 +1,16 @@
-"""Triton python models `pipeline` and `pipeline_stream` (decoupled: chosen by config): request
-tensors → the denoising core (over BLS) → images + info; the stream also sends progress and previews
-after every step, and stops when the client cancels."""
+"""Triton python models `pipeline` and `pipeline_stream` (decoupled: chosen by config): request tensors →
+the denoising core (over BLS) → images + info. The stream also sends progress after every step (and a
+preview every `preview_every` steps); both stop the denoising loop when the client cancels.
+
+One instance generates up to `max_concurrent_requests` requests at once, each in a worker thread that
+answers through the request's response sender (allowed for non-decoupled models too: one final
+response). Threads, not instances: the torch and diffusers of a process cost ~250 MB. Their UNet calls
+meet in the UNet's dynamic batcher.
+"""
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +27,36 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        config = json.loads(args["model_config"])
         self.assets = PipelineAssets.load(Path(args["model_repository"]) / args["model_version"])
         manifest = self.assets.manifest
         self.engines = BlsEngines(manifest.geometry, manifest.device)
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
         self.logger = pb_utils.Logger
-        self.metrics = PipelineMetrics(pb_utils, json.loads(args["model_config"])["name"])
+        self.metrics = PipelineMetrics(pb_utils, config["name"])
+        self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
+        workers = int(config["parameters"]["max_concurrent_requests"]["string_value"])
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="generate")
+        self.free_workers = threading.BoundedSemaphore(workers)
 
     def execute(self, requests):
-        if not self.decoupled:
-            return [self._respond(request) for request in requests]
         for request in requests:
-            sender = request.get_response_sender()
-            sender.send(self._respond(request, sender), flags=FINAL)
+            # Block while every worker is busy: later requests then wait in Triton's queue, where its
+            # queue metrics (and an autoscaler reading them) see them.
+            self.free_workers.acquire()
+            self.pool.submit(self._serve, request)
         return None
 
-    def _respond(self, request, sender=None):
+    def finalize(self):
+        self.pool.shutdown(wait=True)
+
+    def _serve(self, request):
+        try:
+            sender = request.get_response_sender()
+            sender.send(self._respond(request, sender if self.streaming else None), flags=FINAL)
+        finally:
+            self.free_workers.release()
+
+    def _respond(self, request, sender):
         inputs = {}
         for name in (*REQUEST_INPUTS, *STREAM_INPUTS):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -74,7 +96,7 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
             )
-        except Exception as e:  # one failed request must not fail the others in this batch
+        except Exception as e:  # one failed request must not fail the others
             self.logger.log_error(f"pipeline: request failed: {e!r}")
             self.metrics.failed("error")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
