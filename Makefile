@@ -10,7 +10,7 @@ PROMPT ?= a photo of an astronaut riding a horse on mars
 STEPS ?= 20
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean deploy-tools
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,24 @@ lint: venv $(TYPINGS)/.tensorrt-stubs-version
 	$(BIN)/ruff format --check .
 	MYPYPATH="$(TYPINGS)" $(BIN)/mypy
 
-test: lint
+test: lint deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Deployment checks (tests/test_deploy.py): kubectl renders deploy/k8s, kubernetes-validate and checkov check the
+# result. The tools live in their own virtualenv inside $(VENV): checkov pins packaging and networkx below what
+# the project's packages use (torch imports networkx). deploy/tools/install-kubectl.sh links a kubectl 1.27+
+# from PATH or unpacks Debian 13's (Debian 12's kubernetes-client, 1.20, is too old for the kustomizations).
+DEPLOY_TOOLS := $(VENV)/deploy-tools
+
+$(DEPLOY_TOOLS)/.installed: deploy/check-requirements.txt
+	$(PYTHON) -m venv $(DEPLOY_TOOLS)
+	$(DEPLOY_TOOLS)/bin/pip install --quiet -r deploy/check-requirements.txt
+	touch $@
+
+$(DEPLOY_TOOLS)/bin/kubectl: deploy/tools/install-kubectl.sh | $(DEPLOY_TOOLS)/.installed
+	bash deploy/tools/install-kubectl.sh $@
+
+deploy-tools: $(DEPLOY_TOOLS)/.installed $(DEPLOY_TOOLS)/bin/kubectl
 
 clean:
 	rm -rf $(OUT)

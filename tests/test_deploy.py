@@ -1,0 +1,496 @@
+"""The deployment (deploy/): both kustomize overlays and the Jobs render with kubectl, every object validates
+against Kubernetes' schemas (kubernetes-validate), checkov passes on the rendered manifests and both
+Dockerfiles, the GPU pod has what Triton needs, and the engine initContainer's script keys its cache by GPU
+model and TensorRT release (with stand-ins for nvidia-smi and build-engines). Nothing is built or deployed.
+
+The tools come from `make deploy-tools` (part of `make test`), in .venv/deploy-tools; without them these
+tests fail, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+TOOLS = Path(sys.prefix) / "deploy-tools" / "bin"
+KUBERNETES_VERSION = "1.37.0"
+KUSTOMIZATIONS = {
+    "gpu": "k8s/overlays/gpu",
+    "cpu": "k8s/overlays/cpu",
+    "perf": "k8s/perf",
+    "checkpoint": "k8s/checkpoint",
+}
+ADAPTER_RULES = DEPLOY / "k8s/monitoring/prometheus-adapter-rules.yaml"
+DOCKERFILES = {"gpu": DEPLOY / "docker/Dockerfile", "cpu": DEPLOY / "docker/Dockerfile.cpu"}
+ENGINE_SCRIPT = DEPLOY / "docker/build-engines-cached.sh"
+# Custom resources kubernetes-validate has no schema for; test_podmonitor checks them instead.
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+# The checkov checks skipped by annotations in the manifests (deploy/README.md lists them, with the reason).
+SKIPPED_CHECKS = {"CKV_K8S_43"}
+
+Manifest = dict[str, Any]
+
+
+def tool(name: str) -> Path:
+    path = TOOLS / name
+    if not path.exists():
+        pytest.fail(
+            f"{path} is missing: run `make deploy-tools` (`make test` does), which installs kubectl, "
+            "kubernetes-validate and checkov for these checks"
+        )
+    return path
+
+
+def run(*command: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`kubectl kustomize` of each kustomization, one file each, plus the adapter rules as shipped."""
+    kubectl = tool("kubectl")
+    out = tmp_path_factory.mktemp("rendered")
+    files = {}
+    for name, folder in KUSTOMIZATIONS.items():
+        result = run(kubectl, "kustomize", DEPLOY / folder)
+        assert result.returncode == 0, f"kubectl kustomize deploy/{folder} failed:\n{result.stderr}"
+        assert not result.stderr.strip(), f"kubectl kustomize deploy/{folder} warned:\n{result.stderr}"
+        files[name] = out / f"{name}.yaml"
+        files[name].write_text(result.stdout)
+    files["adapter-rules"] = out / "prometheus-adapter-rules.yaml"
+    shutil.copy(ADAPTER_RULES, files["adapter-rules"])
+    return files
+
+
+def objects(path: Path) -> list[Manifest]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def one(docs: list[Manifest], kind: str, name: str | None = None) -> Manifest:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def container(pod: Manifest, name: str) -> Manifest:
+    found = [c for c in pod.get("initContainers", []) + pod["containers"] if c["name"] == name]
+    assert len(found) == 1, f"expected one container {name}"
+    return found[0]
+
+
+def env(c: Manifest) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def mounts(c: Manifest) -> dict[str, Manifest]:
+    return {m["name"]: m for m in c.get("volumeMounts", [])}
+
+
+def volumes(pod: Manifest) -> dict[str, Manifest]:
+    return {v["name"]: v for v in pod["volumes"]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rendering, schemas, checkov
+
+
+def test_every_object_validates_against_kubernetes_schemas(rendered: dict[str, Path]) -> None:
+    result = run(tool("kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", *rendered.values())
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    docs = [doc for path in rendered.values() for doc in objects(path)]
+    crds = [d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert crds, "the PodMonitor is gone: update CRD_KINDS"
+    # kubernetes-validate only warns about kinds it has no schema for: those must be exactly our CRDs.
+    unknown = [line for line in output.splitlines() if line.startswith("WARN")]
+    assert len(unknown) == len(crds) and all("kind PodMonitor" in line for line in unknown), output
+    assert output.count(" passed for resource ") == len(docs) - len(crds), output
+
+
+def test_checkov_passes_on_manifests_and_dockerfiles(rendered: dict[str, Path]) -> None:
+    files = [*rendered.values(), *DOCKERFILES.values()]
+    command = [tool("checkov"), "--framework", "kubernetes", "dockerfile", "--skip-download", "-o", "json"]
+    result = run(*command, *(arg for f in files for arg in ("-f", f)))
+    reports = json.loads(result.stdout)
+    reports = {r["check_type"]: r for r in (reports if isinstance(reports, list) else [reports])}
+    assert set(reports) == {"kubernetes", "dockerfile"}, result.stdout[:2000]
+    for kind, report in reports.items():
+        failed = [
+            f"{c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})"
+            for c in report["results"]["failed_checks"]
+        ]
+        assert not failed, f"checkov {kind}:\n" + "\n".join(failed)
+        assert report["summary"]["parsing_errors"] == 0, report["summary"]
+        assert report["summary"]["passed"] > 0, report["summary"]
+    assert reports["dockerfile"]["summary"]["resource_count"] == len(DOCKERFILES)
+    skipped = (
+        reports["kubernetes"]["results"]["skipped_checks"]
+        + reports["dockerfile"]["results"]["skipped_checks"]
+    )
+    assert {c["check_id"] for c in skipped} == SKIPPED_CHECKS
+    assert all(c["check_result"].get("suppress_comment", "").strip() for c in skipped), skipped
+    assert result.returncode == 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# The server pods
+
+
+def test_gpu_overlay_has_probes_ports_gpu_and_shm(rendered: dict[str, Path]) -> None:
+    deployment = one(objects(rendered["gpu"]), "Deployment", "sd-triton")
+    pod = deployment["spec"]["template"]["spec"]
+    triton, engines = container(pod, "triton"), container(pod, "engines")
+
+    assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {
+        "http": 8000,
+        "grpc": 8001,
+        "metrics": 8002,
+    }
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready")):
+        assert triton[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    startup = triton["startupProbe"]
+    ready_timeout = float(triton["args"][triton["args"].index("--ready-timeout") + 1])
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= ready_timeout >= 600, (
+        "room for engine loading"
+    )
+
+    for c in (triton, engines):  # the initContainer builds TensorRT engines: it needs the GPU too
+        assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "1", c["name"]
+        assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"], c["name"]
+    shm = volumes(pod)["shm"]
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+    assert mounts(triton)["shm"]["mountPath"] == "/dev/shm"
+
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert [e["key"] for t in terms for e in t["matchExpressions"]] == ["nvidia.com/gpu.product"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert engines["command"] == ["build-engines-cached"] and env(engines)["SD_ENGINE_TARGET"] == "tensorrt"
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_server_pod_serves_what_the_engine_container_links(rendered: dict[str, Path], overlay: str) -> None:
+    pod = one(objects(rendered[overlay]), "Deployment", "sd-triton")["spec"]["template"]["spec"]
+    triton, engines = container(pod, "triton"), container(pod, "engines")
+    args = triton["args"]
+    assert triton["command"] == ["sd-serve"]
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    link = env(engines)["SD_MODEL_REPOSITORY"]
+    assert args[args.index("--model-repository") + 1] == link
+    # The link and the folder it points into must be at the same paths in both containers.
+    for path in (link, env(engines)["SD_ENGINE_CACHE"]):
+        shared = [
+            name
+            for name, m in mounts(engines).items()
+            if f"{path}/".startswith(m["mountPath"].rstrip("/") + "/")
+        ]
+        assert len(shared) == 1, path
+        assert mounts(triton)[shared[0]]["mountPath"] == mounts(engines)[shared[0]]["mountPath"], path
+    assert env(engines)["SD_CHECKPOINT"].startswith(mounts(engines)["checkpoint"]["mountPath"] + "/")
+    if overlay == "cpu":
+        assert env(engines)["SD_ENGINE_TARGET"] == "onnx"
+        assert "nvidia.com/gpu" not in rendered[overlay].read_text()
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_server_pod_security(rendered: dict[str, Path], overlay: str) -> None:
+    deployment = one(objects(rendered[overlay]), "Deployment", "sd-triton")
+    pod = deployment["spec"]["template"]["spec"]
+    user = int(image_user(DOCKERFILES[overlay]).split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == user, "must be the image's USER"
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    pvcs = {name for name, v in volumes(pod).items() if "persistentVolumeClaim" in v}
+    for c in pod["initContainers"] + pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
+        writable = {name for name, m in mounts(c).items() if not m.get("readOnly")}
+        # Writable: emptyDirs, and the engine cache where engines are built into it; never the checkpoint.
+        assert writable - pvcs <= {n for n, v in volumes(pod).items() if "emptyDir" in v}, c["name"]
+        assert writable & pvcs <= ({"engine-cache"} if c["name"] == "engines" else set()), c["name"]
+        cache = image_env(DOCKERFILES[overlay])["XDG_CACHE_HOME"]
+        assert any(m["mountPath"] == cache and name in writable for name, m in mounts(c).items()), c["name"]
+        assert any(m["mountPath"] == "/tmp" and name in writable for name, m in mounts(c).items()), c["name"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Service, scaling, monitoring, network
+
+
+def test_service_hpa_pdb_and_adapter_rule(rendered: dict[str, Path]) -> None:
+    docs = objects(rendered["gpu"])
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = one(docs, "Service", "sd-triton")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "http": 8000,
+        "grpc": 8001,
+        "metrics": 8002,
+    }
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "sd-triton",
+    }
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 600, "engines load slowly"
+
+    config = yaml.safe_load(one(objects(rendered["adapter-rules"]), "ConfigMap")["data"]["config.yaml"])
+    [rule] = config["rules"]
+    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
+    query = rule["metricsQuery"]
+    for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+        assert re.search(rf"rate\({series}\{{<<\.LabelMatchers>>,model=\"pipeline\"\}}\[1m\]\)", query), (
+            series
+        )
+    assert query.index("nv_inference_queue_duration_us") < query.index("/") < query.index("request_success")
+
+
+def test_podmonitor(rendered: dict[str, Path]) -> None:
+    """What kubernetes-validate cannot check for the PodMonitor custom resource."""
+    docs = objects(rendered["gpu"])
+    monitor = one(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["spec"]) == {"selector", "podMetricsEndpoints"}
+    pod = one(docs, "Deployment")["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert "metrics" in {p["name"] for p in container(pod["spec"], "triton")["ports"]}
+
+
+def test_network_policy(rendered: dict[str, Path]) -> None:
+    policy = one(objects(rendered["gpu"]), "NetworkPolicy", "sd-triton")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    allowed = {
+        port["port"]: peer
+        for rule in policy["ingress"]
+        for port in rule["ports"]
+        for peer in rule["from"]
+        if port.get("protocol", "TCP") == "TCP"
+    }
+    client = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"sd-triton/client": "true"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert allowed == {8000: client, 8001: client, 8002: monitoring}
+    assert sum(len(rule["from"]) for rule in policy["ingress"]) == 2
+
+
+def test_perf_job_runs_perf_analyzer_with_the_project_inputs(rendered: dict[str, Path]) -> None:
+    docs = objects(rendered["perf"])
+    pod = one(docs, "Job", "sd-triton-perf")["spec"]["template"]
+    assert pod["metadata"]["labels"]["sd-triton/client"] == "true", (
+        "else the NetworkPolicy drops its requests"
+    )
+    perf = container(pod["spec"], "perf-analyzer")
+    triton_version = dockerfile_args(DOCKERFILES["gpu"])["TRITON_VERSION"]
+    assert perf["image"] == f"nvcr.io/nvidia/tritonserver:{triton_version}-py3-sdk"
+    args = perf["args"]
+    assert perf["command"] == ["perf_analyzer"]
+    assert args[args.index("-m") + 1] == "pipeline" and args[args.index("-i") + 1] == "grpc"
+    service = one(objects(rendered["gpu"]), "Service")
+    assert args[args.index("-u") + 1] == f"{service['metadata']['name']}:8001"
+    inputs = container(pod["spec"], "inputs")
+    source, target = inputs["command"][-2:]
+    assert source == "/opt/sd-triton/perf/inputs/." and target == "/inputs/"
+    data = Path(args[args.index("--input-data") + 1])
+    assert data.parent == Path("/inputs") and (ROOT / "perf/inputs" / data.name).is_file()
+    for dockerfile in DOCKERFILES.values():
+        assert ("COPY", "perf perf/") in final_stage(dockerfile), "the images carry perf/inputs"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Dockerfiles, statically (they are never built here)
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) in order, continuation lines joined, comments dropped."""
+    result: list[tuple[str, str]] = []
+    buffer = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not buffer and (not stripped or stripped.startswith("#")):
+            continue
+        buffer += " " + stripped.removesuffix("\\").strip()
+        if not stripped.endswith("\\"):
+            keyword, _, rest = buffer.strip().partition(" ")
+            result.append((keyword.upper(), " ".join(rest.split())))
+            buffer = ""
+    return result
+
+
+def dockerfile_args(path: Path) -> dict[str, str]:
+    return dict(a.partition("=")[::2] for k, a in instructions(path) if k == "ARG" and "=" in a)
+
+
+def final_stage(path: Path) -> list[tuple[str, str]]:
+    steps = instructions(path)
+    start = max(i for i, (k, _) in enumerate(steps) if k == "FROM")
+    return steps[start:]
+
+
+def image_user(path: Path) -> str:
+    return [a for k, a in final_stage(path) if k == "USER"][-1]
+
+
+def image_env(path: Path) -> dict[str, str]:
+    pairs = [p for k, a in final_stage(path) if k == "ENV" for p in a.split()]
+    return dict(p.partition("=")[::2] for p in pairs)
+
+
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_dockerfile(target: str) -> None:
+    path = DOCKERFILES[target]
+    steps, final, args = instructions(path), final_stage(path), dockerfile_args(path)
+    froms = [a for k, a in steps if k == "FROM"]
+    for base in froms:
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], base.split()[0])
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
+    if target == "gpu":
+        assert re.fullmatch(r"\d\d\.\d\d", args["TRITON_VERSION"])
+        assert froms[-1] == "nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3"
+    user = image_user(path)
+    assert re.fullmatch(r"\d+:\d+", user) and not user.startswith("0:"), "numeric, non-root"
+    assert ("EXPOSE", "8000 8001 8002") in final
+    assert any(k == "HEALTHCHECK" for k, _ in final)
+    assert ("COPY", "deploy/docker/build-engines-cached.sh /usr/local/bin/build-engines-cached") in final
+    assert os.stat(ENGINE_SCRIPT).st_mode & stat.S_IXUSR, "COPY keeps the mode: the script must be executable"
+    run_steps = " ".join(a for k, a in final if k == "RUN")
+    assert not re.search(r"apt-get|apk add|\b(gcc|g\+\+|make|build-essential)\b", run_steps), "no build tools"
+    for keyword, arguments in steps:  # every path copied from the context exists and is not .dockerignored
+        if keyword == "COPY" and "--from=" not in arguments:
+            for source in arguments.split()[:-1]:
+                assert (ROOT / source).exists(), source
+                assert not dockerignored(source), source
+
+
+def dockerignored(source: str) -> bool:
+    patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
+    parts = Path(source).parts
+    return any(
+        Path(*parts[: i + 1]).match(p.removeprefix("**/")) for p in patterns for i in range(len(parts))
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The engine cache script, with stand-ins for nvidia-smi and build-engines
+
+
+@pytest.fixture
+def engine_env(tmp_path: Path) -> dict[str, str]:
+    bin_dir, lib_dir, system = tmp_path / "bin", tmp_path / "lib", tmp_path / "system"
+    for folder in (bin_dir, lib_dir, system):
+        folder.mkdir()
+    # Only the commands the script and the stand-ins use, so that no real nvidia-smi can be found.
+    for name in ("flock", "head", "ln", "mkdir", "mv", "sed", "tr"):
+        found = shutil.which(name)
+        assert found, f"{name} is needed by deploy/docker/build-engines-cached.sh"
+        (system / name).symlink_to(found)
+    (lib_dir / "libnvinfer.so.10.8.0").touch()  # what the key reads, as sd-serve's engine check does
+    fake_build = bin_dir / "build-engines"
+    fake_build.write_text(
+        '#!/bin/sh\necho "$@" >> "$BUILD_LOG"\n[ -z "$BUILD_FAILS" ] || exit 3\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --output ] && mkdir -p "$2"; shift; done\n'
+    )
+    fake_build.chmod(0o755)
+    return {
+        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), str(system)]),
+        "LD_LIBRARY_PATH": str(lib_dir),
+        "BUILD_LOG": str(tmp_path / "build.log"),
+        "SD_CHECKPOINT": "/models/stable-diffusion-v1-4",
+        "SD_ENGINE_CACHE": str(tmp_path / "cache"),
+        "SD_MODEL_REPOSITORY": str(tmp_path / "model-repository"),
+        "HOME": str(tmp_path),
+    }
+
+
+def set_gpu(environment: dict[str, str], name: str | None) -> None:
+    smi = Path(environment["PATH"].split(os.pathsep)[0]) / "nvidia-smi"
+    if name is None:
+        smi.unlink(missing_ok=True)
+    else:
+        smi.write_text(f"#!/bin/sh\necho '{name}'\n")
+        smi.chmod(0o755)
+
+
+def run_engines(environment: dict[str, str], target: str, *options: str, **extra: str) -> tuple[int, str]:
+    bash = shutil.which("bash")
+    assert bash
+    result = run(bash, ENGINE_SCRIPT, *options, env={**environment, "SD_ENGINE_TARGET": target, **extra})
+    return result.returncode, result.stderr
+
+
+def builds(environment: dict[str, str]) -> list[str]:
+    log = Path(environment["BUILD_LOG"])
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_engine_cache_keyed_by_gpu_model_and_tensorrt(engine_env: dict[str, str]) -> None:
+    cache, link = Path(engine_env["SD_ENGINE_CACHE"]), Path(engine_env["SD_MODEL_REPOSITORY"])
+    set_gpu(engine_env, "NVIDIA H100 80GB HBM3")
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")
+    assert code == 0, log
+    key = cache / "nvidia-h100-80gb-hbm3-trt10.8.0"
+    assert builds(engine_env) == [
+        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/repo --target tensorrt "
+        f"--timing-cache {key}/tensorrt-timing.cache --max-size 768"
+    ]
+    assert link.resolve() == (key / "repo").resolve()
+
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")  # another pod, same GPU type
+    assert code == 0 and "up to date" in log, log
+    assert len(builds(engine_env)) == 1
+
+    set_gpu(engine_env, "NVIDIA A10G")  # a mixed fleet: one cache entry per GPU type
+    assert run_engines(engine_env, "tensorrt", "--max-size", "768")[0] == 0
+    assert link.resolve() == (cache / "nvidia-a10g-trt10.8.0/repo").resolve()
+    assert len(builds(engine_env)) == 2
+
+    set_gpu(engine_env, "NVIDIA H100 80GB HBM3")  # other build options: build-engines runs again
+    assert run_engines(engine_env, "tensorrt", "--max-size", "512")[0] == 0
+    assert builds(engine_env)[-1].endswith("--max-size 512") and len(builds(engine_env)) == 3
+
+
+def test_engine_cache_onnx_needs_no_gpu(engine_env: dict[str, str]) -> None:
+    set_gpu(engine_env, None)
+    code, log = run_engines(engine_env, "onnx")
+    assert code == 0, log
+    repo = Path(engine_env["SD_ENGINE_CACHE"]) / "onnx/repo"
+    assert builds(engine_env) == [f"--checkpoint /models/stable-diffusion-v1-4 --output {repo} --target onnx"]
+
+
+def test_engine_cache_failures_are_clear(engine_env: dict[str, str]) -> None:
+    set_gpu(engine_env, None)
+    code, log = run_engines(engine_env, "tensorrt")
+    assert code != 0 and "nvidia-smi is not on PATH" in log, log
+    code, log = run_engines(engine_env, "")
+    assert code != 0 and "SD_ENGINE_TARGET must be tensorrt or onnx" in log, log
+
+    set_gpu(engine_env, "NVIDIA L4")
+    code, log = run_engines(engine_env, "tensorrt", BUILD_FAILS="1")
+    assert code != 0
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / "nvidia-l4-trt10.8.0"
+    assert not (key / "complete").exists() and not Path(engine_env["SD_MODEL_REPOSITORY"]).exists()
+    assert run_engines(engine_env, "tensorrt")[0] == 0 and len(builds(engine_env)) == 2, "retried"
