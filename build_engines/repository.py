@@ -54,10 +54,6 @@ def tensorrt_engine_config(spec: EngineSpec, profile: Profile) -> mc.ModelConfig
     return _engine_config(mc.ModelConfig(name=spec.name, platform="tensorrt_plan"), spec, profile, gpu=True)
 
 
-# Lets UNet calls that arrive while the UNet is idle wait a moment for others; under load they queue anyway.
-UNET_QUEUE_DELAY_US = 500
-
-
 def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, gpu: bool) -> mc.ModelConfig:
     """The batch axis is Triton's (max_batch_size > 0), so the UNet's dynamic batcher can merge calls
     from concurrent requests (at different steps: the timestep is per sample) into one engine run.
@@ -73,8 +69,9 @@ def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, g
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=1)  # one copy of the weights
     if spec.name == UNET:
-        # No preferred sizes: the batcher then forms the largest batch the queue holds (Triton's advice).
-        config.dynamic_batching.max_queue_delay_microseconds = UNET_QUEUE_DELAY_US
+        # Triton's defaults: no preferred sizes and no delay. Calls that queue while the UNet runs go into
+        # its next run together (the largest batch the queue holds); an idle server adds no wait to a call.
+        config.dynamic_batching.SetInParent()
     return config
 
 

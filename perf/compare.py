@@ -12,6 +12,7 @@ exit code is 1 (the report is still written). See perf/README.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import hashlib
@@ -49,6 +50,8 @@ class Settings:
     guidance: float
     prompt: str
     scheduler: str | None  # None: the checkpoint's own
+    concurrency: int = 4  # served throughput is measured at 1 and at this many concurrent requests
+    rounds: int = 3  # requests per client for each throughput figure
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Measurement:
     server_processes: int = 0  # tritonserver and its python backend stubs
     server_peak_rss: int = 0  # bytes, the sum of their VmHWM
     server_pss: int = 0  # bytes, the sum of their Pss after the timed calls
+    pss_by_model: dict[str, list[int]] = field(default_factory=dict)  # "tritonserver" or a model: each Pss
+    many: Callable[[int, int], None] | None = field(default=None, repr=False)  # served: (clients, seed0)
 
     @property
     def median_s(self) -> float:
@@ -92,6 +97,21 @@ def measure(contestants: list[Measurement], repeats: int) -> None:
             m.server_processes = len(pids)
             m.server_peak_rss = sum(proc_status_kib(pid, "VmHWM") for pid in pids) * 1024
             m.server_pss = sum(proc_smaps_rollup_kib(pid, "Pss") for pid in pids) * 1024
+            for pid in pids:
+                pss = proc_smaps_rollup_kib(pid, "Pss") * 1024
+                m.pss_by_model.setdefault(model_of_process(pid), []).append(pss)
+
+
+def throughput(m: Measurement, clients: int, rounds: int) -> float:
+    """Images/s of the server with `clients` concurrent callers, each making `rounds` one-image requests
+    (distinct seeds), after one warm-up round at that concurrency."""
+    assert m.many is not None
+    m.many(clients, 1000)
+    time.sleep(SETTLE_S)
+    started = time.perf_counter()
+    for r in range(rounds):
+        m.many(clients, 2000 + r * clients)
+    return clients * rounds / (time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +204,25 @@ def served(s: Settings, repo: Path, stack: contextlib.ExitStack) -> Measurement:
         )
         return np.stack([np.asarray(image) for image in result.images])
 
-    return Measurement("c", "ours served (Triton, gRPC)", call, server_pid=server.pid)
+    def many(clients: int, first_seed: int) -> None:
+        """`clients` requests at once, one per thread and gRPC channel, seeds first_seed, first_seed+1, ..."""
+
+        def one(seed: int) -> None:
+            with StableDiffusionClient(f"127.0.0.1:{grpc_port}") as own:
+                own.generate(
+                    request.prompt,
+                    steps=request.num_inference_steps,
+                    guidance_scale=request.guidance_scale,
+                    seed=seed,
+                    scheduler=request.scheduler,
+                    width=request.width,
+                    height=request.height,
+                )
+
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(first_seed, first_seed + clients)))
+
+    return Measurement("c", "ours served (Triton, gRPC)", call, server_pid=server.pid, many=many)
 
 
 def optimum_ort(s: Settings) -> Measurement:
@@ -238,6 +276,18 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children.get(pid, [])
     return tree
+
+
+def model_of_process(pid: int) -> str:
+    """The model a python backend stub serves (its first argument is the model's model.py), else
+    "tritonserver"."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
+        return Path(argv[1].decode()).parents[1].name
+    return "tritonserver"
 
 
 def _kib_field(path: Path, name: str) -> int:
@@ -305,7 +355,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def report(s: Settings, results: list[Measurement], repo: Path) -> tuple[str, bool]:
+def report(
+    s: Settings, results: list[Measurement], repo: Path, throughputs: dict[int, float]
+) -> tuple[str, bool]:
     """The Markdown report and whether every image of ours matched diffusers' within TOLERANCE."""
     by_key = {m.key: m for m in results if not m.skipped}
     ref = by_key[REFERENCE]
@@ -362,15 +414,32 @@ def report(s: Settings, results: list[Measurement], repo: Path) -> tuple[str, bo
                 else "(below the timing noise: (c) was faster than (b) here)"
             ),
         ]
+    if len(throughputs) == 2:
+        one, many = throughputs[1], throughputs[s.concurrency]
+        lines.append(
+            f"- served throughput: {one:.2f} images/s at concurrency 1, {many:.2f} at concurrency "
+            f"{s.concurrency}: **{many / one:.2f}×** (target ≥ 1.2× on the tiny checkpoint; {s.rounds} "
+            "one-image requests per client after a warm-up round, distinct seeds)"
+        )
     if c:
         weights = weights_bytes(repo)
         lines += [
-            f"- tritonserver peak RSS (sum of VmHWM over {c.server_processes} processes: the server and its "
-            f"python backend stubs): {_mib(c.server_peak_rss)} = **{c.server_peak_rss / weights:.2f}× the "
-            f"weights** (target ≤ 1.2×); their PSS after the timed calls: {_mib(c.server_pss)} "
-            f"({c.server_pss / weights:.2f}×)",
+            f"- server memory, PSS after the timed calls (shared pages split between their users), summed "
+            f"over "
+            f"{c.server_processes} processes (tritonserver and one python backend stub per model instance): "
+            f"{_mib(c.server_pss)} = **{c.server_pss / weights:.2f}× the weights** (target ≤ 1.2×); the sum "
+            f"of their peak RSS (VmHWM, shared pages counted once per process): {_mib(c.server_peak_rss)} "
+            f"({c.server_peak_rss / weights:.2f}×)",
             f"- weights: {_mib(weights)} (every model.onnx + model.onnx.data in the repository, the unused "
             "vae_encoder included)",
+            "",
+            "| process | count | PSS each | PSS total |",
+            "|---|---:|---|---:|",
+            *(
+                f"| {name} | {len(values)} | {', '.join(_mib(v) for v in values)} | {_mib(sum(values))} |"
+                for name, values in sorted(c.pss_by_model.items())
+            ),
+            "",
         ]
     lines.append(f"- images of (b) and (c) within {TOLERANCE}/255 of (a): {'yes' if parity_ok else '**NO**'}")
     return "\n".join(lines) + "\n", parity_ok
@@ -390,6 +459,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     parser.add_argument("--scheduler", help="our name or A1111 label (default: the checkpoint's own)")
     parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="served throughput at 1 and at this many concurrent requests (default 4; 0: not measured)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="requests per client for throughput (default 3)"
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         help="where the model repository is built (default: a cache folder per checkpoint)",
@@ -402,7 +480,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = args.checkpoint.resolve()
     s = Settings(
-        checkpoint, args.size, args.steps, args.repeats, args.seed, args.guidance, args.prompt, args.scheduler
+        checkpoint,
+        args.size,
+        args.steps,
+        args.repeats,
+        args.seed,
+        args.guidance,
+        args.prompt,
+        args.scheduler,
+        args.concurrency,
+        args.rounds,
     )
     digest = hashlib.sha256(str(checkpoint).encode()).hexdigest()[:8]
     work_dir = args.work_dir or default_cache_dir() / "perf" / f"{checkpoint.name}-{digest}"
@@ -411,10 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:  # stops the server however the run ends
         contestants = [diffusers_eager(s), in_process(s, repo), served(s, repo, stack), optimum_ort(s)]
         measure(contestants, s.repeats)
+        levels = sorted({1, s.concurrency}) if s.concurrency > 1 else []
+        throughputs = {n: throughput(contestants[2], n, s.rounds) for n in levels}
     for m in contestants:
         print(f"perf.compare: ({m.key}) {m.name}: " + (m.skipped or f"median {m.median_s:.3f} s"))
 
-    text, parity_ok = report(s, contestants, repo)
+    text, parity_ok = report(s, contestants, repo, throughputs)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

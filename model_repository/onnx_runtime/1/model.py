@@ -23,6 +23,9 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         # Four engine processes share the cores: threads that spin after a run starve the next engine.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Without the arena, activation memory is returned after each run instead of kept at its peak
+        # (full-size UNet at 256 px: -300 MB, VAE decoder: -460 MB; the same speed after the first run).
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
