@@ -59,8 +59,9 @@ class OnnxRuntimeEngines(Engines):
     ) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        from python_backend.ort_options import session_options
+
+        options = session_options(threads)
         self.device = torch.device(device)
         self._sessions = {
             name: ort.InferenceSession(

@@ -1,0 +1,88 @@
+"""perf.compare's report: the targets it judges, on the checkpoints they are about (no timing here: the
+measurements are given)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_engines.tiny_checkpoint import component_configs
+from perf.compare import Measurement, Settings, is_full_size, report
+
+
+def checkpoint(tmp_path: Path, full_size: bool) -> Path:
+    """The files of a checkpoint that the report reads: the UNet's and the scheduler's configs."""
+    root = tmp_path / ("full" if full_size else "tiny")
+    for path, config in (
+        ("unet/config.json", component_configs(full_size=full_size)["unet"]),
+        ("scheduler/scheduler_config.json", {"_class_name": "PNDMScheduler"}),
+    ):
+        (root / path).parent.mkdir(parents=True)
+        (root / path).write_text(json.dumps(config))
+    return root
+
+
+def repository(tmp_path: Path, weights: int) -> Path:
+    model = tmp_path / "repository" / "unet" / "1"
+    model.mkdir(parents=True)
+    (model / "model.onnx").write_bytes(b"\0" * weights)
+    return model.parents[1]
+
+
+def measurements(a_s: float, b_s: float, c_s: float, server_pss: int) -> list[Measurement]:
+    image = np.zeros((1, 8, 8, 3), np.uint8)
+    return [
+        Measurement("a", "diffusers", latencies_s=[a_s], images=image),
+        Measurement("b", "in-process", latencies_s=[b_s], images=image),
+        Measurement(
+            "c", "served", latencies_s=[c_s], images=image, server_pss=server_pss, pss_by_model={"unet": [1]}
+        ),
+        Measurement("d", "optimum", skipped="not installed"),
+    ]
+
+
+def line_of(text: str, start: str) -> str:
+    (line,) = [line for line in text.splitlines() if line.startswith(start)]
+    return line
+
+
+def test_is_full_size_tells_v1_architecture_from_the_tiny_one(tmp_path: Path) -> None:
+    assert is_full_size(checkpoint(tmp_path, full_size=True))
+    assert not is_full_size(checkpoint(tmp_path, full_size=False))
+
+
+@pytest.mark.parametrize("full_size", [True, False])
+def test_report_judges_each_target_on_the_checkpoint_it_is_about(tmp_path: Path, full_size: bool) -> None:
+    settings = Settings(checkpoint(tmp_path, full_size), 64, 4, 1, 42, 7.5, "p", None)
+    # served 1.25× diffusers, 1.05× in-process, 1.5× the weights' bytes; concurrency 4 gives 1.1×
+    text, parity_ok = report(
+        settings, measurements(2.5, 1.9, 2.0, 1500), repository(tmp_path, 1000), {1: 1.0, 4: 1.1}
+    )
+    assert parity_ok
+    judged = {
+        "- served images/s ÷ diffusers eager": "missed** by 0.25",
+        "- served ÷ in-process latency": "missed** by 0.02",
+        "- server memory": "missed** by 0.30",
+    }
+    for start, verdict in judged.items():
+        line = line_of(text, start)
+        if full_size or start.startswith("- served ÷"):
+            assert verdict in line
+        else:  # speed and memory targets are about SD v1's architecture, not the tiny test model
+            assert "not judged on this checkpoint" in line and "missed" not in line
+    concurrency = line_of(text, "- served throughput")
+    assert ("not judged on this checkpoint" in concurrency) == full_size
+    assert ("missed** by 0.10" in concurrency) == (not full_size)
+    assert "perf/README.md, Targets" in text
+
+
+def test_report_says_met_when_targets_are_met(tmp_path: Path) -> None:
+    settings = Settings(checkpoint(tmp_path, True), 64, 4, 1, 42, 7.5, "p", None)
+    text, _ = report(settings, measurements(4.0, 2.0, 2.0, 1100), repository(tmp_path, 1000), {})
+    assert "met)" in line_of(text, "- served images/s ÷ diffusers eager")
+    assert "met)" in line_of(text, "- served ÷ in-process latency")
+    assert "met)" in line_of(text, "- server memory")
+    assert "missed" not in text and "perf/README.md, Targets" not in text
