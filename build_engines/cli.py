@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from build_engines import onnx_export, repository, tensorrt_engine
+from build_engines.repository import ServingOptions
 from python_backend.serve import default_cache_dir
 from python_backend.shapes import ENGINE_NAMES, TEXT_ENCODER, UNET, PipelineManifest, Profile, engine_specs
 
@@ -82,6 +83,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="let Triton answer a repeated identical `pipeline` request from its response cache (start the "
         "server with --cache-config local,size=BYTES); requests without a fixed seed are cached too",
     )
+    serving.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=ServingOptions.max_queue_size,
+        help="requests that may wait for a free worker; more are refused at once with UNAVAILABLE "
+        "(0: unbounded; default %(default)s)",
+    )
+    serving.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=ServingOptions.queue_timeout_s,
+        metavar="SECONDS",
+        help="a request still waiting for a worker after this long is refused with UNAVAILABLE (0: wait "
+        "forever; a request's own shorter timeout wins; default %(default)s)",
+    )
     parser.add_argument(
         "--model-name", help="name reported in info and infotext (default: checkpoint folder)"
     )
@@ -106,6 +122,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_concurrent_requests = args.max_batch
     if args.max_concurrent_requests < 1:
         parser.error(f"--max-concurrent-requests must be at least 1, got {args.max_concurrent_requests}")
+    if args.max_queue_size < 0:
+        parser.error(f"--max-queue-size must be at least 0, got {args.max_queue_size}")
+    if not 0 <= args.queue_timeout < float("inf"):
+        parser.error(f"--queue-timeout must be a number of seconds >= 0, got {args.queue_timeout}")
     return args
 
 
@@ -186,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = PipelineManifest(
         args.profile, geometry, args.model_name or checkpoint.name, device, model_hash
     )
-    repository.write_pipeline_model(
-        repo, checkpoint, manifest, args.max_concurrent_requests, args.response_cache
+    serving = repository.ServingOptions(
+        args.max_concurrent_requests, args.max_queue_size, args.queue_timeout, args.response_cache
     )
+    repository.write_pipeline_model(repo, checkpoint, manifest, serving)
     print(f"model repository written: {repo}")
     print(f"serve it with: sd-serve --model-repository {repo}")
     return 0

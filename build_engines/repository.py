@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,17 +76,31 @@ def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, g
     return config
 
 
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the pipeline models take load (build-engines' "serving" options).
+
+    One instance (its process imports torch: ~250 MB) generates up to `max_concurrent_requests` requests
+    at once in worker threads. Requests beyond those wait in Triton's queue: at most `max_queue_size`
+    (0: unbounded), each at most `queue_timeout_s` (0: forever; a client's shorter request timeout wins).
+    Past either limit Triton refuses at once with UNAVAILABLE, which a client retries elsewhere or later.
+    `response_cache` (`pipeline` only: Triton caches no decoupled model) answers a repeated request.
+    """
+
+    max_concurrent_requests: int = 1
+    max_queue_size: int = 32
+    queue_timeout_s: float = 300.0
+    response_cache: bool = False
+
+
 def pipeline_config(
     default_scheduler: schedulers.SchedulerChoice,
     gpu_engines: bool,
     streaming: bool = False,
-    max_concurrent_requests: int = 1,
-    response_cache: bool = False,
+    serving: ServingOptions = ServingOptions(),
 ) -> mc.ModelConfig:
     """`pipeline`, or with `streaming` the decoupled `pipeline_stream` (same model.py): progress and
-    previews over gRPC streaming, cancellable. One instance (its process imports torch: ~250 MB)
-    generates up to `max_concurrent_requests` requests at once in worker threads. `response_cache`
-    (`pipeline` only: Triton caches no decoupled model) lets Triton answer a repeated request."""
+    previews over gRPC streaming, cancellable."""
     config = mc.ModelConfig(
         name=PIPELINE_STREAM if streaming else PIPELINE, backend="python", max_batch_size=0
     )
@@ -98,9 +113,17 @@ def pipeline_config(
         _tensor(config.output.add(), "preview", np.object_, (1,))  # PNG
         config.model_transaction_policy.decoupled = True
     else:
-        config.response_cache.enable = response_cache
+        config.response_cache.enable = serving.response_cache
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    config.parameters["max_concurrent_requests"].string_value = str(max_concurrent_requests)
+    config.parameters["max_concurrent_requests"].string_value = str(serving.max_concurrent_requests)
+    # The dynamic batcher here only for its queue policy (max_batch_size 0: one request per execute).
+    # Requests wait in its queue while every worker is busy (model.py blocks in execute), so the queue
+    # metrics (and an autoscaler reading them) see them and the policy bounds them.
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = serving.max_queue_size
+    policy.default_timeout_microseconds = round(serving.queue_timeout_s * 1e6)
+    policy.allow_timeout_override = True  # a request's own `timeout` (only shorter) also bounds its wait
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
     listing = [
         {"name": s.name, "a1111": s.a1111, **({"default": True} if s == default_scheduler else {})}
         for s in schedulers.SCHEDULERS
@@ -152,8 +175,7 @@ def write_pipeline_model(
     repository: Path,
     checkpoint: Path,
     manifest: PipelineManifest,
-    max_concurrent_requests: int = 1,
-    response_cache: bool = False,
+    serving: ServingOptions = ServingOptions(),
 ) -> None:
     """The pipeline models (`pipeline` and the streaming `pipeline_stream`) with what they need from the
     checkpoint: tokenizer, scheduler config, manifest."""
@@ -164,7 +186,7 @@ def write_pipeline_model(
         model_dir = repository / name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
-        config = pipeline_config(default, gpu, streaming, max_concurrent_requests, response_cache)
+        config = pipeline_config(default, gpu, streaming, serving)
         write_config(model_dir, config)
         shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
         shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)

@@ -7,8 +7,10 @@ import io
 import json
 import operator
 import queue
+import random
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +35,11 @@ ImageInput = bytes | str | Path | Image.Image
 STREAM_MODEL = "pipeline_stream"  # the decoupled twin of `pipeline`: progress, previews, cancellation
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
+# Overloaded, stopping, or an engine being restarted: worth retrying (HTTP 503 is Triton's UNAVAILABLE).
+RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "503"})
+# The pipeline's answer when a request's timeout passed while generating (Triton 2.51 has no
+# DEADLINE_EXCEEDED code, so it answers CANCELLED with this prefix).
+SERVER_TIMEOUT_PREFIX = "timeout:"
 
 
 class GenerationError(Exception):
@@ -48,6 +55,10 @@ class GenerationError(Exception):
     def is_invalid_argument(self) -> bool:
         return self.status in INVALID_ARGUMENT_STATUSES
 
+    @property
+    def is_retryable(self) -> bool:
+        return self.status in RETRYABLE_STATUSES
+
 
 def error_from_exception(exc: Exception, url: str, protocol: str) -> GenerationError:
     """Our error for what tritonclient raised: its own exception, or (HTTP) a bare socket error."""
@@ -58,7 +69,9 @@ def error_from_exception(exc: Exception, url: str, protocol: str) -> GenerationE
         status, message = "DEADLINE_EXCEEDED", f"no answer in time: {exc}"
     else:
         status, message = "UNAVAILABLE", str(exc)
-    if status == "UNAVAILABLE":
+    if message.startswith(SERVER_TIMEOUT_PREFIX):
+        status = "DEADLINE_EXCEEDED"
+    elif status == "UNAVAILABLE" and not message.startswith("unavailable:"):  # not the pipeline's own
         message = f"cannot reach the Triton server at {url} over {protocol}: {message}"
     return GenerationError(message, status)
 
@@ -346,7 +359,15 @@ def decode_response(images: np.ndarray, info: bytes) -> GenerationResult:
 
 
 class StableDiffusionClient:
-    """Talks to one `pipeline` model. `timeout_s` bounds each call (None: wait as long as it takes)."""
+    """Talks to one `pipeline` model.
+
+    `timeout_s` bounds each generation (None: wait as long as it takes): the client stops waiting
+    (DEADLINE_EXCEEDED) and the server, which is sent the same timeout, stops generating. `retries`
+    repeats a generation the server refused as UNAVAILABLE (overloaded, stopping, an engine restarting)
+    that many times, after 0.5, 1, 2, ... s (at most `MAX_BACKOFF_S`, with jitter).
+    """
+
+    MAX_BACKOFF_S = 8.0
 
     def __init__(
         self,
@@ -354,13 +375,17 @@ class StableDiffusionClient:
         protocol: str = "grpc",
         model_name: str = "pipeline",
         timeout_s: float | None = None,
+        retries: int = 0,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be one of {sorted(DEFAULT_URLS)}, got {protocol!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be at least 0, got {retries}")
         self.url = url or DEFAULT_URLS[protocol]
         self.protocol = protocol
         self.model_name = model_name
         self.timeout_s = timeout_s
+        self.retries = retries
         # Imported per protocol: gRPC and HTTP each pull in their own stack (grpcio, gevent).
         with self._errors():
             if protocol == "grpc":
@@ -503,13 +528,20 @@ class StableDiffusionClient:
         if on_progress is None:
             inputs = triton_inputs(self._triton, arrays)
             outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]
-            with self._errors():
-                result = self._client.infer(self.model_name, inputs, outputs=outputs, **self._call_kwargs)
+
+            def call() -> Any:
+                with self._errors():
+                    return self._client.infer(
+                        self.model_name, inputs, outputs=outputs, **self._call_kwargs, **self._timeout()
+                    )
         else:
             preview = np.array([preview_every], dtype=np.int32)
-            result = self._stream(
-                triton_inputs(self._triton, [*arrays, ("preview_every", preview)]), on_progress
-            )
+            stream_inputs = triton_inputs(self._triton, [*arrays, ("preview_every", preview)])
+
+            def call() -> Any:
+                return self._stream(stream_inputs, on_progress)
+
+        result = self._with_retries(call)
         images, info = result.as_numpy("images"), result.as_numpy("info")
         if images is None or info is None:
             raise GenerationError("the response lacks the images or info output")
@@ -522,6 +554,22 @@ class StableDiffusionClient:
             )
         return generated
 
+    def _timeout(self) -> dict[str, int]:
+        """Triton's per-request timeout (microseconds): it bounds the request's wait in the server's
+        queue, and the pipeline stops generating once it has run that long."""
+        return {} if self.timeout_s is None else {"timeout": max(1, round(self.timeout_s * 1e6))}
+
+    def _with_retries(self, call: Callable[[], Any]) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except GenerationError as exc:
+                if not exc.is_retryable or attempt == self.retries:
+                    raise
+                backoff = min(self.MAX_BACKOFF_S, 0.5 * 2**attempt)
+                time.sleep(backoff * random.uniform(0.8, 1.2))  # jitter: clients refused together spread
+        raise AssertionError("unreachable")
+
     def _stream(self, inputs: list[Any], on_progress: Callable[[dict[str, Any], bytes | None], None]) -> Any:
         """Run `pipeline_stream` over gRPC streaming: each progress response (and its preview PNG, if any)
         goes to `on_progress`; returns the final response. A timeout, or an exception from `on_progress`
@@ -533,7 +581,7 @@ class StableDiffusionClient:
         with self._errors():
             self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
             try:
-                self._client.async_stream_infer(STREAM_MODEL, inputs)
+                self._client.async_stream_infer(STREAM_MODEL, inputs, **self._timeout())
                 while True:
                     try:
                         result, error = responses.get(timeout=self.timeout_s)

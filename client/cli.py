@@ -69,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         metavar="SECONDS",
-        help="give up on a call after this long (default: no limit)",
+        help="give up on a generation after this long; the server, sent the same timeout, stops generating "
+        "too (default: no limit)",
+    )
+    connection.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="retry a generation the server refused as UNAVAILABLE (overloaded, stopping, an engine "
+        "restarting) up to N times, with exponential backoff (default: 0)",
     )
 
     request = argparse.ArgumentParser(add_help=False)
@@ -414,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         request = request_kwargs(args) if args.command != "schedulers" else {}
-        with StableDiffusionClient(args.url, protocol=args.protocol, timeout_s=args.timeout) as client:
+        with StableDiffusionClient(
+            args.url, protocol=args.protocol, timeout_s=args.timeout, retries=args.retries
+        ) as client:
             if args.command == "schedulers":
                 print(format_scheduler_table(client.schedulers()))
             elif args.command == "grid":

@@ -6,12 +6,22 @@ the GPU between steps; with CPU engines the same code passes CPU tensors without
 
 from __future__ import annotations
 
+import re
+
 import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
-from python_backend.engines import EngineError, Engines
+from python_backend.engines import EngineError, Engines, EngineUnavailable
 from python_backend.shapes import ModelGeometry, engine_specs
+
+# What Triton 2.51 answers a BLS call whose model cannot run now: its stub died ("Stub process 'unet_0_0'
+# is not healthy"), it is unloaded or reloading ("... has no available versions", "... is not ready"),
+# or the server is stopping ("Server not ready"). BLS errors carry no usable code in 2.51 (they all
+# arrive as INTERNAL), so the message is all there is to tell them from a failed run.
+_UNAVAILABLE = re.compile(
+    r"is not healthy|has no available versions|is not ready|Server not ready|unknown model|health mutex"
+)
 
 
 class BlsEngines(Engines):
@@ -33,7 +43,8 @@ class BlsEngines(Engines):
         )
         response = request.exec()
         if response.has_error():
-            raise EngineError(f"{engine}: {response.error().message()}")
+            message = f"{engine}: {response.error().message()}"
+            raise (EngineUnavailable if _UNAVAILABLE.search(message) else EngineError)(message)
         return {
             name: dlpack.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack()).to(
                 self.device

@@ -20,6 +20,11 @@ class EngineError(RuntimeError):
     pass
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot run now but will again (its process died and is being reloaded, the server is
+    stopping): the request is worth retrying, on this server or another."""
+
+
 class Engines(ABC):
     device = torch.device("cpu")
 

@@ -37,11 +37,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from python_backend import supervisor
+
 if TYPE_CHECKING:
     from build_engines.tensorrt_engine import GpuIdentity
 
 TAIL_LINES = 60
 _POLL_INTERVAL_S = 0.2
+TRITON_EXIT_TIMEOUT_S = 10
 # Plain HTTP to our own server: a proxy from the environment must not be asked for 127.0.0.1.
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -251,9 +254,13 @@ class ServeOptions:
     def triton_args(self) -> list[str]:
         return [
             f"--model-repository={self.model_repository}",
-            "--model-control-mode=none",
-            "--strict-readiness=true",
+            # Every model at start, and sd-serve may reload one whose process died (supervisor.py).
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--strict-readiness=true",  # not ready while any model is unloading or loading
             "--exit-on-error=true",  # a model that fails to load ends the server
+            # sd-serve has drained the pipelines before it stops Triton: nothing is left to wait for.
+            f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
             f"--http-address={self.host}",
             f"--grpc-address={self.host}",
             f"--metrics-address={self.host}",
@@ -370,15 +377,30 @@ class TritonProcess:
             self._tail.append(line)
             self.diagnosis.feed(line)
 
-    def wait_ready(self, timeout: float) -> None:
-        """Poll /v2/health/ready until 200; on failure stop the server and raise `ServeError`."""
-        process = self._running_process()
+    @property
+    def http_base(self) -> str:
+        """The HTTP endpoint's base URL, reachable from this machine (a wildcard host is not)."""
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
             self.options.host, self.options.host
         )
-        url = f"http://{_host_port(host, self.options.http_port)}/v2/health/ready"
+        return f"http://{_host_port(host, self.options.http_port)}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.http_base.rsplit(":", 1)[0] + f":{self.options.metrics_port}/metrics"
+
+    def poll(self) -> int | None:
+        return self._running_process().poll()
+
+    def wait_ready(self, timeout: float, stop: threading.Event | None = None) -> bool:
+        """Poll /v2/health/ready until 200 (True), or until `stop` is set (False); on failure stop the
+        server and raise `ServeError`."""
+        process = self._running_process()
+        url = f"{self.http_base}/v2/health/ready"
         deadline = time.monotonic() + timeout
         while True:
+            if stop is not None and stop.is_set():
+                return False
             returncode = process.poll()
             if returncode is not None:
                 raise ServeError(
@@ -391,7 +413,7 @@ class TritonProcess:
                     self.failure_report("tritonserver would wait forever for a model that failed, stopped it")
                 )
             if _http_ok(url):
-                return
+                return True
             if time.monotonic() > deadline:
                 self.stop()
                 raise ServeError(
@@ -409,15 +431,26 @@ class TritonProcess:
         self._join_reader()
         return returncode
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then SIGKILL if Triton has not exited after `timeout` seconds (its own limit is 30 s)."""
+    def stop(self, timeout: float = TRITON_EXIT_TIMEOUT_S + 5) -> int:
+        """SIGTERM, then SIGKILL if Triton has not exited after `timeout` seconds (past its own limit)."""
         process = self._running_process()
         process.terminate()
         try:
             return self.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            return self.wait()
+            return self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL tritonserver and the python backend stubs it started (they would outlive it), and
+        remove their shared memory regions."""
+        process = self._running_process()
+        stubs = supervisor.child_stubs(process.pid)
+        process.kill()
+        supervisor.kill_stubs(stubs)
+        returncode = process.wait()
+        supervisor.reap_adopted_stubs()  # started after we looked, then adopted by us (subreaper)
+        self._join_reader()
+        return returncode
 
     def log_tail(self) -> list[str]:
         return list(self._tail)
@@ -481,43 +514,144 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128 + N, as shells do
 
 
+@dataclass(frozen=True)
+class Supervision:
+    """What `serve` does beyond running tritonserver (see python_backend/supervisor.py)."""
+
+    grace_period_s: float = 30.0  # a stop lets requests in progress finish for this long
+    max_restarts: int = 5  # server restarts allowed within `restart_window_s`; one more ends sd-serve
+    restart_window_s: float = 600.0
+    poll_interval_s: float = 0.5
+    reload_timeout_s: float = 600.0
+
+
 def serve(
-    options: ServeOptions, *, ready_timeout: float = 600.0, command: TritonCommand | None = None
+    options: ServeOptions,
+    *,
+    ready_timeout: float = 600.0,
+    command: TritonCommand | None = None,
+    supervision: Supervision = Supervision(),
 ) -> int:
-    """Run tritonserver until it exits; SIGINT/SIGTERM are forwarded to it. Returns the exit code.
+    """Run tritonserver until asked to stop; keep it serving meanwhile. Returns the exit code.
 
-    Prints the ready line on stdout once the server answers ready. Must run in the main thread (signals).
-    Raises `ServeError` when the server cannot start or fails while nobody asked it to stop.
+    - Prints the ready line on stdout once the server answers ready (and a line each time it recovers).
+    - A python stub that dies is repaired: an engine model is reloaded, a pipeline model by restarting
+      the server; so is a server that exits by itself (at most `max_restarts` times per window).
+    - SIGTERM/SIGINT stop it gracefully: the pipelines refuse new requests (UNAVAILABLE), those in
+      progress get `grace_period_s` to finish, then Triton is stopped. Exit code 0 when none was cut off.
+      A second signal stops at once.
+    Must run in the main thread (signals). Raises `ServeError` when the server cannot start.
     """
-    server = TritonProcess(options, command)
-    stop_signals: list[int] = []
+    signals: list[int] = []
+    stop = threading.Event()
+    state: dict[str, TritonProcess] = {}
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        stop_signals.append(signum)
-        server.send_signal(signum)
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals.append(signum)
+        stop.set()
+        if len(signals) > 1 and "server" in state:  # asked twice: no more waiting
+            state["server"].send_signal(signal.SIGKILL)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    supervisor.become_subreaper()
+    drain_dir = Path(tempfile.mkdtemp(prefix="sd-serve-"))
+    drain_file = drain_dir / "draining"
+    command = command or prepare_tritonserver()
+    command = TritonCommand(
+        command.executable,
+        command.args,
+        {**(command.env or os.environ), supervisor.DRAIN_FILE_ENV: str(drain_file)},
+    )
+    restarts: collections.deque[float] = collections.deque()
     try:
-        with server:  # stops the server should anything below raise while it runs
-            if stop_signals:  # arrived while it was being launched
-                server.send_signal(stop_signals[-1])
-            try:
-                server.wait_ready(ready_timeout)
-            except ServeError:
-                if stop_signals:  # asked to stop while starting: not a failure
-                    return _exit_code(server.wait())
-                raise
-            print(options.ready_line(), flush=True)
-            returncode = server.wait()
-            if returncode != 0 and not stop_signals:
-                raise ServeError(
-                    server.failure_report(f"tritonserver exited with code {returncode}"),
-                    _exit_code(returncode),
+        while True:
+            server = state["server"] = TritonProcess(options, command)
+            with server:  # stops the server should anything below raise while it runs
+                if not server.wait_ready(ready_timeout, stop):
+                    return _stop(server, drain_file, 0)  # asked to stop while it was starting
+                print(
+                    options.ready_line() if not restarts else f"sd-serve: recovered; {options.ready_line()}",
+                    flush=True,
                 )
-            return _exit_code(returncode)
+                problem = _watch(server, stop, supervision)
+                if problem is None:
+                    return _stop(server, drain_file, supervision.grace_period_s)
+                now = time.monotonic()
+                while restarts and now - restarts[0] > supervision.restart_window_s:
+                    restarts.popleft()
+                if len(restarts) >= supervision.max_restarts:
+                    server.kill()
+                    raise ServeError(
+                        server.failure_report(
+                            f"{problem}; not restarting tritonserver again: it was restarted "
+                            f"{len(restarts)} times in the last {supervision.restart_window_s:g} s"
+                        )
+                    )
+                restarts.append(now)
+                _log(f"{problem}; restarting tritonserver")
+                server.kill()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        supervisor.reap_adopted_stubs()
+        shutil.rmtree(drain_dir, ignore_errors=True)
+
+
+def _log(message: str) -> None:
+    print(f"sd-serve: {message}", file=sys.stderr, flush=True)
+
+
+def _watch(server: TritonProcess, stop: threading.Event, supervision: Supervision) -> str | None:
+    """Watch the running server until `stop` is set (None) or it needs a restart (the reason why).
+
+    Engine models whose stub died are reloaded here; the server is not ready meanwhile.
+    """
+    pid = server.pid
+    assert pid is not None
+    control = supervisor.ModelControl(server.http_base, server.metrics_url)
+    stubs = supervisor.child_stubs(pid)
+    while not stop.wait(supervision.poll_interval_s):
+        returncode = server.poll()
+        if returncode is not None:
+            return f"tritonserver exited with code {returncode}"
+        dead = [stub for stub in stubs if not supervisor.is_alive(stub)]
+        if not dead:
+            continue
+        for stub in dead:
+            if stub.is_pipeline:  # its requests hang and it cannot be unloaded: see supervisor.py
+                return f"the {stub.model} model's process (pid {stub.pid}) died"
+        for model in sorted({stub.model for stub in dead}):
+            _log(f"the {model} model's process died; reloading it (the server is not ready until then)")
+            started = time.monotonic()
+            try:
+                control.unload(model)
+                control.load(model, supervision.reload_timeout_s)
+            except (OSError, RuntimeError) as e:
+                return f"reloading {model} failed: {e}"
+            _log(f"{model} reloaded in {time.monotonic() - started:.1f} s")
+        stubs = supervisor.child_stubs(pid)
+    return None
+
+
+def _stop(server: TritonProcess, drain_file: Path, grace_period_s: float) -> int:
+    """Refuse new requests, give those in progress `grace_period_s`, then stop Triton."""
+    drain_file.touch()
+    control = supervisor.ModelControl(server.http_base, server.metrics_url)
+    deadline = time.monotonic() + grace_period_s
+    in_progress = 0
+    while server.poll() is None:
+        try:
+            in_progress = control.requests_in_progress()
+        except OSError:  # metrics disabled or not answering: nothing to wait on
+            break
+        if in_progress == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(_POLL_INTERVAL_S)
+    returncode = server.stop() if server.poll() is None else server.wait()
+    if in_progress:
+        _log(f"{in_progress} request(s) still in progress after the grace period of {grace_period_s:g} s")
+        return 1
+    return _exit_code(returncode)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -558,6 +692,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ready-timeout", type=float, default=600.0, metavar="SECONDS", help="give up if not ready by then"
     )
     parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=Supervision.grace_period_s,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, refuse new requests and give those in progress this long to finish "
+        "(default %(default)s; a second signal stops at once)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=Supervision.max_restarts,
+        metavar="N",
+        help="restart a crashed tritonserver (or one whose pipeline process died) at most N times in "
+        f"{Supervision.restart_window_s:g} s, then exit non-zero (default %(default)s)",
+    )
+    parser.add_argument(
         "--skip-engine-check",
         action="store_true",
         help="start Triton even if the TensorRT engines' sidecars say they were built for another "
@@ -577,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.skip_engine_check:
             for warning in check_engines(options.model_repository):
                 print(f"sd-serve: warning: {warning}", file=sys.stderr, flush=True)
-        return serve(options, ready_timeout=args.ready_timeout)
+        supervision = Supervision(grace_period_s=args.grace_period, max_restarts=args.max_restarts)
+        return serve(options, ready_timeout=args.ready_timeout, supervision=supervision)
     except ServeError as e:
         print(f"sd-serve: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

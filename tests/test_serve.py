@@ -24,7 +24,7 @@ from build_engines import tensorrt_engine as te
 from build_engines.tensorrt_engine import GpuIdentity, PlanRecord
 from python_backend import serve
 from python_backend.serve import free_ports
-from tests.triton_server import PROJECT_ROOT, TritonServer, run_sd_serve, tritonserver_available
+from tests.triton_server import PROJECT_ROOT, TritonServer, group_alive, run_sd_serve, tritonserver_available
 
 requires_tritonserver = pytest.mark.skipif(
     not tritonserver_available(), reason="no tritonserver on PATH and nvidia-pytriton not installed"
@@ -149,14 +149,6 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @requires_tritonserver
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["SIGTERM to sd-serve", "SIGINT to the group (Ctrl-C)"])
@@ -173,7 +165,7 @@ def test_signal_stops_server_cleanly(identity_repository: Path, how: str) -> Non
         elapsed = time.monotonic() - started
         assert returncode == 0, server.log()
         assert elapsed < 20, f"took {elapsed:.1f} s\n{server.log()}"
-        assert not _group_alive(pgid), "tritonserver or a stub outlived sd-serve"
+        assert not group_alive(pgid), "tritonserver or a stub outlived sd-serve"
         for port in (server.http_port, server.grpc_port, server.metrics_port):
             assert _port_is_free(port), f"port {port} still bound"
 

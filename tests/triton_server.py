@@ -70,6 +70,14 @@ def run_sd_serve(*args: str, timeout: float = 60.0) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(process.args, process.returncode, output)
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _kill_group(process: subprocess.Popen[str]) -> None:
     """SIGKILL whatever is left in the process group `process` leads (tritonserver, stubs), then reap it."""
     try:
@@ -87,13 +95,15 @@ class TritonServer:
         model_repository: Path,
         *,
         extra_args: Sequence[str] = (),
+        sd_serve_args: Sequence[str] = (),
         ready_timeout: float = 120.0,
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         log_lines: int = 5000,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
-        self.extra_args = tuple(extra_args)
+        self.extra_args = tuple(extra_args)  # tritonserver's, after `--`
+        self.sd_serve_args = tuple(sd_serve_args)
         self.ready_timeout = ready_timeout
         self.env = env
         self.host = host
@@ -102,6 +112,7 @@ class TritonServer:
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._ready = threading.Event()
         self._reader: threading.Thread | None = None
+        self.left_behind = False
 
     @property
     def http_url(self) -> str:
@@ -146,6 +157,7 @@ class TritonServer:
                 f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}",
                 f"--ready-timeout={self.ready_timeout}",
+                *self.sd_serve_args,
                 "--",
                 *self.extra_args,
             ),
@@ -177,8 +189,23 @@ class TritonServer:
             if line.startswith(READY_PREFIX):
                 self._ready.set()
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM sd-serve (tritonserver takes ~4.5 s to stop), wait, then kill what is left of the group."""
+    def triton_pid(self) -> int | None:
+        """The tritonserver sd-serve runs now (its child), None when there is none."""
+        if self.process is None:
+            return None
+        for entry in Path("/proc").iterdir():
+            try:
+                text = (entry / "stat").read_text() if entry.name.isdigit() else ""
+            except OSError:
+                continue
+            name, _, rest = text.rpartition(")")
+            if rest and "tritonserver" in name and int(rest.split()[1]) == self.process.pid:
+                return int(entry.name)
+        return None
+
+    def stop(self, timeout: float = 45.0) -> int | None:
+        """SIGTERM sd-serve (a graceful stop: it drains, then stops tritonserver), wait, then kill what is
+        left of the group. `left_behind` tells whether anything was (sd-serve should leave nothing)."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -187,6 +214,7 @@ class TritonServer:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
+        self.left_behind = self.process.poll() is not None and group_alive(self.process.pid)
         self.kill()
         return self.process.returncode
 

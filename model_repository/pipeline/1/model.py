@@ -6,10 +6,16 @@ One instance generates up to `max_concurrent_requests` requests at once, each in
 answers through the request's response sender (allowed for non-decoupled models too: one final
 response). Threads, not instances: the torch and diffusers of a process cost ~250 MB. Their UNet calls
 meet in the UNet's dynamic batcher.
+
+A request's Triton `timeout` (microseconds, as every Triton client can send it) bounds its wait in the
+queue (Triton's queue policy) and its generation: the denoising loop stops once it has run that long,
+since Triton 2.51 does not cancel a unary request whose client gave up.
 """
 
 import json
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,12 +23,18 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.bls import BlsEngines
+from python_backend.engines import EngineUnavailable
 from python_backend.metrics import PipelineMetrics
 from python_backend.pipeline import Cancelled, PipelineAssets, generate
 from python_backend.previews import preview_png
 from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS, InvalidInput, request_from_inputs
+from python_backend.supervisor import DRAIN_FILE_ENV
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class DeadlineExceeded(Cancelled):
+    pass
 
 
 class TritonPythonModel:
@@ -37,26 +49,48 @@ class TritonPythonModel:
         workers = int(config["parameters"]["max_concurrent_requests"]["string_value"])
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="generate")
         self.free_workers = threading.BoundedSemaphore(workers)
+        # sd-serve creates this file when it starts a graceful stop: new requests are refused from then on.
+        self.drain_file = os.environ.get(DRAIN_FILE_ENV)
 
     def execute(self, requests):
         for request in requests:
+            if self.drain_file and os.path.exists(self.drain_file):
+                _refuse(
+                    request, "unavailable: the server is shutting down; retry (another replica will take it)"
+                )
+                continue
+            timeout_s = request.timeout() / 1e6
+            deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+            self.metrics.started()
             # Block while every worker is busy: later requests then wait in Triton's queue, where its
-            # queue metrics (and an autoscaler reading them) see them.
-            self.free_workers.acquire()
-            self.pool.submit(self._serve, request)
+            # queue policy bounds them and its queue metrics (and an autoscaler reading them) see them.
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.free_workers.acquire(timeout=wait):
+                self.metrics.finished()
+                self.metrics.failed("unavailable")
+                _refuse(
+                    request,
+                    f"unavailable: no worker was free within the request's timeout of {timeout_s:g} s (the "
+                    "server is busy); retry later or on another server",
+                )
+                continue
+            self.pool.submit(self._serve, request, deadline)
         return None
 
     def finalize(self):
         self.pool.shutdown(wait=True)
+        self.metrics.close()  # now, not in the interpreter's teardown (see PipelineMetrics.close)
 
-    def _serve(self, request):
+    def _serve(self, request, deadline):
         try:
             sender = request.get_response_sender()
-            sender.send(self._respond(request, sender if self.streaming else None), flags=FINAL)
+            response = self._respond(request, sender if self.streaming else None, deadline)
+            sender.send(response, flags=FINAL)
         finally:
             self.free_workers.release()
+            self.metrics.finished()
 
-    def _respond(self, request, sender):
+    def _respond(self, request, sender, deadline):
         inputs = {}
         for name in (*REQUEST_INPUTS, *STREAM_INPUTS):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -71,6 +105,8 @@ class TritonPythonModel:
             steps = progress.step
             if request.is_cancelled():  # the client went away (stream cancelled, timeout): stop now
                 raise Cancelled
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded
             if sender is None:
                 return
             status = {
@@ -88,20 +124,42 @@ class TritonPythonModel:
             result = generate(request_from_inputs(inputs), self.engines, self.assets, on_step)
         except InvalidInput as e:
             self.metrics.failed("invalid_input")
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+            return _error(str(e), pb_utils.TritonError.INVALID_ARG)
+        except DeadlineExceeded:
+            # Triton 2.51 has no DEADLINE_EXCEEDED code; the client's own deadline (sd-client --timeout
+            # sets both) gives it that status, and the message says which limit it was.
+            self.metrics.failed("timeout")
+            return _error(
+                f"timeout: the request's timeout of {request.timeout() / 1e6:g} s passed after {steps} "
+                "denoising step(s); send a longer timeout, or fewer steps or a smaller size",
+                pb_utils.TritonError.CANCELLED,
+            )
+        except EngineUnavailable as e:
+            self.metrics.failed("unavailable")
+            return _error(
+                f"unavailable: {e}; the server is restarting that engine or stopping: retry in a few seconds",
+                pb_utils.TritonError.UNAVAILABLE,
             )
         except Cancelled:
             self.metrics.cancelled()
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
-            )
+            return _error("cancelled", pb_utils.TritonError.CANCELLED)
         except Exception as e:  # one failed request must not fail the others
             self.logger.log_error(f"pipeline: request failed: {e!r}")
             self.metrics.failed("error")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
+            return _error(f"generation failed (a bug: please report it with the request): {e}")
         self.metrics.generated(len(result.images), steps, result.info["timings_ms"])
         info = np.array([json.dumps(result.info).encode()], dtype=np.object_)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("images", result.images), pb_utils.Tensor("info", info)]
         )
+
+
+def _refuse(request, message):
+    """Answer a request that will not be generated: UNAVAILABLE, which clients retry (later, elsewhere)."""
+    request.get_response_sender().send(_error(message, pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+
+
+def _error(message, code=None):
+    # pb_utils.TritonError exists only once the stub has set the module up, not at import.
+    error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL if code is None else code)
+    return pb_utils.InferenceResponse(error=error)
