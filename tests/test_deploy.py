@@ -9,6 +9,7 @@ tests fail, saying so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -398,25 +401,45 @@ def dockerignored(source: str) -> bool:
 # The engine cache script, with stand-ins for nvidia-smi and build-engines
 
 
-@pytest.fixture
-def engine_env(tmp_path: Path) -> dict[str, str]:
-    bin_dir, lib_dir, system = tmp_path / "bin", tmp_path / "lib", tmp_path / "system"
-    for folder in (bin_dir, lib_dir, system):
-        folder.mkdir()
-    # Only the commands the script and the stand-ins use, so that no real nvidia-smi can be found.
-    for name in ("flock", "head", "ln", "mkdir", "mv", "sed", "tr"):
+# The commands the script and the stand-ins use, linked into a folder of their own so that no real nvidia-smi
+# (or build-engines) can be found.
+ENGINE_SCRIPT_COMMANDS = "cp flock head id ln mkdir mv rm sed sha256sum sort stat tr".split()
+# The stand-in for build-engines: logs its arguments, appends "partial" to <output>/progress, fails if told
+# to, else appends "done". So a repository's progress file tells how it was made: "partial done" fresh, one
+# more "partial" per interrupted attempt resumed, the seed's lines first when started from a copy of another
+# build.
+FAKE_BUILD_ENGINES = """#!/bin/sh
+echo "$@" >> "$BUILD_LOG"
+out=
+while [ $# -gt 0 ]; do [ "$1" = --output ] && out=$2; shift; done
+mkdir -p "$out"
+echo partial >> "$out/progress"
+[ -z "$BUILD_FAILS" ] || exit 3
+echo done >> "$out/progress"
+"""
+FRESH = "partial\ndone\n"
+
+
+def link_commands(folder: Path) -> None:
+    folder.mkdir()
+    for name in ENGINE_SCRIPT_COMMANDS:
         found = shutil.which(name)
         assert found, f"{name} is needed by deploy/docker/build-engines-cached.sh"
-        (system / name).symlink_to(found)
+        (folder / name).symlink_to(found)
+
+
+@pytest.fixture
+def engine_env(tmp_path: Path) -> dict[str, str]:
+    bin_dir, lib_dir = tmp_path / "bin", tmp_path / "lib"
+    for folder in (bin_dir, lib_dir):
+        folder.mkdir()
+    link_commands(tmp_path / "system")
     (lib_dir / "libnvinfer.so.10.8.0").touch()  # what the key reads, as sd-serve's engine check does
     fake_build = bin_dir / "build-engines"
-    fake_build.write_text(
-        '#!/bin/sh\necho "$@" >> "$BUILD_LOG"\n[ -z "$BUILD_FAILS" ] || exit 3\n'
-        'while [ $# -gt 0 ]; do [ "$1" = --output ] && mkdir -p "$2"; shift; done\n'
-    )
+    fake_build.write_text(FAKE_BUILD_ENGINES)
     fake_build.chmod(0o755)
     return {
-        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), str(system)]),
+        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), str(tmp_path / "system")]),
         "LD_LIBRARY_PATH": str(lib_dir),
         "BUILD_LOG": str(tmp_path / "build.log"),
         "SD_CHECKPOINT": "/models/stable-diffusion-v1-4",
@@ -443,21 +466,47 @@ def run_engines(environment: dict[str, str], target: str, *options: str, **extra
 
 
 def builds(environment: dict[str, str]) -> list[str]:
+    """The calls of build-engines so far, one line of arguments each."""
     log = Path(environment["BUILD_LOG"])
     return log.read_text().splitlines() if log.exists() else []
 
 
+def published(key: Path) -> dict[str, Path]:
+    """The finished builds of a cache key: {the options they were built with: their folder}."""
+    found = {}
+    for folder in key.iterdir():
+        if re.fullmatch(r"[0-9a-f]{64}", folder.name):
+            stamp = (folder / "stamp").read_bytes()
+            assert hashlib.sha256(stamp).hexdigest() == folder.name, "a build's folder is named by its stamp"
+            [options] = [line for line in stamp.decode().splitlines() if line.startswith("options=")]
+            found[options.removeprefix("options=")] = folder
+    return found
+
+
+def linked(environment: dict[str, str]) -> Path:
+    return Path(environment["SD_MODEL_REPOSITORY"]).resolve()
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+H100 = ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3-trt10.8.0")
+
+
 def test_engine_cache_keyed_by_gpu_model_and_tensorrt(engine_env: dict[str, str]) -> None:
-    cache, link = Path(engine_env["SD_ENGINE_CACHE"]), Path(engine_env["SD_MODEL_REPOSITORY"])
-    set_gpu(engine_env, "NVIDIA H100 80GB HBM3")
+    cache = Path(engine_env["SD_ENGINE_CACHE"])
+    set_gpu(engine_env, H100[0])
     code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")
     assert code == 0, log
-    key = cache / "nvidia-h100-80gb-hbm3-trt10.8.0"
+    key = cache / H100[1]
+    [build] = published(key).values()
     assert builds(engine_env) == [
-        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/repo --target tensorrt "
-        f"--timing-cache {key}/tensorrt-timing.cache --max-size 768"
+        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/.build-{build.name}/repo "
+        f"--target tensorrt --timing-cache {key}/tensorrt-timing.cache --max-size 768"
     ]
-    assert link.resolve() == (key / "repo").resolve()
+    assert linked(engine_env) == (build / "repo").resolve()
+    assert (build / "repo/progress").read_text() == FRESH
 
     code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")  # another pod, same GPU type
     assert code == 0 and "up to date" in log, log
@@ -465,20 +514,89 @@ def test_engine_cache_keyed_by_gpu_model_and_tensorrt(engine_env: dict[str, str]
 
     set_gpu(engine_env, "NVIDIA A10G")  # a mixed fleet: one cache entry per GPU type
     assert run_engines(engine_env, "tensorrt", "--max-size", "768")[0] == 0
-    assert link.resolve() == (cache / "nvidia-a10g-trt10.8.0/repo").resolve()
+    [a10g] = published(cache / "nvidia-a10g-trt10.8.0").values()
+    assert linked(engine_env) == (a10g / "repo").resolve()
     assert len(builds(engine_env)) == 2
 
-    set_gpu(engine_env, "NVIDIA H100 80GB HBM3")  # other build options: build-engines runs again
+    set_gpu(engine_env, H100[0])  # other build options: build-engines runs again, into a build of their own
     assert run_engines(engine_env, "tensorrt", "--max-size", "512")[0] == 0
     assert builds(engine_env)[-1].endswith("--max-size 512") and len(builds(engine_env)) == 3
+    assert set(published(key)) == {"--max-size 768", "--max-size 512"}
+
+
+def test_engine_cache_builds_beside_what_pods_serve(engine_env: dict[str, str]) -> None:
+    """A build that pods serve is never written again: a new image or other options build into a folder of
+    their own (starting from a copy), and two versions in one cache no longer rebuild each other."""
+    set_gpu(engine_env, H100[0])
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / H100[1]
+    assert run_engines(engine_env, "tensorrt", "--max-size", "768")[0] == 0
+    old = published(key)["--max-size 768"]
+    served = files(old / "repo")
+
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "512")  # the new version's first pod
+    assert code == 0, log
+    new = published(key)["--max-size 512"]
+    assert files(old / "repo") == served, "the build the old pods serve was modified"
+    assert (new / "repo/progress").read_text() == FRESH + FRESH, "starts from a copy of the build in use"
+    assert linked(engine_env) == (new / "repo").resolve()
+
+    # An old pod restarting during the rollout, then a new one: each links its own build, nothing is rebuilt.
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")
+    assert code == 0 and "up to date" in log and linked(engine_env) == (old / "repo").resolve(), log
+    assert run_engines(engine_env, "tensorrt", "--max-size", "512")[0] == 0
+    assert linked(engine_env) == (new / "repo").resolve()
+    assert len(builds(engine_env)) == 2 and files(old / "repo") == served
+    assert not [p for p in key.iterdir() if p.name.startswith(".build-")]
+
+
+def test_engine_cache_interrupted_build_resumes_and_is_never_served(engine_env: dict[str, str]) -> None:
+    set_gpu(engine_env, "NVIDIA L4")
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / "nvidia-l4-trt10.8.0"
+    code, log = run_engines(engine_env, "tensorrt", BUILD_FAILS="1")
+    assert code != 0, log
+    assert not published(key) and not os.path.lexists(engine_env["SD_MODEL_REPOSITORY"])
+    [work] = [p for p in key.iterdir() if p.name.startswith(".build-")]
+
+    code, log = run_engines(engine_env, "tensorrt")  # the pod's next attempt
+    assert code == 0 and "resuming" in log, log
+    [build] = published(key).values()
+    assert build.name == work.name.removeprefix(".build-") and not work.exists()
+    assert (build / "repo/progress").read_text() == "partial\n" + FRESH, "resumed where it stopped"
+    assert linked(engine_env) == (build / "repo").resolve() and len(builds(engine_env)) == 2
+
+
+def test_engine_cache_removes_builds_no_pod_may_serve(engine_env: dict[str, str]) -> None:
+    """After a build, the builds beyond the SD_ENGINE_CACHE_KEEP (2) most recently linked are removed, and so
+    are abandoned partial builds; the previous build, which the old version's pods serve, stays."""
+    set_gpu(engine_env, H100[0])
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / H100[1]
+    for size in ("512", "640", "512"):  # the last one links 512 again: now the most recently used after 640
+        assert run_engines(engine_env, "tensorrt", "--max-size", size)[0] == 0
+    assert set(published(key)) == {"--max-size 512", "--max-size 640"}, "nothing removed without a build"
+    abandoned = key / f".build-{'f' * 64}"
+    (abandoned / "repo").mkdir(parents=True)
+
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")
+    assert code == 0, log
+    assert set(published(key)) == {"--max-size 768", "--max-size 512"}, log
+    assert not abandoned.exists() and not [p for p in key.iterdir() if p.name.startswith(".remove-")]
+
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "1024", SD_ENGINE_CACHE_KEEP="3")
+    assert code == 0, log
+    assert set(published(key)) == {"--max-size 1024", "--max-size 768", "--max-size 512"}
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768", SD_ENGINE_CACHE_KEEP="1")
+    assert code != 0 and "SD_ENGINE_CACHE_KEEP must be a number of builds, at least 2" in log, log
 
 
 def test_engine_cache_onnx_needs_no_gpu(engine_env: dict[str, str]) -> None:
     set_gpu(engine_env, None)
     code, log = run_engines(engine_env, "onnx")
     assert code == 0, log
-    repo = Path(engine_env["SD_ENGINE_CACHE"]) / "onnx/repo"
-    assert builds(engine_env) == [f"--checkpoint /models/stable-diffusion-v1-4 --output {repo} --target onnx"]
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / "onnx"
+    [build] = published(key).values()
+    assert builds(engine_env) == [
+        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/.build-{build.name}/repo --target onnx"
+    ]
 
 
 def test_engine_cache_failures_are_clear(engine_env: dict[str, str]) -> None:
@@ -487,10 +605,58 @@ def test_engine_cache_failures_are_clear(engine_env: dict[str, str]) -> None:
     assert code != 0 and "nvidia-smi is not on PATH" in log, log
     code, log = run_engines(engine_env, "")
     assert code != 0 and "SD_ENGINE_TARGET must be tensorrt or onnx" in log, log
+    assert not builds(engine_env)
 
-    set_gpu(engine_env, "NVIDIA L4")
-    code, log = run_engines(engine_env, "tensorrt", BUILD_FAILS="1")
-    assert code != 0
-    key = Path(engine_env["SD_ENGINE_CACHE"]) / "nvidia-l4-trt10.8.0"
-    assert not (key / "complete").exists() and not Path(engine_env["SD_MODEL_REPOSITORY"]).exists()
-    assert run_engines(engine_env, "tensorrt")[0] == 0 and len(builds(engine_env)) == 2, "retried"
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder that another user can enter (pytest's tmp_path is private to ours)."""
+    folder = Path(tempfile.mkdtemp(prefix="sd-triton-deploy-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_engine_cache_names_the_cause_when_the_volume_is_not_writable(shared_tmp: Path) -> None:
+    """A fresh NFS-like share: owned by root, mode 755, and the pod's user 10001 (fsGroup not applied). Run
+    as that user where the tests run as root, else as ourselves with the share made read-only."""
+    link_commands(shared_tmp / "system")
+    script = shared_tmp / "build-engines-cached"
+    shutil.copy(ENGINE_SCRIPT, script)
+    cache = shared_tmp / "cache"
+    cache.mkdir(mode=0o755)
+    bash = shutil.which("bash")
+    assert bash
+    command: list[str | Path] = [bash, script]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) runs the script as another user"
+        command = [setpriv, "--reuid", "10001", "--regid", "10001", "--clear-groups", *command]
+        user, mode = "10001", "755"
+    else:
+        cache.chmod(0o555)
+        user, mode = str(os.geteuid()), "555"
+    environment = {
+        "PATH": str(shared_tmp / "system"),
+        "SD_ENGINE_TARGET": "onnx",
+        "SD_CHECKPOINT": "/models/stable-diffusion-v1-4",
+        "SD_ENGINE_CACHE": str(cache),
+        "SD_MODEL_REPOSITORY": str(shared_tmp / "model-repository"),
+    }
+    try:
+        result = run(*command, env=environment)
+    finally:
+        cache.chmod(0o755)
+    assert result.returncode != 0
+    log = " ".join(result.stderr.split())
+    assert (
+        f"cannot write to {cache} (owner uid {cache.stat().st_uid} gid {cache.stat().st_gid}, mode {mode})"
+        in log
+    )
+    assert f"as uid {user}" in log and "fsGroupPolicy is File" in log, log
+    section = re.search(r"see deploy/README\.md, '([^']+)'", log)
+    assert section, log
+    headings = re.findall(r"^#+ (.+)$", (DEPLOY / "README.md").read_text(), re.MULTILINE)
+    assert section[1] in headings, "the section the message names"
