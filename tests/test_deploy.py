@@ -9,13 +9,18 @@ tests fail, saying so.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
+import math
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,20 +287,166 @@ def test_podmonitor(rendered: dict[str, Path]) -> None:
     assert "metrics" in {p["name"] for p in container(pod["spec"], "triton")["ports"]}
 
 
-def test_network_policy(rendered: dict[str, Path]) -> None:
-    policy = one(objects(rendered["gpu"]), "NetworkPolicy", "sd-triton")["spec"]
-    assert policy["policyTypes"] == ["Ingress"]
-    allowed = {
-        port["port"]: peer
-        for rule in policy["ingress"]
-        for port in rule["ports"]
-        for peer in rule["from"]
-        if port.get("protocol", "TCP") == "TCP"
-    }
-    client = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"sd-triton/client": "true"}}}
-    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-    assert allowed == {8000: client, 8001: client, 8002: monitoring}
-    assert sum(len(rule["from"]) for rule in policy["ingress"]) == 2
+# A NetworkPolicy evaluator for the tests below: which peers a policy lets in or out, on which port.
+Peer = dict[str, Any]  # {"namespace": name, "labels": {...}} for a pod, {"ip": "a.b.c.d"} for an address
+
+
+def pod_peer(namespace: str, **labels: str) -> Peer:
+    return {"namespace": namespace, "labels": labels}
+
+
+def address(ip: str) -> Peer:
+    return {"ip": ip}
+
+
+KUBE_DNS = pod_peer("kube-system", **{"k8s-app": "kube-dns"})
+METADATA = address("169.254.169.254")  # the cloud's instance metadata service
+PUBLIC = address("18.239.50.1")  # an address outside every private range (a CDN's)
+
+
+def selects(selector: Manifest, labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        value = labels.get(e["key"])
+        ok = {
+            "In": value in e.get("values", []),
+            "NotIn": value not in e.get("values", []),
+            "Exists": value is not None,
+            "DoesNotExist": value is None,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def peer_matches(rule_peer: Manifest, policy_namespace: str, peer: Peer) -> bool:
+    if "ipBlock" in rule_peer:
+        if "ip" not in peer:
+            return False  # pods are matched by selectors here (their IPs being unknown)
+        ip, block = ipaddress.ip_address(peer["ip"]), rule_peer["ipBlock"]
+        excepted = [ipaddress.ip_network(n) for n in block.get("except", [])]
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(ip in n for n in excepted)
+    if "ip" in peer:
+        return False
+    # The API server labels every namespace with its name.
+    namespace_labels = {"kubernetes.io/metadata.name": peer["namespace"]}
+    if "namespaceSelector" in rule_peer:
+        in_namespace = selects(rule_peer["namespaceSelector"], namespace_labels)
+    else:
+        in_namespace = peer["namespace"] == policy_namespace
+    return in_namespace and selects(rule_peer.get("podSelector", {}), peer["labels"])
+
+
+def allows(policy: Manifest, direction: str, peer: Peer, port: int, protocol: str = "TCP") -> bool:
+    """Whether `policy` lets `peer` in (direction "ingress") or out to it ("egress") on `port`; a policy that
+    does not isolate that direction allows everything."""
+    spec = policy["spec"]
+    if direction.capitalize() not in spec.get("policyTypes", ["Ingress"]):
+        return True
+    for rule in spec.get(direction) or []:
+        ports = rule.get("ports") or [{}]
+        if not any(p.get("protocol", "TCP") == protocol and p.get("port", port) == port for p in ports):
+            continue
+        peers = rule.get("from" if direction == "ingress" else "to")
+        if not peers or any(peer_matches(r, policy["metadata"]["namespace"], peer) for r in peers):
+            return True
+    return False
+
+
+def overlay_client_namespaces(overlay: str) -> list[str]:
+    """The client namespaces an overlay's kustomization.yaml sets in the server's NetworkPolicy."""
+    kustomization = yaml.safe_load((DEPLOY / KUSTOMIZATIONS[overlay] / "kustomization.yaml").read_text())
+    [patch] = [p for p in kustomization["patches"] if p.get("target", {}).get("kind") == "NetworkPolicy"]
+    [operation] = yaml.safe_load(patch["patch"])
+    return list(operation["value"])
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_network_policy(rendered: dict[str, Path], overlay: str) -> None:
+    docs = objects(rendered[overlay])
+    policy = one(docs, "NetworkPolicy", "sd-triton")
+    server = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"], server)
+    client = {"sd-triton/client": "true"}
+    namespaces = overlay_client_namespaces(overlay)
+    perf_namespace = yaml.safe_load((DEPLOY / KUSTOMIZATIONS["perf"] / "kustomization.yaml").read_text())
+    assert perf_namespace["namespace"] in namespaces, "the perf Job's requests must get through"
+
+    for namespace in namespaces:
+        assert allows(policy, "ingress", pod_peer(namespace, **client), 8001)
+        assert allows(policy, "ingress", pod_peer(namespace, **client), 8000)
+        assert not allows(policy, "ingress", pod_peer(namespace, **client), 8002)
+        assert not allows(policy, "ingress", pod_peer(namespace), 8001), "unlabelled pods"
+    # A pod labelled as a client in a namespace not listed: any namespace owner could label their pods.
+    assert not allows(policy, "ingress", pod_peer("someone-elses", **client), 8001)
+    assert not allows(policy, "ingress", address("10.0.0.7"), 8001)
+    prometheus = pod_peer("monitoring", **{"app.kubernetes.io/name": "prometheus"})
+    assert allows(policy, "ingress", prometheus, 8002) and not allows(policy, "ingress", prometheus, 8001)
+
+    # No egress at all: not DNS, not the cloud metadata service, not other pods, not the internet.
+    for peer, port, protocol in (
+        (KUBE_DNS, 53, "UDP"),
+        (METADATA, 80, "TCP"),
+        (PUBLIC, 443, "TCP"),
+        (pod_peer("sd-triton", **server), 8001, "TCP"),
+    ):
+        assert not allows(policy, "egress", peer, port, protocol), (peer, port)
+
+
+def test_client_namespaces_are_set_in_the_overlay(tmp_path: Path) -> None:
+    """The overlay's list is what the rendered NetworkPolicy admits (rendered from a copy of deploy/k8s with
+    one namespace added there)."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(DEPLOY / "k8s", copy)
+    kustomization = copy / "overlays/gpu/kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count("value: [sd-triton]") == 1
+    kustomization.write_text(text.replace("value: [sd-triton]", "value: [sd-triton, team-a]"))
+    result = run(tool("kubectl"), "kustomize", copy / "overlays/gpu")
+    assert result.returncode == 0, result.stderr
+    policy = one([d for d in yaml.safe_load_all(result.stdout) if d], "NetworkPolicy", "sd-triton")
+    client = {"sd-triton/client": "true"}
+    assert allows(policy, "ingress", pod_peer("team-a", **client), 8001)
+    assert not allows(policy, "ingress", pod_peer("team-b", **client), 8001)
+
+
+def test_job_network_policies(rendered: dict[str, Path]) -> None:
+    # The checkpoint download: DNS and HTTPS to public addresses only, never the cloud metadata service.
+    docs = objects(rendered["checkpoint"])
+    policy = one(docs, "NetworkPolicy", "sd-checkpoint-download")
+    job = one(docs, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"], job)
+    assert allows(policy, "egress", KUBE_DNS, 53, "UDP") and allows(policy, "egress", KUBE_DNS, 53, "TCP")
+    assert allows(policy, "egress", PUBLIC, 443) and allows(
+        policy, "egress", address("2600:9000:2000::1"), 443
+    )
+    assert not allows(policy, "egress", PUBLIC, 80)
+    for blocked in (
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "10.96.0.1",
+        "172.20.0.10",
+        "192.168.1.1",
+        "100.64.0.1",
+    ):
+        assert not allows(policy, "egress", address(blocked), 443), blocked
+        assert not allows(policy, "egress", address(blocked), 80), blocked
+    assert not allows(policy, "ingress", pod_peer("sd-triton"), 8000)
+
+    # The perf Job: DNS, and the server pods' gRPC port, which their own policy opens to it.
+    docs = objects(rendered["perf"])
+    policy = one(docs, "NetworkPolicy", "sd-triton-perf")
+    perf = one(docs, "Job")
+    assert selects(policy["spec"]["podSelector"], perf["spec"]["template"]["metadata"]["labels"])
+    gpu = objects(rendered["gpu"])
+    server = pod_peer("sd-triton", **one(gpu, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    assert allows(policy, "egress", KUBE_DNS, 53, "UDP") and allows(policy, "egress", server, 8001)
+    for peer, port in ((server, 8000), (METADATA, 80), (PUBLIC, 443), (pod_peer("other", app="x"), 8001)):
+        assert not allows(policy, "egress", peer, port), (peer, port)
+    perf_pod = pod_peer(perf["metadata"]["namespace"], **perf["spec"]["template"]["metadata"]["labels"])
+    assert allows(one(gpu, "NetworkPolicy", "sd-triton"), "ingress", perf_pod, 8001)
+    assert not allows(policy, "ingress", pod_peer("sd-triton"), 8000)
 
 
 def test_perf_job_runs_perf_analyzer_with_the_project_inputs(rendered: dict[str, Path]) -> None:
@@ -310,7 +461,7 @@ def test_perf_job_runs_perf_analyzer_with_the_project_inputs(rendered: dict[str,
     args = perf["args"]
     assert perf["command"] == ["perf_analyzer"]
     assert args[args.index("-m") + 1] == "pipeline" and args[args.index("-i") + 1] == "grpc"
-    service = one(objects(rendered["gpu"]), "Service")
+    service = one(objects(rendered["gpu"]), "Service", "sd-triton")
     assert args[args.index("-u") + 1] == f"{service['metadata']['name']}:8001"
     inputs = container(pod["spec"], "inputs")
     source, target = inputs["command"][-2:]
@@ -319,6 +470,153 @@ def test_perf_job_runs_perf_analyzer_with_the_project_inputs(rendered: dict[str,
     assert data.parent == Path("/inputs") and (ROOT / "perf/inputs" / data.name).is_file()
     for dockerfile in DOCKERFILES.values():
         assert ("COPY", "perf perf/") in final_stage(dockerfile), "the images carry perf/inputs"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rollouts, drains, placement, memory, balancing
+
+# The first pod of a new image on a GPU type builds its engines before it loads them: ONNX export and TensorRT
+# plans, tens of minutes for a full-size UNet (deploy/README.md, 4.).
+ENGINE_BUILD_ALLOWANCE_S = 3600
+# What the server and its python model processes may use, besides the memory-backed /dev/shm.
+SERVER_MEMORY = 16 * 2**30
+
+
+def quantity(value: str | int) -> int:
+    """A Kubernetes memory quantity in bytes (binary suffixes, as the manifests use)."""
+    text = str(value)
+    for suffix, power in (("Ki", 1), ("Mi", 2), ("Gi", 3), ("Ti", 4)):
+        if text.endswith(suffix):
+            return int(text.removesuffix(suffix)) * 1024**power
+    return int(text)
+
+
+def rolling_update_bounds(strategy: Manifest, replicas: int) -> tuple[int, int]:
+    """(maxSurge, maxUnavailable) as the Deployment controller resolves them: percentages of the replicas,
+    surge rounded up, unavailable down, and at least one of the two not 0."""
+
+    def resolve(value: int | str, round_up: bool) -> int:
+        if isinstance(value, int):
+            return value
+        exact = replicas * int(value.removesuffix("%")) / 100
+        return math.ceil(exact) if round_up else math.floor(exact)
+
+    rolling = strategy.get("rollingUpdate", {})
+    surge = resolve(rolling.get("maxSurge", "25%"), round_up=True)
+    unavailable = resolve(rolling.get("maxUnavailable", "25%"), round_up=False)
+    return surge, (1 if surge == unavailable == 0 else unavailable)
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_rollouts_progress_and_keep_a_pod_serving(rendered: dict[str, Path], overlay: str) -> None:
+    docs = objects(rendered[overlay])
+    spec = one(docs, "Deployment")["spec"]
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    startup = container(spec["template"]["spec"], "triton")["startupProbe"]
+    loading = startup["periodSeconds"] * startup["failureThreshold"]
+    # Else a new GPU type or image ends in ProgressDeadlineExceeded while its first pod builds and loads.
+    assert spec["progressDeadlineSeconds"] >= ENGINE_BUILD_ALLOWANCE_S + loading
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    for replicas in range(hpa["minReplicas"], hpa["maxReplicas"] + 1):
+        surge, unavailable = rolling_update_bounds(spec["strategy"], replicas)
+        assert replicas - unavailable >= 1, f"{replicas} replicas: a pod keeps serving during a rollout"
+        if overlay == "gpu":  # the surge pod stays Pending in a full GPU pool: an old pod must make room
+            assert unavailable >= 1, f"{replicas} replicas: the rollout needs a spare GPU"
+
+
+def test_a_node_drain_leaves_a_server_pod(rendered: dict[str, Path]) -> None:
+    docs = objects(rendered["gpu"])
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    assert pdb["maxUnavailable"] >= 1, "else no drain could ever evict a server pod"
+    assert hpa["minReplicas"] - pdb["maxUnavailable"] >= 1, "a drain would take the only server pod"
+
+
+def node_fits(pod: Manifest, labels: dict[str, str]) -> bool:
+    """Whether a node with `labels` meets the pod's required node affinity (the operators used here)."""
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    return any(selects({"matchExpressions": t["matchExpressions"]}, labels) for t in terms)
+
+
+def test_gpu_affinity_matches_shared_gpus_of_the_listed_products(rendered: dict[str, Path]) -> None:
+    pod = one(objects(rendered["gpu"]), "Deployment")["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    [[expression]] = [t["matchExpressions"] for t in terms]
+    assert expression["key"] == "nvidia.com/gpu.product" and expression["operator"] == "In"
+    products = [v for v in expression["values"] if not v.endswith("-SHARED")]
+    assert products
+    for product in products:
+        assert node_fits(pod, {"nvidia.com/gpu.product": product}), product
+        # GPU feature discovery's label on a time-sliced or MPS-shared GPU (renameByDefault: false).
+        assert node_fits(pod, {"nvidia.com/gpu.product": f"{product}-SHARED"}), product
+    assert not node_fits(pod, {"nvidia.com/gpu.product": "Tesla-T4"}) and not node_fits(pod, {})
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_shared_memory_counts_in_the_memory_limit(rendered: dict[str, Path], overlay: str) -> None:
+    pod = one(objects(rendered[overlay]), "Deployment")["spec"]["template"]["spec"]
+    shm = volumes(pod)["shm"]["emptyDir"]
+    assert shm["medium"] == "Memory" and mounts(container(pod, "triton"))["shm"]["mountPath"] == "/dev/shm"
+    size = quantity(shm["sizeLimit"])
+    assert size >= 256 * 2**20, (
+        "the python backend's regions grow with the tensors (container default: 64 MB)"
+    )
+    limit = quantity(container(pod, "triton")["resources"]["limits"]["memory"])
+    assert limit - size >= SERVER_MEMORY, "a full /dev/shm would leave the server less than its budget"
+
+
+def test_headless_service_for_client_side_grpc_balancing(rendered: dict[str, Path]) -> None:
+    docs = objects(rendered["gpu"])
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = one(docs, "Service", "sd-triton-grpc")["spec"]
+    assert service["clusterIP"] == "None", "headless: DNS answers with every ready pod"
+    assert service["selector"].items() <= pod_labels.items()
+    assert not service.get("publishNotReadyAddresses"), "only ready pods"
+    [port] = service["ports"]
+    assert port["port"] == 8001 and port["targetPort"] == "grpc" and port["appProtocol"] == "grpc"
+
+
+def test_readme_grpc_client_balances_requests_over_the_headless_service(
+    rendered: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs deploy/README.md's tritonclient example with gRPC's channel constructor recorded: its target is
+    the headless Service through gRPC's DNS resolver, with round_robin, and it keeps the message size limits
+    that tritonclient sets by default (its channel_args replace them)."""
+    import grpc
+    import tritonclient.grpc
+
+    readme = (DEPLOY / "README.md").read_text()
+    [example] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "round_robin" in b]
+    channels: list[tuple[str, dict[str, Any]]] = []
+    insecure_channel = grpc.insecure_channel
+
+    def record(target: str, options: list[tuple[str, Any]] | None = None, **_: Any) -> grpc.Channel:
+        channels.append((target, dict(options or [])))
+        return insecure_channel(target, options)  # gRPC accepts the target and options; it connects lazily
+
+    monkeypatch.setattr(grpc, "insecure_channel", record)
+    tritonclient.grpc.InferenceServerClient("127.0.0.1:1")  # tritonclient's defaults
+    exec(compile(example, "deploy/README.md", "exec"), {})
+    [(_, defaults), (target, options)] = channels
+
+    docs = objects(rendered["gpu"])
+    service = one(docs, "Service", "sd-triton-grpc")
+    namespace = service["metadata"]["namespace"]
+    assert target == f"dns:///{service['metadata']['name']}.{namespace}.svc.cluster.local:8001"
+    assert options["grpc.lb_policy_name"] == "round_robin"
+    for name in ("grpc.max_send_message_length", "grpc.max_receive_message_length"):
+        assert options[name] == defaults[name], name
+
+
+def test_perf_job_spreads_its_connections(rendered: dict[str, Path]) -> None:
+    perf = container(one(objects(rendered["perf"]), "Job")["spec"]["template"]["spec"], "perf-analyzer")
+    assert env(perf)["TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT"] == "1", (
+        "one connection per concurrent client"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,25 +696,45 @@ def dockerignored(source: str) -> bool:
 # The engine cache script, with stand-ins for nvidia-smi and build-engines
 
 
-@pytest.fixture
-def engine_env(tmp_path: Path) -> dict[str, str]:
-    bin_dir, lib_dir, system = tmp_path / "bin", tmp_path / "lib", tmp_path / "system"
-    for folder in (bin_dir, lib_dir, system):
-        folder.mkdir()
-    # Only the commands the script and the stand-ins use, so that no real nvidia-smi can be found.
-    for name in ("flock", "head", "ln", "mkdir", "mv", "sed", "tr"):
+# The commands the script and the stand-ins use, linked into a folder of their own so that no real nvidia-smi
+# (or build-engines) can be found.
+ENGINE_SCRIPT_COMMANDS = "cp flock head id ln mkdir mv rm sed sha256sum sort stat tr".split()
+# The stand-in for build-engines: logs its arguments, appends "partial" to <output>/progress, fails if told
+# to, else appends "done". So a repository's progress file tells how it was made: "partial done" fresh, one
+# more "partial" per interrupted attempt resumed, the seed's lines first when started from a copy of another
+# build.
+FAKE_BUILD_ENGINES = """#!/bin/sh
+echo "$@" >> "$BUILD_LOG"
+out=
+while [ $# -gt 0 ]; do [ "$1" = --output ] && out=$2; shift; done
+mkdir -p "$out"
+echo partial >> "$out/progress"
+[ -z "$BUILD_FAILS" ] || exit 3
+echo done >> "$out/progress"
+"""
+FRESH = "partial\ndone\n"
+
+
+def link_commands(folder: Path) -> None:
+    folder.mkdir()
+    for name in ENGINE_SCRIPT_COMMANDS:
         found = shutil.which(name)
         assert found, f"{name} is needed by deploy/docker/build-engines-cached.sh"
-        (system / name).symlink_to(found)
+        (folder / name).symlink_to(found)
+
+
+@pytest.fixture
+def engine_env(tmp_path: Path) -> dict[str, str]:
+    bin_dir, lib_dir = tmp_path / "bin", tmp_path / "lib"
+    for folder in (bin_dir, lib_dir):
+        folder.mkdir()
+    link_commands(tmp_path / "system")
     (lib_dir / "libnvinfer.so.10.8.0").touch()  # what the key reads, as sd-serve's engine check does
     fake_build = bin_dir / "build-engines"
-    fake_build.write_text(
-        '#!/bin/sh\necho "$@" >> "$BUILD_LOG"\n[ -z "$BUILD_FAILS" ] || exit 3\n'
-        'while [ $# -gt 0 ]; do [ "$1" = --output ] && mkdir -p "$2"; shift; done\n'
-    )
+    fake_build.write_text(FAKE_BUILD_ENGINES)
     fake_build.chmod(0o755)
     return {
-        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), str(system)]),
+        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), str(tmp_path / "system")]),
         "LD_LIBRARY_PATH": str(lib_dir),
         "BUILD_LOG": str(tmp_path / "build.log"),
         "SD_CHECKPOINT": "/models/stable-diffusion-v1-4",
@@ -443,21 +761,47 @@ def run_engines(environment: dict[str, str], target: str, *options: str, **extra
 
 
 def builds(environment: dict[str, str]) -> list[str]:
+    """The calls of build-engines so far, one line of arguments each."""
     log = Path(environment["BUILD_LOG"])
     return log.read_text().splitlines() if log.exists() else []
 
 
+def published(key: Path) -> dict[str, Path]:
+    """The finished builds of a cache key: {the options they were built with: their folder}."""
+    found = {}
+    for folder in key.iterdir():
+        if re.fullmatch(r"[0-9a-f]{64}", folder.name):
+            stamp = (folder / "stamp").read_bytes()
+            assert hashlib.sha256(stamp).hexdigest() == folder.name, "a build's folder is named by its stamp"
+            [options] = [line for line in stamp.decode().splitlines() if line.startswith("options=")]
+            found[options.removeprefix("options=")] = folder
+    return found
+
+
+def linked(environment: dict[str, str]) -> Path:
+    return Path(environment["SD_MODEL_REPOSITORY"]).resolve()
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+H100 = ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3-trt10.8.0")
+
+
 def test_engine_cache_keyed_by_gpu_model_and_tensorrt(engine_env: dict[str, str]) -> None:
-    cache, link = Path(engine_env["SD_ENGINE_CACHE"]), Path(engine_env["SD_MODEL_REPOSITORY"])
-    set_gpu(engine_env, "NVIDIA H100 80GB HBM3")
+    cache = Path(engine_env["SD_ENGINE_CACHE"])
+    set_gpu(engine_env, H100[0])
     code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")
     assert code == 0, log
-    key = cache / "nvidia-h100-80gb-hbm3-trt10.8.0"
+    key = cache / H100[1]
+    [build] = published(key).values()
     assert builds(engine_env) == [
-        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/repo --target tensorrt "
-        f"--timing-cache {key}/tensorrt-timing.cache --max-size 768"
+        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/.build-{build.name}/repo "
+        f"--target tensorrt --timing-cache {key}/tensorrt-timing.cache --max-size 768"
     ]
-    assert link.resolve() == (key / "repo").resolve()
+    assert linked(engine_env) == (build / "repo").resolve()
+    assert (build / "repo/progress").read_text() == FRESH
 
     code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")  # another pod, same GPU type
     assert code == 0 and "up to date" in log, log
@@ -465,20 +809,89 @@ def test_engine_cache_keyed_by_gpu_model_and_tensorrt(engine_env: dict[str, str]
 
     set_gpu(engine_env, "NVIDIA A10G")  # a mixed fleet: one cache entry per GPU type
     assert run_engines(engine_env, "tensorrt", "--max-size", "768")[0] == 0
-    assert link.resolve() == (cache / "nvidia-a10g-trt10.8.0/repo").resolve()
+    [a10g] = published(cache / "nvidia-a10g-trt10.8.0").values()
+    assert linked(engine_env) == (a10g / "repo").resolve()
     assert len(builds(engine_env)) == 2
 
-    set_gpu(engine_env, "NVIDIA H100 80GB HBM3")  # other build options: build-engines runs again
+    set_gpu(engine_env, H100[0])  # other build options: build-engines runs again, into a build of their own
     assert run_engines(engine_env, "tensorrt", "--max-size", "512")[0] == 0
     assert builds(engine_env)[-1].endswith("--max-size 512") and len(builds(engine_env)) == 3
+    assert set(published(key)) == {"--max-size 768", "--max-size 512"}
+
+
+def test_engine_cache_builds_beside_what_pods_serve(engine_env: dict[str, str]) -> None:
+    """A build that pods serve is never written again: a new image or other options build into a folder of
+    their own (starting from a copy), and two versions in one cache no longer rebuild each other."""
+    set_gpu(engine_env, H100[0])
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / H100[1]
+    assert run_engines(engine_env, "tensorrt", "--max-size", "768")[0] == 0
+    old = published(key)["--max-size 768"]
+    served = files(old / "repo")
+
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "512")  # the new version's first pod
+    assert code == 0, log
+    new = published(key)["--max-size 512"]
+    assert files(old / "repo") == served, "the build the old pods serve was modified"
+    assert (new / "repo/progress").read_text() == FRESH + FRESH, "starts from a copy of the build in use"
+    assert linked(engine_env) == (new / "repo").resolve()
+
+    # An old pod restarting during the rollout, then a new one: each links its own build, nothing is rebuilt.
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")
+    assert code == 0 and "up to date" in log and linked(engine_env) == (old / "repo").resolve(), log
+    assert run_engines(engine_env, "tensorrt", "--max-size", "512")[0] == 0
+    assert linked(engine_env) == (new / "repo").resolve()
+    assert len(builds(engine_env)) == 2 and files(old / "repo") == served
+    assert not [p for p in key.iterdir() if p.name.startswith(".build-")]
+
+
+def test_engine_cache_interrupted_build_resumes_and_is_never_served(engine_env: dict[str, str]) -> None:
+    set_gpu(engine_env, "NVIDIA L4")
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / "nvidia-l4-trt10.8.0"
+    code, log = run_engines(engine_env, "tensorrt", BUILD_FAILS="1")
+    assert code != 0, log
+    assert not published(key) and not os.path.lexists(engine_env["SD_MODEL_REPOSITORY"])
+    [work] = [p for p in key.iterdir() if p.name.startswith(".build-")]
+
+    code, log = run_engines(engine_env, "tensorrt")  # the pod's next attempt
+    assert code == 0 and "resuming" in log, log
+    [build] = published(key).values()
+    assert build.name == work.name.removeprefix(".build-") and not work.exists()
+    assert (build / "repo/progress").read_text() == "partial\n" + FRESH, "resumed where it stopped"
+    assert linked(engine_env) == (build / "repo").resolve() and len(builds(engine_env)) == 2
+
+
+def test_engine_cache_removes_builds_no_pod_may_serve(engine_env: dict[str, str]) -> None:
+    """After a build, the builds beyond the SD_ENGINE_CACHE_KEEP (2) most recently linked are removed, and so
+    are abandoned partial builds; the previous build, which the old version's pods serve, stays."""
+    set_gpu(engine_env, H100[0])
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / H100[1]
+    for size in ("512", "640", "512"):  # the last one links 512 again: now the most recently used after 640
+        assert run_engines(engine_env, "tensorrt", "--max-size", size)[0] == 0
+    assert set(published(key)) == {"--max-size 512", "--max-size 640"}, "nothing removed without a build"
+    abandoned = key / f".build-{'f' * 64}"
+    (abandoned / "repo").mkdir(parents=True)
+
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768")
+    assert code == 0, log
+    assert set(published(key)) == {"--max-size 768", "--max-size 512"}, log
+    assert not abandoned.exists() and not [p for p in key.iterdir() if p.name.startswith(".remove-")]
+
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "1024", SD_ENGINE_CACHE_KEEP="3")
+    assert code == 0, log
+    assert set(published(key)) == {"--max-size 1024", "--max-size 768", "--max-size 512"}
+    code, log = run_engines(engine_env, "tensorrt", "--max-size", "768", SD_ENGINE_CACHE_KEEP="1")
+    assert code != 0 and "SD_ENGINE_CACHE_KEEP must be a number of builds, at least 2" in log, log
 
 
 def test_engine_cache_onnx_needs_no_gpu(engine_env: dict[str, str]) -> None:
     set_gpu(engine_env, None)
     code, log = run_engines(engine_env, "onnx")
     assert code == 0, log
-    repo = Path(engine_env["SD_ENGINE_CACHE"]) / "onnx/repo"
-    assert builds(engine_env) == [f"--checkpoint /models/stable-diffusion-v1-4 --output {repo} --target onnx"]
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / "onnx"
+    [build] = published(key).values()
+    assert builds(engine_env) == [
+        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/.build-{build.name}/repo --target onnx"
+    ]
 
 
 def test_engine_cache_failures_are_clear(engine_env: dict[str, str]) -> None:
@@ -487,10 +900,58 @@ def test_engine_cache_failures_are_clear(engine_env: dict[str, str]) -> None:
     assert code != 0 and "nvidia-smi is not on PATH" in log, log
     code, log = run_engines(engine_env, "")
     assert code != 0 and "SD_ENGINE_TARGET must be tensorrt or onnx" in log, log
+    assert not builds(engine_env)
 
-    set_gpu(engine_env, "NVIDIA L4")
-    code, log = run_engines(engine_env, "tensorrt", BUILD_FAILS="1")
-    assert code != 0
-    key = Path(engine_env["SD_ENGINE_CACHE"]) / "nvidia-l4-trt10.8.0"
-    assert not (key / "complete").exists() and not Path(engine_env["SD_MODEL_REPOSITORY"]).exists()
-    assert run_engines(engine_env, "tensorrt")[0] == 0 and len(builds(engine_env)) == 2, "retried"
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder that another user can enter (pytest's tmp_path is private to ours)."""
+    folder = Path(tempfile.mkdtemp(prefix="sd-triton-deploy-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_engine_cache_names_the_cause_when_the_volume_is_not_writable(shared_tmp: Path) -> None:
+    """A fresh NFS-like share: owned by root, mode 755, and the pod's user 10001 (fsGroup not applied). Run
+    as that user where the tests run as root, else as ourselves with the share made read-only."""
+    link_commands(shared_tmp / "system")
+    script = shared_tmp / "build-engines-cached"
+    shutil.copy(ENGINE_SCRIPT, script)
+    cache = shared_tmp / "cache"
+    cache.mkdir(mode=0o755)
+    bash = shutil.which("bash")
+    assert bash
+    command: list[str | Path] = [bash, script]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) runs the script as another user"
+        command = [setpriv, "--reuid", "10001", "--regid", "10001", "--clear-groups", *command]
+        user, mode = "10001", "755"
+    else:
+        cache.chmod(0o555)
+        user, mode = str(os.geteuid()), "555"
+    environment = {
+        "PATH": str(shared_tmp / "system"),
+        "SD_ENGINE_TARGET": "onnx",
+        "SD_CHECKPOINT": "/models/stable-diffusion-v1-4",
+        "SD_ENGINE_CACHE": str(cache),
+        "SD_MODEL_REPOSITORY": str(shared_tmp / "model-repository"),
+    }
+    try:
+        result = run(*command, env=environment)
+    finally:
+        cache.chmod(0o755)
+    assert result.returncode != 0
+    log = " ".join(result.stderr.split())
+    assert (
+        f"cannot write to {cache} (owner uid {cache.stat().st_uid} gid {cache.stat().st_gid}, mode {mode})"
+        in log
+    )
+    assert f"as uid {user}" in log and "fsGroupPolicy is File" in log, log
+    section = re.search(r"see deploy/README\.md, '([^']+)'", log)
+    assert section, log
+    headings = re.findall(r"^#+ (.+)$", (DEPLOY / "README.md").read_text(), re.MULTILINE)
+    assert section[1] in headings, "the section the message names"
