@@ -17,7 +17,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from python_backend import schedulers
 from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS
-from python_backend.shapes import PIPELINE_MANIFEST, UNET, EngineSpec, PipelineManifest, Profile
+from python_backend.shapes import (
+    BATCH_AXES,
+    PIPELINE_MANIFEST,
+    UNET,
+    EngineSpec,
+    PipelineManifest,
+    Profile,
+)
 
 # The hand-written python models that build-engines copies into the repository it writes.
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
@@ -59,7 +66,7 @@ def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, g
     from concurrent requests (at different steps: the timestep is per sample) into one engine run.
     Triton only merges calls whose other dims agree (same size, same prompt length)."""
     batch_axes = {str(t.dims[0]) for t in (*spec.inputs, *spec.outputs)}
-    if len(batch_axes) != 1 or not {"batch", "guided_batch"} >= batch_axes:
+    if len(batch_axes) != 1 or not BATCH_AXES >= batch_axes:
         raise ValueError(f"{spec.name}: every tensor must lead with the same batch axis, got {batch_axes}")
     config.max_batch_size = profile.axis_ranges()[batch_axes.pop()][2]
     for t in spec.inputs:

@@ -19,6 +19,8 @@ TOKENS_PER_CHUNK = 77  # CLIP context length: BOS + 75 tokens + EOS
 
 
 SideRange = tuple[int, int, int]  # (min, opt, max) pixels of one image side
+# The dynamic axes that lead engine tensors: Triton's batch axis (config max_batch_size = the axis' max).
+BATCH_AXES = frozenset({"batch", "guided_batch", "text_rows"})
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,12 @@ class Profile:
         seq = TOKENS_PER_CHUNK
         return {
             "batch": (1, self.opt_batch, self.max_batch),
-            # Text encoder and UNet see prompt and negative prompt together.
+            # The UNet sees each image twice with guidance: unconditional and conditional.
             "guided_batch": (1, 2 * self.opt_batch, 2 * self.max_batch),
+            # The text encoder runs once per request (its embeddings are repeated per image), on one row per
+            # 77-token chunk of the prompt and, with guidance, of the negative prompt padded to as many
+            # chunks: up to 2 x max_prompt_chunks rows, however many images. Typical: one chunk, guided.
+            "text_rows": (1, 2, 2 * self.max_prompt_chunks),
             "latent_height": _latent(self.height),
             "latent_width": _latent(self.width),
             "height": self.height,
@@ -143,11 +149,11 @@ def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
         EngineSpec(
             TEXT_ENCODER,
             inputs=(
-                TensorSpec("input_ids", np.int32, ("guided_batch", TOKENS_PER_CHUNK)),
+                TensorSpec("input_ids", np.int32, ("text_rows", TOKENS_PER_CHUNK)),
                 # A1111's clip skip, one per row (batch first so that Triton can batch it).
-                TensorSpec("clip_skip", np.int32, ("guided_batch", 1), value_range=(1, geometry.text_layers)),
+                TensorSpec("clip_skip", np.int32, ("text_rows", 1), value_range=(1, geometry.text_layers)),
             ),
-            outputs=(TensorSpec("last_hidden_state", f32, ("guided_batch", TOKENS_PER_CHUNK, hid)),),
+            outputs=(TensorSpec("last_hidden_state", f32, ("text_rows", TOKENS_PER_CHUNK, hid)),),
         ),
         EngineSpec(
             UNET,

@@ -38,10 +38,14 @@ def test_profile_shapes_unet():
 
 
 def test_profile_shapes_text_encoder_and_vae():
+    # One row per prompt chunk of prompt and negative prompt (1 chunk here), however many images.
     assert te.profile_shapes(SPECS[TEXT_ENCODER], PROFILE) == {
-        "input_ids": ((1, 77), (2, 77), (8, 77)),
-        "clip_skip": ((1, 1), (2, 1), (8, 1)),
+        "input_ids": ((1, 77), (2, 77), (2, 77)),
+        "clip_skip": ((1, 1), (2, 1), (2, 1)),
     }
+    # --max-batch 1 with 3-chunk prompts: 6 rows (a guided 3-chunk prompt), not 2 x max_batch.
+    one_image = Profile.square(64, 512, 1024, max_batch=1, max_prompt_chunks=3)
+    assert te.profile_shapes(SPECS[TEXT_ENCODER], one_image)["input_ids"] == ((1, 77), (2, 77), (6, 77))
     assert te.profile_shapes(SPECS[VAE_DECODER], PROFILE) == {
         "latent": ((1, 4, 8, 8), (1, 4, 64, 64), (4, 4, 128, 128))
     }
