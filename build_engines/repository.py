@@ -84,7 +84,6 @@ def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, g
 
 def pipeline_config(
     default_scheduler: schedulers.SchedulerChoice,
-    gpu_engines: bool,
     streaming: bool = False,
     max_concurrent_requests: int = 1,
     response_cache: bool = False,
@@ -113,9 +112,11 @@ def pipeline_config(
         for s in schedulers.SCHEDULERS
     ]
     config.parameters["schedulers"].string_value = json.dumps(listing)
-    if gpu_engines:
-        # BLS outputs of GPU engines stay on the GPU; the pipeline passes them on by DLPack.
-        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
+    # No FORCE_CPU_ONLY_INPUT_TENSORS "no", on either target: that parameter only lets the model's own
+    # request inputs arrive in GPU memory (e.g. from a client's CUDA shared memory), where model.py's
+    # as_numpy() fails. BLS outputs of GPU engines stay on the GPU without it: "If you do not specify the
+    # preferred_memory parameter, the output tensors will be allocated on the same device where the output
+    # tensors were received from the model" (Triton's BLS documentation).
     return config
 
 
@@ -166,12 +167,11 @@ def write_pipeline_model(
     checkpoint: tokenizer, scheduler config, manifest."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
-    gpu = manifest.device != "cpu"
     for name, streaming in ((PIPELINE, False), (PIPELINE_STREAM, True)):
         model_dir = repository / name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
-        config = pipeline_config(default, gpu, streaming, max_concurrent_requests, response_cache)
+        config = pipeline_config(default, streaming, max_concurrent_requests, response_cache)
         write_config(model_dir, config)
         shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
         shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)

@@ -14,7 +14,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import cli as build_cli
 from build_engines import onnx_export, repository, tensorrt_engine
-from python_backend.shapes import ENGINE_NAMES, UNET, Profile, engine_specs
+from python_backend.shapes import (
+    ENGINE_NAMES,
+    PIPELINE_MANIFEST,
+    UNET,
+    PipelineManifest,
+    Profile,
+    engine_specs,
+)
 from tests.test_build_engines import ONNX_TO_NUMPY
 
 PROFILE = Profile.square(64, 128, 256, max_batch=3, max_prompt_chunks=2)
@@ -109,15 +116,16 @@ def test_profile_batch_ranges_cover_the_config(fp16_exports, tiny_checkpoint):
             assert low[0] == 1 and high[0] == config.max_batch_size
 
 
-def test_pipeline_config_takes_gpu_tensors_only_with_gpu_engines(tiny_checkpoint, tmp_path):
-    assert (
-        build_cli.main(["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--max-size", "64"])
-        == 0
-    )
-    cpu = repository.read_config(tmp_path / "pipeline")
-    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu.parameters
-    gpu = repository.pipeline_config(repository.schedulers.lookup("pndm"), gpu_engines=True)
-    assert gpu.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+def test_pipeline_inputs_arrive_on_the_cpu_with_gpu_engines(tiny_checkpoint, tmp_path):
+    """model.py reads every request input with as_numpy(), which fails on a GPU tensor: the pipeline models
+    must not set FORCE_CPU_ONLY_INPUT_TENSORS "no" (which lets inputs arrive in GPU memory). Their BLS calls'
+    outputs stay on the GPU regardless; the device they work on comes from pipeline.json."""
+    manifest = PipelineManifest(PROFILE, onnx_export.read_geometry(tiny_checkpoint), "tiny", device="cuda")
+    repository.write_pipeline_model(tmp_path, tiny_checkpoint, manifest)
+    for name in (repository.PIPELINE, repository.PIPELINE_STREAM):
+        config = repository.read_config(tmp_path / name)
+        assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in config.parameters, name
+        assert PipelineManifest.read(tmp_path / name / "1" / PIPELINE_MANIFEST).device == "cuda"
 
 
 def _tensorrt_present() -> bool:
