@@ -5,8 +5,9 @@ flags (TensorRT 10.12 deprecates them and 11 removes BuilderFlag.FP16). Each pla
 profile, because Triton's TensorRT backend uses profile 0 unless the config lists others. A JSON sidecar
 records what the plan was built from and for; a rebuild with the same record is skipped.
 
-Plans only load on the TensorRT release and GPU compute capability that built them, so the sidecar also
-lets sd-serve explain a mismatch instead of surfacing Triton's deserialization error.
+Plans only load on the TensorRT release and GPU compute capability that built them, and are only meant for
+the GPU model that built them, so the sidecar also lets sd-serve refuse a mismatch with a clear message
+instead of surfacing Triton's deserialization error (or a plan that loads and then fails).
 
 `tensorrt` is imported inside functions: this module must import (for the shape math and the checks) on
 machines without it.
@@ -115,8 +116,11 @@ class GpuIdentity:
 
 
 def gpu_identity() -> GpuIdentity | None:
-    """The first CUDA GPU, from torch when it sees one, else from nvidia-smi; None without a GPU."""
-    return _torch_gpu() or nvidia_smi_gpu()
+    """The first CUDA GPU, from nvidia-smi when it answers, else from torch; None without a GPU.
+
+    nvidia-smi first: sd-serve's check and the deployment's engine cache key read the name from it, and
+    torch's name can differ for the same GPU (a MIG slice adds "MIG 1g.10gb")."""
+    return nvidia_smi_gpu() or _torch_gpu()
 
 
 def _torch_gpu() -> GpuIdentity | None:
@@ -160,18 +164,44 @@ def check_tensorrt_available() -> GpuIdentity:
 
 
 def libnvinfer_version(lib_dirs: Iterable[Path]) -> str | None:
-    """TensorRT's version from the first folder holding libnvinfer.so.<version> (most specific name)."""
+    """TensorRT's version from the libnvinfer.so.<version> files in `lib_dirs` (in search order).
+
+    The first folder holding one is where the loader finds the library, so it sets the release. A folder may
+    name only the major version (a bare libnvinfer.so.10, as pip's tensorrt libs wheel ships it), so the most
+    specific name that agrees with it, across all the folders and their links' targets, gives the version.
+    """
+    found: list[list[str]] = []  # per folder that has any, the versions its file names and links give
     for folder in lib_dirs:
-        version = _most_specific_version(p.name for p in folder.glob("libnvinfer.so.*"))
-        if version:
-            return version
-    return None
+        names = []
+        for path in folder.glob("libnvinfer.so.*"):
+            names.append(path.name)
+            if path.is_symlink():
+                names.append(path.resolve().name)  # libnvinfer.so.10 -> libnvinfer.so.10.8.0
+        versions = [m.group(1) for name in names if (m := _LIBNVINFER.match(name))]
+        if versions:
+            found.append(versions)
+    if not found:
+        return None
+    loaded = _most_specific_version(found[0])
+    return refine_version(loaded, *(v for versions in found[1:] for v in versions))
+
+
+def refine_version(version: str | None, *candidates: str | None) -> str | None:
+    """`version`, or the most specific of `candidates` that it is a prefix of ("10" -> "10.8.0")."""
+    if version is None:
+        return None
+    fields = version.split(".")
+    agreeing = [c for c in candidates if c and c.split(".")[: len(fields)] == fields]
+    return _most_specific_version(agreeing, default=version)
 
 
 def runtime_tensorrt_version() -> str | None:
     """This machine's TensorRT without importing it where possible: Triton's container ships libnvinfer."""
     ld_path = [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    return libnvinfer_version([*ld_path, *LIB_DIRS]) or _ldconfig_version() or _python_tensorrt_version()
+    version = libnvinfer_version([*ld_path, *LIB_DIRS])
+    if version is not None and version.count(".") < 2:  # only "10" or "10.8": ldconfig's links may say more
+        version = refine_version(version, _ldconfig_version())
+    return version or _ldconfig_version() or _python_tensorrt_version()
 
 
 def _ldconfig_version() -> str | None:
@@ -182,12 +212,13 @@ def _ldconfig_version() -> str | None:
         return None
     # "libnvinfer.so.10 (libc6,x86-64) => /usr/lib/.../libnvinfer.so.10": the link's target names the version.
     targets = (line.rpartition("=>")[2].strip() for line in out.splitlines() if "libnvinfer.so." in line)
-    return _most_specific_version(Path(t).resolve().name for t in targets if t)
+    names = (Path(t).resolve().name for t in targets if t)
+    return _most_specific_version(m.group(1) for name in names if (m := _LIBNVINFER.match(name)))
 
 
-def _most_specific_version(file_names: Iterable[str]) -> str | None:
-    versions = [m.group(1) for name in file_names if (m := _LIBNVINFER.match(name))]
-    return max(versions, key=lambda v: (v.count("."), _numbers(v)), default=None)
+def _most_specific_version(versions: Iterable[str], default: str | None = None) -> str | None:
+    """The version with the most fields ("10.8.0" over "10"), then the highest."""
+    return max(versions, key=lambda v: (v.count("."), _numbers(v)), default=default)
 
 
 def _python_tensorrt_version() -> str | None:
@@ -248,19 +279,28 @@ def read_plan_record(sidecar: Path) -> PlanRecord | None:
 
 
 def plan_mismatch(record: PlanRecord, tensorrt_version: str, gpu: GpuIdentity) -> str | None:
-    """None when a plan built as `record` says loads here; else a sentence saying why it won't.
+    """None when a plan built as `record` is fit to serve here; else a sentence saying why it is not.
 
-    A plan needs the TensorRT release and the compute capability it was built with; another GPU model
-    of the same capability loads it (TensorRT only warns), so names alone do not count.
+    A plan needs the TensorRT release and the compute capability it was built with, and the same GPU model:
+    another model of the same capability may load it, but TensorRT warns that this "is likely to affect
+    performance or even cause errors", and users report such plans failing (NVIDIA/TensorRT#2900).
     """
     built, here = _release(record.tensorrt_version), _release(tensorrt_version)
     shared = min(len(built), len(here))  # a library file may name only "10": compare what both know
-    if built[:shared] == here[:shared] and record.gpu.compute_capability == gpu.compute_capability:
+    if (
+        built[:shared] == here[:shared]
+        and record.gpu.compute_capability == gpu.compute_capability
+        and _same_gpu_name(record.gpu.name, gpu.name)
+    ):
         return None
     return (
         f"engine built with TensorRT {'.'.join(built)} for {record.gpu}; this server has TensorRT "
         f"{'.'.join(here)} on {gpu}: {REBUILD_HINT}"
     )
+
+
+def _same_gpu_name(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 def _release(version: str) -> tuple[str, ...]:

@@ -373,11 +373,30 @@ def test_only_mismatched_engines_are_reported(tmp_path: Path, fake_runtime: dict
 def test_matching_engines_pass(
     tmp_path: Path, fake_runtime: dict[str, object], triton_starts: list[serve.ServeOptions]
 ) -> None:
-    # libnvinfer.so.10.8.0 names no build number; another GPU of the same compute capability loads it.
-    tensorrt_repository(tmp_path, plan_record("10.8.0.43", GpuIdentity("NVIDIA H100 PCIe", "9.0")))
+    # libnvinfer.so.10.8.0 names no build number.
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", H100))
     assert serve.check_engines(tmp_path) == []
     assert serve.main([f"--model-repository={tmp_path}"]) == 0
     assert [options.model_repository for options in triton_starts] == [tmp_path.absolute()]
+
+
+def test_another_gpu_model_of_the_same_capability_is_refused_unless_skipped(
+    tmp_path: Path,
+    fake_runtime: dict[str, object],
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", GpuIdentity("NVIDIA H100 PCIe", "9.0")))
+    assert serve.main([f"--model-repository={tmp_path}"]) == 1
+    assert triton_starts == []
+    err = capsys.readouterr().err
+    assert (
+        "  unet: engine built with TensorRT 10.8.0 for NVIDIA H100 PCIe (9.0); this server has TensorRT "
+        "10.8.0 on NVIDIA H100 80GB HBM3 (9.0): rebuild the engines" in err
+    )
+    assert "(--skip-engine-check starts Triton anyway)" in err
+    assert serve.main([f"--model-repository={tmp_path}", "--skip-engine-check"]) == 0
+    assert len(triton_starts) == 1
 
 
 def test_engines_without_a_gpu(tmp_path: Path) -> None:

@@ -110,8 +110,18 @@ def test_plan_record_round_trips_through_json(tmp_path):
 
 def test_plan_matches_its_own_runtime():
     assert te.plan_mismatch(_record(), "10.3.0", A10G) is None
-    assert te.plan_mismatch(_record(), "10.3.0.26", GpuIdentity("NVIDIA RTX A6000", "8.6")) is None
     assert te.plan_mismatch(_record(), "10", A10G) is None  # a bare libnvinfer.so.10 cannot tell more
+    assert te.plan_mismatch(_record(), "10.3.0.26", GpuIdentity(" nvidia  a10g", "8.6")) is None
+
+
+def test_plan_mismatch_refuses_another_gpu_model_of_the_same_capability():
+    """TensorRT loads it with a warning ("not recommended ... or even cause errors"); users see failures."""
+    reason = te.plan_mismatch(_record(), "10.3.0.26", GpuIdentity("NVIDIA RTX A6000", "8.6"))
+    assert reason == (
+        "engine built with TensorRT 10.3.0 for NVIDIA A10G (8.6); this server has TensorRT 10.3.0 on "
+        "NVIDIA RTX A6000 (8.6): rebuild the engines with build-engines --target tensorrt inside the serving "
+        "container"
+    )
 
 
 def test_plan_mismatch_explains_another_tensorrt():
@@ -139,6 +149,41 @@ def test_libnvinfer_version_from_library_files(tmp_path):
     (libs / "libnvinfer_plugin.so.10.9.0").write_bytes(b"")
     assert te.libnvinfer_version([tmp_path / "absent", empty, libs]) == "10.3.0"
     assert te.libnvinfer_version([empty]) is None
+
+
+def test_libnvinfer_version_is_the_most_specific_across_folders(tmp_path):
+    """A bare libnvinfer.so.10 first on the path (pip's libs wheel ships no links) names only the major
+    version; the full one comes from another folder's file, or a link's target, that agrees with it."""
+    bare, system, other = tmp_path / "bare", tmp_path / "system", tmp_path / "other"
+    for folder in (bare, system, other):
+        folder.mkdir()
+    (bare / "libnvinfer.so.10").write_bytes(b"")
+    (system / "libnvinfer.so.10").symlink_to("libnvinfer.so.10.8.0")
+    (system / "libnvinfer.so.10.8.0").write_bytes(b"")
+    (other / "libnvinfer.so.9.2.0").write_bytes(b"")  # another major version: not the one loaded
+    assert te.libnvinfer_version([bare, other, system]) == "10.8.0"
+    assert te.libnvinfer_version([bare, other]) == "10"
+    assert te.libnvinfer_version([other, system]) == "9.2.0"  # the first folder sets the release
+
+    linked = tmp_path / "linked"  # only a link whose target lives elsewhere
+    linked.mkdir()
+    (linked / "libnvinfer.so.10").symlink_to(system / "libnvinfer.so.10.8.0")
+    assert te.libnvinfer_version([linked]) == "10.8.0"
+
+
+def test_refine_version():
+    assert te.refine_version("10", "10.8.0", "10.8.0.43", "9.2.0", None) == "10.8.0.43"
+    assert te.refine_version("10.8", "10.3.0") == "10.8"  # disagrees: kept
+    assert te.refine_version(None, "10.8.0") is None
+
+
+def test_gpu_identity_prefers_nvidia_smi(monkeypatch):
+    """The sidecar's GPU name must be the one sd-serve's check reads (nvidia-smi), not torch's."""
+    monkeypatch.setattr(te, "nvidia_smi_gpu", lambda: A10G)
+    monkeypatch.setattr(te, "_torch_gpu", lambda: GpuIdentity("NVIDIA A10G MIG 1g.6gb", "8.6"))
+    assert te.gpu_identity() == A10G
+    monkeypatch.setattr(te, "nvidia_smi_gpu", lambda: None)
+    assert te.gpu_identity() == GpuIdentity("NVIDIA A10G MIG 1g.6gb", "8.6")
 
 
 def test_unavailable_without_the_tensorrt_module(monkeypatch):
