@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -371,11 +373,23 @@ def build_engine(
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar.unlink(missing_ok=True)  # a crash below must not leave an old record beside a new plan
     plan = _build_plan(onnx_path, spec, shapes, options, timing_cache)
-    partial = plan_path.with_name(PLAN_FILE + ".partial")
-    partial.write_bytes(plan)
-    partial.replace(plan_path)
+    _write_atomically(plan_path, plan)
     sidecar.write_text(record.to_json())
     return EngineBuildResult(plan_path, record, reused=False)
+
+
+def _write_atomically(path: Path, data: IHostMemory | bytes) -> None:
+    """Write a temporary file beside `path`, then rename it over `path`: a build killed meanwhile (an
+    initContainer evicted) leaves the previous file whole, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)  # IHostMemory has the buffer protocol
+        os.chmod(name, 0o644)  # mkstemp makes it owner-only; the server may run as another user
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)  # gone after the rename; left only if something failed
 
 
 def _build_plan(
@@ -411,8 +425,7 @@ def _build_plan(
             f"{spec.name}: TensorRT failed to build an engine from {onnx_path} (its log above says why)"
         )
     if timing_cache is not None and cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(cache.serialize())  # now holding this build's timings too
+        _write_atomically(timing_cache, cache.serialize())  # now holding this build's timings too
     return plan
 
 
@@ -431,10 +444,28 @@ def _configure(config: IBuilderConfig, options: BuildOptions) -> None:
         config.set_flag(trt.BuilderFlag.REFIT)
 
 
-def _attach_timing_cache(config: IBuilderConfig, path: Path) -> ITimingCache:
-    """Load the cache file into the build; one from another GPU or TensorRT is replaced by a fresh one."""
-    cache = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+def _attach_timing_cache(config: IBuilderConfig, path: Path) -> ITimingCache | None:
+    """Load the cache file into the build; a damaged one, or one from another GPU or TensorRT, is replaced
+    by a fresh one (and the build says so). None: TensorRT gave no cache at all; build without one."""
+    try:
+        data = path.read_bytes() if path.exists() else b""
+    except OSError as e:
+        _warn(f"cannot read the timing cache {path} ({e}); starting a fresh one")
+        data = b""
+    # A damaged blob makes TensorRT log "Serialization assertion ... failed" and may give None, which
+    # set_timing_cache (it takes ITimingCache const&) would refuse with a TypeError.
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if data:
+        why = "damaged" if cache is None else "from another GPU or TensorRT, or damaged"
+        _warn(f"the timing cache {path} cannot be used ({why}); starting a fresh one, saved after this build")
+    cache = config.create_timing_cache(b"")
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    _warn("TensorRT gave no timing cache; building without one (all tactics are timed)")
+    return None
+
+
+def _warn(message: str) -> None:
+    print(f"build-engines: warning: {message}", file=sys.stderr, flush=True)

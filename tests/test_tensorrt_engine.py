@@ -240,6 +240,9 @@ class FakeTensorRT(types.ModuleType):
         self.network_inputs = network_inputs
         self.parse_errors: tuple[str, ...] = ()
         self.foreign_timing_cache = False  # set_timing_cache refuses a non-empty cache (another GPU)
+        # create_timing_cache gives None for these blobs (a truncated file; whether TensorRT 10.8 gives None
+        # or an empty cache is not documented: both must work).
+        self.unreadable_timing_caches: set[bytes] = set()
         self.fail_build = False
         self.builders: list[FakeBuilder] = []
         self.parsed_files: list[str] = []
@@ -321,11 +324,15 @@ class FakeConfig:
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
-    def create_timing_cache(self, serialized_timing_cache: bytes) -> FakeTimingCache:
+    def create_timing_cache(self, serialized_timing_cache: bytes) -> FakeTimingCache | None:
         self.caches_created.append(bytes(serialized_timing_cache))
+        if bytes(serialized_timing_cache) in self.trt.unreadable_timing_caches:
+            return None
         return FakeTimingCache(bytes(serialized_timing_cache))
 
     def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if not isinstance(cache, FakeTimingCache):  # the binding takes ITimingCache const&
+            raise TypeError("set_timing_cache(): incompatible function arguments")
         assert ignore_mismatch is False
         if self.trt.foreign_timing_cache and cache.data:
             return False
@@ -442,7 +449,7 @@ def test_timing_cache_round_trip(fake_trt, unet_onnx, tmp_path):
     assert cache.read_bytes() == b"earlier+timed+timed"
 
 
-def test_timing_cache_from_another_gpu_is_replaced(fake_trt, unet_onnx, tmp_path):
+def test_timing_cache_from_another_gpu_is_replaced(fake_trt, unet_onnx, tmp_path, capsys):
     fake_trt.foreign_timing_cache = True
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"other gpu")
@@ -450,6 +457,58 @@ def test_timing_cache_from_another_gpu_is_replaced(fake_trt, unet_onnx, tmp_path
     te.build_engine(unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache)
     assert fake_trt.builders[0].config.caches_created == [b"other gpu", b""]
     assert cache.read_bytes() == b"+timed"
+    assert f"build-engines: warning: the timing cache {cache} cannot be used (from another GPU" in (
+        capsys.readouterr().err
+    )
+
+
+def test_damaged_timing_cache_is_replaced(fake_trt, unet_onnx, tmp_path, capsys):
+    """A truncated file for which TensorRT gives no cache (None): the build starts a fresh one."""
+    fake_trt.unreadable_timing_caches = {b"trunc"}
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"trunc")
+    shapes = te.profile_shapes(SPECS[UNET], PROFILE)
+    result = te.build_engine(
+        unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache
+    )
+    config = fake_trt.builders[0].config
+    assert config.caches_created == [b"trunc", b""]
+    assert config.timing_cache is not None and config.timing_cache.data == b""
+    assert result.plan.read_bytes() == b"serialized engine"
+    assert cache.read_bytes() == b"+timed"  # the damaged file is replaced by this build's cache
+    err = capsys.readouterr().err
+    assert f"the timing cache {cache} cannot be used (damaged); starting a fresh one, saved after" in err
+
+
+def test_without_any_timing_cache_the_build_goes_on(fake_trt, unet_onnx, tmp_path, capsys):
+    fake_trt.unreadable_timing_caches = {b"", b"earlier"}
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"earlier")
+    shapes = te.profile_shapes(SPECS[UNET], PROFILE)
+    result = te.build_engine(
+        unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache
+    )
+    assert result.plan.read_bytes() == b"serialized engine"
+    assert fake_trt.builders[0].config.timing_cache is None
+    assert cache.read_bytes() == b"earlier"  # nothing to save: the file is left as it was
+    assert "TensorRT gave no timing cache; building without one" in capsys.readouterr().err
+
+
+def test_timing_cache_is_replaced_atomically(fake_trt, unet_onnx, tmp_path, monkeypatch):
+    """Killed between writing and renaming (simulated: the rename fails), the old cache stays whole."""
+    cache = tmp_path / "cache" / "timing.cache"
+    cache.parent.mkdir()
+    cache.write_bytes(b"earlier")
+
+    def killed(src: object, dst: object) -> None:
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(te.os, "replace", killed)
+    shapes = te.profile_shapes(SPECS[UNET], PROFILE)
+    with pytest.raises(OSError, match="killed before the rename"):
+        te.build_engine(unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache)
+    assert cache.read_bytes() == b"earlier"
+    assert [p.name for p in cache.parent.iterdir()] == ["timing.cache"]  # no partial file left behind
 
 
 def test_parse_errors_are_reported(fake_trt, unet_onnx, tmp_path):
