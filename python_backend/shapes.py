@@ -182,6 +182,27 @@ def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
     return {spec.name: spec for spec in specs}
 
 
+def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry) -> int:
+    """The most bytes of engine inputs and outputs one request holds at once, at the profile's largest sizes.
+
+    The pipeline calls one engine at a time, so that is its largest call (inputs + outputs, every dynamic
+    axis at its maximum; the VAE's images dominate), plus the text encoder's output, which stays referenced
+    for the whole request. With GPU engines these tensors cross BLS in Triton's CUDA memory pool.
+    """
+    ranges = profile.axis_ranges()
+
+    def nbytes(tensor: TensorSpec) -> int:
+        count = 1
+        for d in tensor.dims:
+            count *= ranges[d][2] if isinstance(d, str) else d
+        return count * np.dtype(tensor.dtype).itemsize
+
+    specs = engine_specs(geometry)
+    per_call = {name: sum(nbytes(t) for t in (*s.inputs, *s.outputs)) for name, s in specs.items()}
+    held = sum(nbytes(t) for t in specs[TEXT_ENCODER].outputs)
+    return max(per_call.values()) + held
+
+
 PIPELINE_MANIFEST = "pipeline.json"
 
 

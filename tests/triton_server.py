@@ -86,6 +86,7 @@ class TritonServer:
         self,
         model_repository: Path,
         *,
+        serve_args: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         ready_timeout: float = 120.0,
         env: Mapping[str, str] | None = None,
@@ -93,7 +94,8 @@ class TritonServer:
         log_lines: int = 5000,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
-        self.extra_args = tuple(extra_args)
+        self.serve_args = tuple(serve_args)  # sd-serve's own options
+        self.extra_args = tuple(extra_args)  # tritonserver's, after `--`
         self.ready_timeout = ready_timeout
         self.env = env
         self.host = host
@@ -146,6 +148,7 @@ class TritonServer:
                 f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}",
                 f"--ready-timeout={self.ready_timeout}",
+                *self.serve_args,
                 "--",
                 *self.extra_args,
             ),
