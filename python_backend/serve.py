@@ -637,30 +637,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool_in_extra = any(a.split("=", 1)[0] == CUDA_POOL_FLAG for a in extra_args)
     if args.cuda_memory_pool_mb is not None and pool_in_extra:
         parser.error(f"give --cuda-memory-pool-mb or {CUDA_POOL_FLAG} after --, not both")
-    pool_mib = args.cuda_memory_pool_mb
-    if pool_mib is None and not pool_in_extra and has_tensorrt_plans(repository):
-        # GPU engines only: a CPU repository keeps Triton's default (the pool is unused there).
-        pool_mib = cuda_memory_pool_mib(repository)
-        print(
-            f"sd-serve: CUDA memory pool {pool_mib} MiB on GPU 0, sized for the repository's profile "
-            "(--cuda-memory-pool-mb sets another)",
-            file=sys.stderr,
-            flush=True,
-        )
-    options = ServeOptions(
-        model_repository=repository,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_verbose=args.log_verbose,
-        cuda_memory_pool_bytes=None if pool_mib is None else pool_mib * MIB,
-        extra_args=extra_args,
-    )
     try:
         if not args.skip_engine_check:
-            for warning in check_engines(options.model_repository):
+            for warning in check_engines(repository):
                 print(f"sd-serve: warning: {warning}", file=sys.stderr, flush=True)
+        pool_mib = args.cuda_memory_pool_mb
+        if pool_mib is None and not pool_in_extra and has_tensorrt_plans(repository):
+            # GPU engines only: a CPU repository keeps Triton's default (the pool is unused there).
+            pool_mib = cuda_memory_pool_mib(repository)
+            print(
+                f"sd-serve: CUDA memory pool {pool_mib} MiB on GPU 0, sized for the repository's profile "
+                "(--cuda-memory-pool-mb sets another)",
+                file=sys.stderr,
+                flush=True,
+            )
+        options = ServeOptions(
+            model_repository=repository,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            log_verbose=args.log_verbose,
+            cuda_memory_pool_bytes=None if pool_mib is None else pool_mib * MIB,
+            extra_args=extra_args,
+        )
         return serve(options, ready_timeout=args.ready_timeout)
     except ServeError as e:
         print(f"sd-serve: error: {e}", file=sys.stderr, flush=True)
