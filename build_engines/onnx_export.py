@@ -189,6 +189,7 @@ def sample_inputs(spec: EngineSpec, sizes: dict[str, int], seed: int = 0) -> dic
 TRACE_SIZES = {
     "batch": 2,
     "guided_batch": 2,
+    "text_rows": 2,
     "latent_height": 12,
     "latent_width": 10,
     "height": 96,
@@ -199,6 +200,7 @@ TRACE_SIZES = {
 CHECK_SIZES = {
     "batch": 1,
     "guided_batch": 3,
+    "text_rows": 3,
     "latent_height": 8,
     "latent_width": 16,
     "height": 64,
@@ -234,6 +236,8 @@ def export_engine(
         "opset": OPSET,
         "export_format": EXPORT_FORMAT,
         "torch": torch.__version__.split("+")[0],
+        # The graph declares these dims (axis names included), which the configs and profiles are built from.
+        "dims": {t.name: list(t.dims) for t in (*spec.inputs, *spec.outputs)},
     }
     if target.exists() and sidecar.exists():
         recorded = json.loads(sidecar.read_text())

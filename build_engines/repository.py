@@ -18,7 +18,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from python_backend import schedulers
 from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS
-from python_backend.shapes import PIPELINE_MANIFEST, UNET, EngineSpec, PipelineManifest, Profile
+from python_backend.shapes import (
+    BATCH_AXES,
+    PIPELINE_MANIFEST,
+    UNET,
+    EngineSpec,
+    PipelineManifest,
+    Profile,
+)
 
 # The hand-written python models that build-engines copies into the repository it writes.
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
@@ -60,7 +67,7 @@ def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, g
     from concurrent requests (at different steps: the timestep is per sample) into one engine run.
     Triton only merges calls whose other dims agree (same size, same prompt length)."""
     batch_axes = {str(t.dims[0]) for t in (*spec.inputs, *spec.outputs)}
-    if len(batch_axes) != 1 or not {"batch", "guided_batch"} >= batch_axes:
+    if len(batch_axes) != 1 or not BATCH_AXES >= batch_axes:
         raise ValueError(f"{spec.name}: every tensor must lead with the same batch axis, got {batch_axes}")
     config.max_batch_size = profile.axis_ranges()[batch_axes.pop()][2]
     for t in spec.inputs:
@@ -95,7 +102,6 @@ class ServingOptions:
 
 def pipeline_config(
     default_scheduler: schedulers.SchedulerChoice,
-    gpu_engines: bool,
     streaming: bool = False,
     serving: ServingOptions = ServingOptions(),
 ) -> mc.ModelConfig:
@@ -129,9 +135,11 @@ def pipeline_config(
         for s in schedulers.SCHEDULERS
     ]
     config.parameters["schedulers"].string_value = json.dumps(listing)
-    if gpu_engines:
-        # BLS outputs of GPU engines stay on the GPU; the pipeline passes them on by DLPack.
-        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
+    # No FORCE_CPU_ONLY_INPUT_TENSORS "no", on either target: that parameter only lets the model's own
+    # request inputs arrive in GPU memory (e.g. from a client's CUDA shared memory), where model.py's
+    # as_numpy() fails. BLS outputs of GPU engines stay on the GPU without it: "If you do not specify the
+    # preferred_memory parameter, the output tensors will be allocated on the same device where the output
+    # tensors were received from the model" (Triton's BLS documentation).
     return config
 
 
@@ -181,12 +189,11 @@ def write_pipeline_model(
     checkpoint: tokenizer, scheduler config, manifest."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
-    gpu = manifest.device != "cpu"
     for name, streaming in ((PIPELINE, False), (PIPELINE_STREAM, True)):
         model_dir = repository / name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
-        config = pipeline_config(default, gpu, streaming, serving)
+        config = pipeline_config(default, streaming, serving)
         write_config(model_dir, config)
         shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
         shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)

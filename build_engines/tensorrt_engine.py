@@ -5,8 +5,9 @@ flags (TensorRT 10.12 deprecates them and 11 removes BuilderFlag.FP16). Each pla
 profile, because Triton's TensorRT backend uses profile 0 unless the config lists others. A JSON sidecar
 records what the plan was built from and for; a rebuild with the same record is skipped.
 
-Plans only load on the TensorRT release and GPU compute capability that built them, so the sidecar also
-lets sd-serve explain a mismatch instead of surfacing Triton's deserialization error.
+Plans only load on the TensorRT release and GPU compute capability that built them, and are only meant for
+the GPU model that built them, so the sidecar also lets sd-serve refuse a mismatch with a clear message
+instead of surfacing Triton's deserialization error (or a plan that loads and then fails).
 
 `tensorrt` is imported inside functions: this module must import (for the shape math and the checks) on
 machines without it.
@@ -20,6 +21,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,8 +118,11 @@ class GpuIdentity:
 
 
 def gpu_identity() -> GpuIdentity | None:
-    """The first CUDA GPU, from torch when it sees one, else from nvidia-smi; None without a GPU."""
-    return _torch_gpu() or nvidia_smi_gpu()
+    """The first CUDA GPU, from nvidia-smi when it answers, else from torch; None without a GPU.
+
+    nvidia-smi first: sd-serve's check and the deployment's engine cache key read the name from it, and
+    torch's name can differ for the same GPU (a MIG slice adds "MIG 1g.10gb")."""
+    return nvidia_smi_gpu() or _torch_gpu()
 
 
 def _torch_gpu() -> GpuIdentity | None:
@@ -160,18 +166,44 @@ def check_tensorrt_available() -> GpuIdentity:
 
 
 def libnvinfer_version(lib_dirs: Iterable[Path]) -> str | None:
-    """TensorRT's version from the first folder holding libnvinfer.so.<version> (most specific name)."""
+    """TensorRT's version from the libnvinfer.so.<version> files in `lib_dirs` (in search order).
+
+    The first folder holding one is where the loader finds the library, so it sets the release. A folder may
+    name only the major version (a bare libnvinfer.so.10, as pip's tensorrt libs wheel ships it), so the most
+    specific name that agrees with it, across all the folders and their links' targets, gives the version.
+    """
+    found: list[list[str]] = []  # per folder that has any, the versions its file names and links give
     for folder in lib_dirs:
-        version = _most_specific_version(p.name for p in folder.glob("libnvinfer.so.*"))
-        if version:
-            return version
-    return None
+        names = []
+        for path in folder.glob("libnvinfer.so.*"):
+            names.append(path.name)
+            if path.is_symlink():
+                names.append(path.resolve().name)  # libnvinfer.so.10 -> libnvinfer.so.10.8.0
+        versions = [m.group(1) for name in names if (m := _LIBNVINFER.match(name))]
+        if versions:
+            found.append(versions)
+    if not found:
+        return None
+    loaded = _most_specific_version(found[0])
+    return refine_version(loaded, *(v for versions in found[1:] for v in versions))
+
+
+def refine_version(version: str | None, *candidates: str | None) -> str | None:
+    """`version`, or the most specific of `candidates` that it is a prefix of ("10" -> "10.8.0")."""
+    if version is None:
+        return None
+    fields = version.split(".")
+    agreeing = [c for c in candidates if c and c.split(".")[: len(fields)] == fields]
+    return _most_specific_version(agreeing, default=version)
 
 
 def runtime_tensorrt_version() -> str | None:
     """This machine's TensorRT without importing it where possible: Triton's container ships libnvinfer."""
     ld_path = [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    return libnvinfer_version([*ld_path, *LIB_DIRS]) or _ldconfig_version() or _python_tensorrt_version()
+    version = libnvinfer_version([*ld_path, *LIB_DIRS])
+    if version is not None and version.count(".") < 2:  # only "10" or "10.8": ldconfig's links may say more
+        version = refine_version(version, _ldconfig_version())
+    return version or _ldconfig_version() or _python_tensorrt_version()
 
 
 def _ldconfig_version() -> str | None:
@@ -182,12 +214,13 @@ def _ldconfig_version() -> str | None:
         return None
     # "libnvinfer.so.10 (libc6,x86-64) => /usr/lib/.../libnvinfer.so.10": the link's target names the version.
     targets = (line.rpartition("=>")[2].strip() for line in out.splitlines() if "libnvinfer.so." in line)
-    return _most_specific_version(Path(t).resolve().name for t in targets if t)
+    names = (Path(t).resolve().name for t in targets if t)
+    return _most_specific_version(m.group(1) for name in names if (m := _LIBNVINFER.match(name)))
 
 
-def _most_specific_version(file_names: Iterable[str]) -> str | None:
-    versions = [m.group(1) for name in file_names if (m := _LIBNVINFER.match(name))]
-    return max(versions, key=lambda v: (v.count("."), _numbers(v)), default=None)
+def _most_specific_version(versions: Iterable[str], default: str | None = None) -> str | None:
+    """The version with the most fields ("10.8.0" over "10"), then the highest."""
+    return max(versions, key=lambda v: (v.count("."), _numbers(v)), default=default)
 
 
 def _python_tensorrt_version() -> str | None:
@@ -248,19 +281,28 @@ def read_plan_record(sidecar: Path) -> PlanRecord | None:
 
 
 def plan_mismatch(record: PlanRecord, tensorrt_version: str, gpu: GpuIdentity) -> str | None:
-    """None when a plan built as `record` says loads here; else a sentence saying why it won't.
+    """None when a plan built as `record` is fit to serve here; else a sentence saying why it is not.
 
-    A plan needs the TensorRT release and the compute capability it was built with; another GPU model
-    of the same capability loads it (TensorRT only warns), so names alone do not count.
+    A plan needs the TensorRT release and the compute capability it was built with, and the same GPU model:
+    another model of the same capability may load it, but TensorRT warns that this "is likely to affect
+    performance or even cause errors", and users report such plans failing (NVIDIA/TensorRT#2900).
     """
     built, here = _release(record.tensorrt_version), _release(tensorrt_version)
     shared = min(len(built), len(here))  # a library file may name only "10": compare what both know
-    if built[:shared] == here[:shared] and record.gpu.compute_capability == gpu.compute_capability:
+    if (
+        built[:shared] == here[:shared]
+        and record.gpu.compute_capability == gpu.compute_capability
+        and _same_gpu_name(record.gpu.name, gpu.name)
+    ):
         return None
     return (
         f"engine built with TensorRT {'.'.join(built)} for {record.gpu}; this server has TensorRT "
         f"{'.'.join(here)} on {gpu}: {REBUILD_HINT}"
     )
+
+
+def _same_gpu_name(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 def _release(version: str) -> tuple[str, ...]:
@@ -331,11 +373,23 @@ def build_engine(
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar.unlink(missing_ok=True)  # a crash below must not leave an old record beside a new plan
     plan = _build_plan(onnx_path, spec, shapes, options, timing_cache)
-    partial = plan_path.with_name(PLAN_FILE + ".partial")
-    partial.write_bytes(plan)
-    partial.replace(plan_path)
+    _write_atomically(plan_path, plan)
     sidecar.write_text(record.to_json())
     return EngineBuildResult(plan_path, record, reused=False)
+
+
+def _write_atomically(path: Path, data: IHostMemory | bytes) -> None:
+    """Write a temporary file beside `path`, then rename it over `path`: a build killed meanwhile (an
+    initContainer evicted) leaves the previous file whole, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)  # IHostMemory has the buffer protocol
+        os.chmod(name, 0o644)  # mkstemp makes it owner-only; the server may run as another user
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)  # gone after the rename; left only if something failed
 
 
 def _build_plan(
@@ -371,8 +425,7 @@ def _build_plan(
             f"{spec.name}: TensorRT failed to build an engine from {onnx_path} (its log above says why)"
         )
     if timing_cache is not None and cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(cache.serialize())  # now holding this build's timings too
+        _write_atomically(timing_cache, cache.serialize())  # now holding this build's timings too
     return plan
 
 
@@ -391,10 +444,28 @@ def _configure(config: IBuilderConfig, options: BuildOptions) -> None:
         config.set_flag(trt.BuilderFlag.REFIT)
 
 
-def _attach_timing_cache(config: IBuilderConfig, path: Path) -> ITimingCache:
-    """Load the cache file into the build; one from another GPU or TensorRT is replaced by a fresh one."""
-    cache = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+def _attach_timing_cache(config: IBuilderConfig, path: Path) -> ITimingCache | None:
+    """Load the cache file into the build; a damaged one, or one from another GPU or TensorRT, is replaced
+    by a fresh one (and the build says so). None: TensorRT gave no cache at all; build without one."""
+    try:
+        data = path.read_bytes() if path.exists() else b""
+    except OSError as e:
+        _warn(f"cannot read the timing cache {path} ({e}); starting a fresh one")
+        data = b""
+    # A damaged blob makes TensorRT log "Serialization assertion ... failed" and may give None, which
+    # set_timing_cache (it takes ITimingCache const&) would refuse with a TypeError.
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if data:
+        why = "damaged" if cache is None else "from another GPU or TensorRT, or damaged"
+        _warn(f"the timing cache {path} cannot be used ({why}); starting a fresh one, saved after this build")
+    cache = config.create_timing_cache(b"")
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    _warn("TensorRT gave no timing cache; building without one (all tactics are timed)")
+    return None
+
+
+def _warn(message: str) -> None:
+    print(f"build-engines: warning: {message}", file=sys.stderr, flush=True)

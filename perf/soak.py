@@ -179,7 +179,7 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
 
     s = settings
     result = SoakResult({k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()})
-    server = TritonServer(s.repository, sd_serve_args=[f"--grace-period={s.grace_period_s}"]).start()
+    server = TritonServer(s.repository, serve_args=[f"--grace-period={s.grace_period_s}"]).start()
     seen_pids: set[int] = set()
     outcomes: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []

@@ -1,7 +1,8 @@
 """`Engines` over Triton BLS: each engine is a model in the same server. Importable only inside Triton.
 
-Tensors cross by DLPack, so with GPU engines (and FORCE_CPU_ONLY_INPUT_TENSORS "no") they stay on
-the GPU between steps; with CPU engines the same code passes CPU tensors without copies.
+Tensors cross by DLPack, so with GPU engines they stay on the GPU between steps (a BLS output is
+allocated where the called model produced it, unless the request sets preferred_memory); with CPU
+engines the same code passes CPU tensors without copies.
 """
 
 from __future__ import annotations

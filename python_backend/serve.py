@@ -238,6 +238,57 @@ def check_engines(
 
 
 # --------------------------------------------------------------------------------------------------------
+# Triton's CUDA memory pool: where the GPU tensors of the pipeline's BLS calls go
+
+MIB = 1 << 20
+CUDA_POOL_FLAG = "--cuda-memory-pool-byte-size"
+# Used when the repository's pipeline.json cannot be read (a repository build-engines did not write).
+DEFAULT_CUDA_POOL_MIB = 512
+_POOL_STEP_MIB = 64  # Triton's own default pool size; sizes are rounded up to multiples of it
+_MAX_CONCURRENT = re.compile(r'key:\s*"max_concurrent_requests"\s*value\s*\{\s*string_value:\s*"(\d+)"')
+
+
+def has_tensorrt_plans(repository: Path) -> bool:
+    """Whether any model of the repository has a TensorRT plan in a version folder (GPU engines)."""
+    return any(p.parent.name.isdigit() for p in repository.glob("*/*/model.plan"))
+
+
+def cuda_memory_pool_mib(repository: Path) -> int:
+    """A CUDA memory pool size for this repository: every request the pipeline models generate at once
+    holding its largest set of engine tensors (`shapes.request_engine_tensor_bytes`), doubled (slack for
+    the pool allocator's fragmentation and for tensors Python has not released yet when the next call
+    allocates), rounded up to a multiple of 64 MiB. DEFAULT_CUDA_POOL_MIB without a readable pipeline.json.
+
+    Why it matters: BLS outputs of GPU engines, and the GPU inputs the pipeline sends, are allocated from
+    this pool (Triton's default is 64 MB); past it each tensor is a cudaMalloc shared through CUDA IPC.
+    """
+    from python_backend.shapes import PIPELINE_MANIFEST, PipelineManifest, request_engine_tensor_bytes
+
+    try:
+        manifest = PipelineManifest.read(repository / "pipeline" / "1" / PIPELINE_MANIFEST)
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_CUDA_POOL_MIB
+    concurrent = sum(
+        _max_concurrent_requests(repository / model, manifest.profile.max_batch)
+        for model in ("pipeline", "pipeline_stream")
+    )
+    needed = 2 * concurrent * request_engine_tensor_bytes(manifest.profile, manifest.geometry)
+    steps = -(-needed // (_POOL_STEP_MIB * MIB))  # ceiling division
+    return max(1, steps) * _POOL_STEP_MIB
+
+
+def _max_concurrent_requests(model_dir: Path, default: int) -> int:
+    """The pipeline model's `max_concurrent_requests` parameter (build-engines writes it); 0 without the
+    model; `default` (build-engines' own default, --max-batch) when its config does not say."""
+    try:
+        config = (model_dir / "config.pbtxt").read_text()
+    except OSError:
+        return 0
+    match = _MAX_CONCURRENT.search(config)
+    return int(match[1]) if match else default
+
+
+# --------------------------------------------------------------------------------------------------------
 # Running it
 
 
@@ -249,9 +300,11 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_verbose: int = 0
+    cuda_memory_pool_bytes: int | None = None  # on GPU 0; None: Triton's default (64 MB)
     extra_args: tuple[str, ...] = ()  # passed to tritonserver as given, after ours
 
     def triton_args(self) -> list[str]:
+        pool = self.cuda_memory_pool_bytes
         return [
             f"--model-repository={self.model_repository}",
             # Every model at start, and sd-serve may reload one whose process died (supervisor.py).
@@ -268,6 +321,7 @@ class ServeOptions:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
+            *([f"{CUDA_POOL_FLAG}=0:{pool}"] if pool is not None else []),
             *self.extra_args,
         ]
 
@@ -673,6 +727,13 @@ def _port(text: str) -> int:
     return port
 
 
+def _mib(text: str) -> int:
+    mib = int(text)
+    if mib < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no pool), got {mib}")
+    return mib
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -708,25 +769,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{Supervision.restart_window_s:g} s, then exit non-zero (default %(default)s)",
     )
     parser.add_argument(
+        "--cuda-memory-pool-mb",
+        type=_mib,
+        metavar="MB",
+        help="Triton's CUDA memory pool on GPU 0 in MiB, where the pipeline's GPU tensors cross BLS "
+        "(default: sized from the repository's profile when it has TensorRT plans, else Triton's 64 MB)",
+    )
+    parser.add_argument(
         "--skip-engine-check",
         action="store_true",
         help="start Triton even if the TensorRT engines' sidecars say they were built for another "
         "TensorRT or GPU",
     )
     args = parser.parse_args(argv[:split])
-    options = ServeOptions(
-        model_repository=args.model_repository.absolute(),
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_verbose=args.log_verbose,
-        extra_args=tuple(argv[split + 1 :]),
-    )
+    extra_args = tuple(argv[split + 1 :])
+    repository = args.model_repository.absolute()
+    pool_in_extra = any(a.split("=", 1)[0] == CUDA_POOL_FLAG for a in extra_args)
+    if args.cuda_memory_pool_mb is not None and pool_in_extra:
+        parser.error(f"give --cuda-memory-pool-mb or {CUDA_POOL_FLAG} after --, not both")
     try:
         if not args.skip_engine_check:
-            for warning in check_engines(options.model_repository):
+            for warning in check_engines(repository):
                 print(f"sd-serve: warning: {warning}", file=sys.stderr, flush=True)
+        pool_mib = args.cuda_memory_pool_mb
+        if pool_mib is None and not pool_in_extra and has_tensorrt_plans(repository):
+            # GPU engines only: a CPU repository keeps Triton's default (the pool is unused there).
+            pool_mib = cuda_memory_pool_mib(repository)
+            print(
+                f"sd-serve: CUDA memory pool {pool_mib} MiB on GPU 0, sized for the repository's profile "
+                "(--cuda-memory-pool-mb sets another)",
+                file=sys.stderr,
+                flush=True,
+            )
+        options = ServeOptions(
+            model_repository=repository,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            log_verbose=args.log_verbose,
+            cuda_memory_pool_bytes=None if pool_mib is None else pool_mib * MIB,
+            extra_args=extra_args,
+        )
         supervision = Supervision(grace_period_s=args.grace_period, max_restarts=args.max_restarts)
         return serve(options, ready_timeout=args.ready_timeout, supervision=supervision)
     except ServeError as e:

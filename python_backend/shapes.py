@@ -19,6 +19,8 @@ TOKENS_PER_CHUNK = 77  # CLIP context length: BOS + 75 tokens + EOS
 
 
 SideRange = tuple[int, int, int]  # (min, opt, max) pixels of one image side
+# The dynamic axes that lead engine tensors: Triton's batch axis (config max_batch_size = the axis' max).
+BATCH_AXES = frozenset({"batch", "guided_batch", "text_rows"})
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,12 @@ class Profile:
         seq = TOKENS_PER_CHUNK
         return {
             "batch": (1, self.opt_batch, self.max_batch),
-            # Text encoder and UNet see prompt and negative prompt together.
+            # The UNet sees each image twice with guidance: unconditional and conditional.
             "guided_batch": (1, 2 * self.opt_batch, 2 * self.max_batch),
+            # The text encoder runs once per request (its embeddings are repeated per image), on one row per
+            # 77-token chunk of the prompt and, with guidance, of the negative prompt padded to as many
+            # chunks: up to 2 x max_prompt_chunks rows, however many images. Typical: one chunk, guided.
+            "text_rows": (1, 2, 2 * self.max_prompt_chunks),
             "latent_height": _latent(self.height),
             "latent_width": _latent(self.width),
             "height": self.height,
@@ -143,11 +149,11 @@ def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
         EngineSpec(
             TEXT_ENCODER,
             inputs=(
-                TensorSpec("input_ids", np.int32, ("guided_batch", TOKENS_PER_CHUNK)),
+                TensorSpec("input_ids", np.int32, ("text_rows", TOKENS_PER_CHUNK)),
                 # A1111's clip skip, one per row (batch first so that Triton can batch it).
-                TensorSpec("clip_skip", np.int32, ("guided_batch", 1), value_range=(1, geometry.text_layers)),
+                TensorSpec("clip_skip", np.int32, ("text_rows", 1), value_range=(1, geometry.text_layers)),
             ),
-            outputs=(TensorSpec("last_hidden_state", f32, ("guided_batch", TOKENS_PER_CHUNK, hid)),),
+            outputs=(TensorSpec("last_hidden_state", f32, ("text_rows", TOKENS_PER_CHUNK, hid)),),
         ),
         EngineSpec(
             UNET,
@@ -174,6 +180,27 @@ def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
         ),
     ]
     return {spec.name: spec for spec in specs}
+
+
+def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry) -> int:
+    """The most bytes of engine inputs and outputs one request holds at once, at the profile's largest sizes.
+
+    The pipeline calls one engine at a time, so that is its largest call (inputs + outputs, every dynamic
+    axis at its maximum; the VAE's images dominate), plus the text encoder's output, which stays referenced
+    for the whole request. With GPU engines these tensors cross BLS in Triton's CUDA memory pool.
+    """
+    ranges = profile.axis_ranges()
+
+    def nbytes(tensor: TensorSpec) -> int:
+        count = 1
+        for d in tensor.dims:
+            count *= ranges[d][2] if isinstance(d, str) else d
+        return count * np.dtype(tensor.dtype).itemsize
+
+    specs = engine_specs(geometry)
+    per_call = {name: sum(nbytes(t) for t in (*s.inputs, *s.outputs)) for name, s in specs.items()}
+    held = sum(nbytes(t) for t in specs[TEXT_ENCODER].outputs)
+    return max(per_call.values()) + held
 
 
 PIPELINE_MANIFEST = "pipeline.json"

@@ -44,7 +44,8 @@ def test_config_matches_onnx_graph(model_repository, tiny_checkpoint, engine):
             onnx_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in onnx_type.shape.dim]
             assert [-1, *tensor.dims] == onnx_dims, tensor.name  # Triton owns the leading batch axis
     assert config.backend == "python"
-    assert config.max_batch_size == (8 if engine in ("text_encoder", "unet") else 4)  # --max-batch 4, guided
+    # --max-batch 4: the UNet takes 2 rows per image (guided), the text encoder 2 per prompt chunk (3 chunks).
+    assert config.max_batch_size == {"text_encoder": 6, "unet": 8}.get(engine, 4)
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
     assert config.HasField("dynamic_batching") == (engine == "unet")
 
@@ -150,6 +151,16 @@ def test_profile_axis_ranges():
     assert static["latent_width"] == (64, 64, 64) and static["height"] == (768, 768, 768)
     assert ranges["guided_batch"] == (1, 2, 8)
     assert ranges["text_sequence"] == (77, 77, 231)  # 3 prompt chunks by default
+    assert ranges["text_rows"] == (1, 2, 6)  # a row per chunk of prompt and negative prompt
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 8])
+@pytest.mark.parametrize("chunks", [1, 3, 5])
+def test_text_encoder_rows_follow_prompt_chunks_not_images(max_batch, chunks):
+    """One text encoder call per request: a row per chunk of prompt and negative prompt, images or not."""
+    ranges = Profile(max_batch=max_batch, max_prompt_chunks=chunks).axis_ranges()
+    assert ranges["text_rows"] == (1, 2, 2 * chunks)
+    assert ranges["guided_batch"][2] == 2 * max_batch
 
 
 def test_models_past_the_protobuf_limit_keep_weights_in_one_external_file(

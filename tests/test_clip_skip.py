@@ -95,7 +95,7 @@ def test_engines_send_clip_skip_for_every_row(model_repository, tiny_checkpoint,
 def test_export_check_samples_valid_clip_skip_values(tiny_checkpoint):
     spec = engine_specs(onnx_export.read_geometry(tiny_checkpoint))[TEXT_ENCODER]
     skip = onnx_export.sample_inputs(spec, onnx_export.CHECK_SIZES, seed=1)["clip_skip"]
-    assert skip.shape == (onnx_export.CHECK_SIZES["guided_batch"], 1) and skip.dtype == np.int32
+    assert skip.shape == (onnx_export.CHECK_SIZES["text_rows"], 1) and skip.dtype == np.int32
     assert set(skip.ravel()) == {1, 2}  # the export check compares both layers against torch
 
 

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from build_engines import repository
 from python_backend.engines import OnnxRuntimeEngines
 from python_backend.pipeline import Cancelled, GenerationResult, PipelineAssets, Progress, generate
 from python_backend.request import REQUEST_INPUTS, GenerationRequest, InvalidInput, request_from_inputs
+from python_backend.shapes import ENGINE_NAMES
 from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff, png_bytes, smooth_picture
 
 PROMPT = "a photo of a cat"
@@ -156,6 +158,39 @@ def test_long_prompts_are_encoded_in_chunks(engines, assets):
         InvalidInput, match=r"prompt: is 300 tokens in 4 chunks; the engines accept at most 3"
     ):
         run(" ".join(["cat"] * 300))
+
+
+@pytest.mark.parametrize("hr_upscaler", ["Latent", "Lanczos"])  # Lanczos re-encodes: the VAE encoder too
+def test_the_largest_request_fits_every_engine_config(engines, assets, model_repository, hr_upscaler):
+    """Triton refuses a call with more rows than the model's max_batch_size (INTERNAL to the client): the
+    largest request the profile admits (most images, longest prompts, guided, hires fix) must fit."""
+    profile = assets.manifest.profile
+    limits = {name: repository.read_config(model_repository / name).max_batch_size for name in ENGINE_NAMES}
+    rows: dict[str, set[int]] = {name: set() for name in ENGINE_NAMES}
+
+    class Recording(type(engines)):
+        def run(self, engine, inputs):
+            rows[engine].update(t.shape[0] for t in inputs.values())
+            return engines.run(engine, inputs)
+
+    longest = " ".join(["cat"] * 75 * profile.max_prompt_chunks)
+    request = GenerationRequest(
+        prompt=longest,
+        negative_prompt=longest,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        num_images=profile.max_batch,
+        guidance_scale=7.5,
+        seed=5,
+        enable_hr=True,
+        hr_upscaler=hr_upscaler,
+    )
+    generate(request, Recording.__new__(Recording), assets)
+    assert rows["text_encoder"] == {2 * profile.max_prompt_chunks}  # one call, whatever the image count
+    assert rows["unet"] == {2 * profile.max_batch}
+    for name, seen in rows.items():
+        assert all(r <= limits[name] for r in seen), (name, seen, limits[name])
 
 
 def test_attention_syntax_weights_the_prompt(engines, assets):

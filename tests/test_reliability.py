@@ -132,7 +132,7 @@ def test_a_killed_process_comes_back(server: TritonServer, model: str) -> None:
 def test_sigterm_drains_requests_in_progress_and_stops_cleanly(model_repository: Path) -> None:
     """SIGTERM: requests in progress finish, new ones are refused as UNAVAILABLE, sd-serve exits 0, no
     process crashed (the stubs used to segfault on every shutdown) and none is left behind."""
-    server = TritonServer(model_repository, sd_serve_args=["--grace-period=60"]).start()
+    server = TritonServer(model_repository, serve_args=["--grace-period=60"]).start()
     try:
         assert server.process is not None
         triton = server.triton_pid()

@@ -19,11 +19,14 @@ from typing import NoReturn
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import tensorrt_engine as te
 from build_engines.tensorrt_engine import GpuIdentity, PlanRecord
 from python_backend import serve
 from python_backend.serve import free_ports
+from python_backend.shapes import PIPELINE_MANIFEST, ModelGeometry, PipelineManifest, Profile
 from tests.triton_server import PROJECT_ROOT, TritonServer, group_alive, run_sd_serve, tritonserver_available
 
 requires_tritonserver = pytest.mark.skipif(
@@ -104,6 +107,15 @@ def test_ready_line_and_pass_through_arguments(server: TritonServer) -> None:
         in log
     )
     assert re.search(r"cache_enabled\s*\|\s*1\s*\|", log), log  # the argument after `--` reached Triton
+
+
+@requires_tritonserver
+@pytest.mark.integration
+def test_cuda_memory_pool_option_reaches_triton_and_cpu_runs_still_serve(identity_repository: Path) -> None:
+    with TritonServer(identity_repository, serve_args=["--cuda-memory-pool-mb", "128"]) as running:
+        log = running.log()
+    # Triton's start-up table; without a GPU it logs "CUDA memory pool disabled" and serves anyway.
+    assert re.search(r"cuda_memory_pool_byte_size\{0\}\s*\|\s*134217728\s*\|", log), log
 
 
 @requires_tritonserver
@@ -365,11 +377,30 @@ def test_only_mismatched_engines_are_reported(tmp_path: Path, fake_runtime: dict
 def test_matching_engines_pass(
     tmp_path: Path, fake_runtime: dict[str, object], triton_starts: list[serve.ServeOptions]
 ) -> None:
-    # libnvinfer.so.10.8.0 names no build number; another GPU of the same compute capability loads it.
-    tensorrt_repository(tmp_path, plan_record("10.8.0.43", GpuIdentity("NVIDIA H100 PCIe", "9.0")))
+    # libnvinfer.so.10.8.0 names no build number.
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", H100))
     assert serve.check_engines(tmp_path) == []
     assert serve.main([f"--model-repository={tmp_path}"]) == 0
     assert [options.model_repository for options in triton_starts] == [tmp_path.absolute()]
+
+
+def test_another_gpu_model_of_the_same_capability_is_refused_unless_skipped(
+    tmp_path: Path,
+    fake_runtime: dict[str, object],
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", GpuIdentity("NVIDIA H100 PCIe", "9.0")))
+    assert serve.main([f"--model-repository={tmp_path}"]) == 1
+    assert triton_starts == []
+    err = capsys.readouterr().err
+    assert (
+        "  unet: engine built with TensorRT 10.8.0 for NVIDIA H100 PCIe (9.0); this server has TensorRT "
+        "10.8.0 on NVIDIA H100 80GB HBM3 (9.0): rebuild the engines" in err
+    )
+    assert "(--skip-engine-check starts Triton anyway)" in err
+    assert serve.main([f"--model-repository={tmp_path}", "--skip-engine-check"]) == 0
+    assert len(triton_starts) == 1
 
 
 def test_engines_without_a_gpu(tmp_path: Path) -> None:
@@ -407,7 +438,7 @@ def test_unknown_tensorrt_version_warns_and_serves(
     assert len(triton_starts) == 1
     err = capsys.readouterr().err
     assert err.startswith("sd-serve: warning: cannot tell this server's TensorRT version")
-    assert err.count("\n") == 1
+    assert err.count("sd-serve: warning:") == 1  # then the CUDA memory pool's line
 
 
 def test_unknown_gpu_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -484,3 +515,86 @@ def test_runtime_found_from_nvidia_smi_and_libnvinfer_without_torch(tmp_path: Pa
         "the serving container"
     )
     assert lines[-1] == "torch imported: False"
+
+
+# --- Triton's CUDA memory pool ---------------------------------------------------------------------------
+
+
+def pipeline_repository(root: Path, profile: Profile, concurrent: int | None) -> Path:
+    """The pipeline models' files sd-serve sizes the pool from: pipeline.json and config.pbtxt."""
+    for name in ("pipeline", "pipeline_stream"):
+        (root / name / "1").mkdir(parents=True, exist_ok=True)
+        PipelineManifest(profile, ModelGeometry(), "sd", device="cuda").write(
+            root / name / "1" / PIPELINE_MANIFEST
+        )
+        config = mc.ModelConfig(name=name, backend="python")
+        if concurrent is not None:
+            config.parameters["max_concurrent_requests"].string_value = str(concurrent)
+        (root / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return root
+
+
+def test_cuda_memory_pool_is_sized_from_the_profile(tmp_path: Path) -> None:
+    # The default profile (1024 px, 4 images, 3 prompt chunks): the VAE encoder's call holds the most,
+    # image 4x3x1024x1024 fp32 (48 MiB) + mean and std 2 x 4x4x128x128 (2 MiB), plus the text encoder's
+    # output kept all request long, 6x77x768 fp32 (1.35 MiB): 51.35 MiB per request. 4 + 4 requests at
+    # once (pipeline and pipeline_stream), doubled: 821.7 MiB, rounded up to a multiple of 64: 832.
+    default = pipeline_repository(tmp_path / "default", Profile(), concurrent=4)
+    assert serve.cuda_memory_pool_mib(default) == 832
+    # deploy/k8s's GPU overlay: 256..768 px, 2 images, 2 + 2 requests: 2 x 4 x 15.4 MiB = 123.3 -> 128.
+    overlay = Profile.square(256, 512, 768, max_batch=2)
+    assert serve.cuda_memory_pool_mib(pipeline_repository(tmp_path / "gpu", overlay, concurrent=2)) == 128
+    # A config without the parameter counts build-engines' default, --max-batch.
+    assert serve.cuda_memory_pool_mib(pipeline_repository(tmp_path / "old", overlay, concurrent=None)) == 128
+    assert serve.cuda_memory_pool_mib(tmp_path / "no-pipeline") == serve.DEFAULT_CUDA_POOL_MIB == 512
+
+
+def test_repository_with_plans_gets_a_pool_sized_for_it(
+    tmp_path: Path,
+    fake_runtime: dict[str, object],
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    repository = tensorrt_repository(tmp_path, plan_record("10.8.0.43", H100))
+    pipeline_repository(repository, Profile(), concurrent=4)
+    assert serve.main([f"--model-repository={repository}"]) == 0
+    [options] = triton_starts
+    assert options.cuda_memory_pool_bytes == 832 * serve.MIB
+    assert "--cuda-memory-pool-byte-size=0:872415232" in options.triton_args()
+    assert "sd-serve: CUDA memory pool 832 MiB on GPU 0, sized for the repository's profile" in (
+        capsys.readouterr().err
+    )
+
+
+def test_cpu_repository_keeps_tritons_pool_unless_asked(
+    tmp_path: Path, no_runtime_lookup: None, triton_starts: list[serve.ServeOptions]
+) -> None:
+    onnx_repository(tmp_path)
+    assert serve.main([f"--model-repository={tmp_path}"]) == 0
+    assert serve.main([f"--model-repository={tmp_path}", "--cuda-memory-pool-mb", "256"]) == 0
+    unasked, asked = triton_starts
+    assert unasked.cuda_memory_pool_bytes is None
+    assert not any(a.startswith("--cuda-memory-pool-byte-size") for a in unasked.triton_args())
+    assert "--cuda-memory-pool-byte-size=0:268435456" in asked.triton_args()
+
+
+def test_pool_given_to_tritonserver_directly_wins(
+    tmp_path: Path,
+    fake_runtime: dict[str, object],
+    triton_starts: list[serve.ServeOptions],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tensorrt_repository(tmp_path, plan_record("10.8.0.43", H100))
+    raw = "--cuda-memory-pool-byte-size=0:1073741824"
+    assert serve.main([f"--model-repository={tmp_path}", "--", raw]) == 0
+    [options] = triton_starts
+    assert options.cuda_memory_pool_bytes is None
+    assert [a for a in options.triton_args() if a.startswith("--cuda-memory-pool")] == [raw]
+    with pytest.raises(SystemExit) as exited:
+        serve.main([f"--model-repository={tmp_path}", "--cuda-memory-pool-mb", "64", "--", raw])
+    assert exited.value.code == 2
+    assert "give --cuda-memory-pool-mb or --cuda-memory-pool-byte-size after --, not both" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        serve.main([f"--model-repository={tmp_path}", "--cuda-memory-pool-mb", "-1"])

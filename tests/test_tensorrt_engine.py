@@ -38,10 +38,14 @@ def test_profile_shapes_unet():
 
 
 def test_profile_shapes_text_encoder_and_vae():
+    # One row per prompt chunk of prompt and negative prompt (1 chunk here), however many images.
     assert te.profile_shapes(SPECS[TEXT_ENCODER], PROFILE) == {
-        "input_ids": ((1, 77), (2, 77), (8, 77)),
-        "clip_skip": ((1, 1), (2, 1), (8, 1)),
+        "input_ids": ((1, 77), (2, 77), (2, 77)),
+        "clip_skip": ((1, 1), (2, 1), (2, 1)),
     }
+    # --max-batch 1 with 3-chunk prompts: 6 rows (a guided 3-chunk prompt), not 2 x max_batch.
+    one_image = Profile.square(64, 512, 1024, max_batch=1, max_prompt_chunks=3)
+    assert te.profile_shapes(SPECS[TEXT_ENCODER], one_image)["input_ids"] == ((1, 77), (2, 77), (6, 77))
     assert te.profile_shapes(SPECS[VAE_DECODER], PROFILE) == {
         "latent": ((1, 4, 8, 8), (1, 4, 64, 64), (4, 4, 128, 128))
     }
@@ -106,8 +110,18 @@ def test_plan_record_round_trips_through_json(tmp_path):
 
 def test_plan_matches_its_own_runtime():
     assert te.plan_mismatch(_record(), "10.3.0", A10G) is None
-    assert te.plan_mismatch(_record(), "10.3.0.26", GpuIdentity("NVIDIA RTX A6000", "8.6")) is None
     assert te.plan_mismatch(_record(), "10", A10G) is None  # a bare libnvinfer.so.10 cannot tell more
+    assert te.plan_mismatch(_record(), "10.3.0.26", GpuIdentity(" nvidia  a10g", "8.6")) is None
+
+
+def test_plan_mismatch_refuses_another_gpu_model_of_the_same_capability():
+    """TensorRT loads it with a warning ("not recommended ... or even cause errors"); users see failures."""
+    reason = te.plan_mismatch(_record(), "10.3.0.26", GpuIdentity("NVIDIA RTX A6000", "8.6"))
+    assert reason == (
+        "engine built with TensorRT 10.3.0 for NVIDIA A10G (8.6); this server has TensorRT 10.3.0 on "
+        "NVIDIA RTX A6000 (8.6): rebuild the engines with build-engines --target tensorrt inside the serving "
+        "container"
+    )
 
 
 def test_plan_mismatch_explains_another_tensorrt():
@@ -135,6 +149,41 @@ def test_libnvinfer_version_from_library_files(tmp_path):
     (libs / "libnvinfer_plugin.so.10.9.0").write_bytes(b"")
     assert te.libnvinfer_version([tmp_path / "absent", empty, libs]) == "10.3.0"
     assert te.libnvinfer_version([empty]) is None
+
+
+def test_libnvinfer_version_is_the_most_specific_across_folders(tmp_path):
+    """A bare libnvinfer.so.10 first on the path (pip's libs wheel ships no links) names only the major
+    version; the full one comes from another folder's file, or a link's target, that agrees with it."""
+    bare, system, other = tmp_path / "bare", tmp_path / "system", tmp_path / "other"
+    for folder in (bare, system, other):
+        folder.mkdir()
+    (bare / "libnvinfer.so.10").write_bytes(b"")
+    (system / "libnvinfer.so.10").symlink_to("libnvinfer.so.10.8.0")
+    (system / "libnvinfer.so.10.8.0").write_bytes(b"")
+    (other / "libnvinfer.so.9.2.0").write_bytes(b"")  # another major version: not the one loaded
+    assert te.libnvinfer_version([bare, other, system]) == "10.8.0"
+    assert te.libnvinfer_version([bare, other]) == "10"
+    assert te.libnvinfer_version([other, system]) == "9.2.0"  # the first folder sets the release
+
+    linked = tmp_path / "linked"  # only a link whose target lives elsewhere
+    linked.mkdir()
+    (linked / "libnvinfer.so.10").symlink_to(system / "libnvinfer.so.10.8.0")
+    assert te.libnvinfer_version([linked]) == "10.8.0"
+
+
+def test_refine_version():
+    assert te.refine_version("10", "10.8.0", "10.8.0.43", "9.2.0", None) == "10.8.0.43"
+    assert te.refine_version("10.8", "10.3.0") == "10.8"  # disagrees: kept
+    assert te.refine_version(None, "10.8.0") is None
+
+
+def test_gpu_identity_prefers_nvidia_smi(monkeypatch):
+    """The sidecar's GPU name must be the one sd-serve's check reads (nvidia-smi), not torch's."""
+    monkeypatch.setattr(te, "nvidia_smi_gpu", lambda: A10G)
+    monkeypatch.setattr(te, "_torch_gpu", lambda: GpuIdentity("NVIDIA A10G MIG 1g.6gb", "8.6"))
+    assert te.gpu_identity() == A10G
+    monkeypatch.setattr(te, "nvidia_smi_gpu", lambda: None)
+    assert te.gpu_identity() == GpuIdentity("NVIDIA A10G MIG 1g.6gb", "8.6")
 
 
 def test_unavailable_without_the_tensorrt_module(monkeypatch):
@@ -191,6 +240,9 @@ class FakeTensorRT(types.ModuleType):
         self.network_inputs = network_inputs
         self.parse_errors: tuple[str, ...] = ()
         self.foreign_timing_cache = False  # set_timing_cache refuses a non-empty cache (another GPU)
+        # create_timing_cache gives None for these blobs (a truncated file; whether TensorRT 10.8 gives None
+        # or an empty cache is not documented: both must work).
+        self.unreadable_timing_caches: set[bytes] = set()
         self.fail_build = False
         self.builders: list[FakeBuilder] = []
         self.parsed_files: list[str] = []
@@ -272,11 +324,15 @@ class FakeConfig:
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
-    def create_timing_cache(self, serialized_timing_cache: bytes) -> FakeTimingCache:
+    def create_timing_cache(self, serialized_timing_cache: bytes) -> FakeTimingCache | None:
         self.caches_created.append(bytes(serialized_timing_cache))
+        if bytes(serialized_timing_cache) in self.trt.unreadable_timing_caches:
+            return None
         return FakeTimingCache(bytes(serialized_timing_cache))
 
     def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if not isinstance(cache, FakeTimingCache):  # the binding takes ITimingCache const&
+            raise TypeError("set_timing_cache(): incompatible function arguments")
         assert ignore_mismatch is False
         if self.trt.foreign_timing_cache and cache.data:
             return False
@@ -393,7 +449,7 @@ def test_timing_cache_round_trip(fake_trt, unet_onnx, tmp_path):
     assert cache.read_bytes() == b"earlier+timed+timed"
 
 
-def test_timing_cache_from_another_gpu_is_replaced(fake_trt, unet_onnx, tmp_path):
+def test_timing_cache_from_another_gpu_is_replaced(fake_trt, unet_onnx, tmp_path, capsys):
     fake_trt.foreign_timing_cache = True
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"other gpu")
@@ -401,6 +457,58 @@ def test_timing_cache_from_another_gpu_is_replaced(fake_trt, unet_onnx, tmp_path
     te.build_engine(unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache)
     assert fake_trt.builders[0].config.caches_created == [b"other gpu", b""]
     assert cache.read_bytes() == b"+timed"
+    assert f"build-engines: warning: the timing cache {cache} cannot be used (from another GPU" in (
+        capsys.readouterr().err
+    )
+
+
+def test_damaged_timing_cache_is_replaced(fake_trt, unet_onnx, tmp_path, capsys):
+    """A truncated file for which TensorRT gives no cache (None): the build starts a fresh one."""
+    fake_trt.unreadable_timing_caches = {b"trunc"}
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"trunc")
+    shapes = te.profile_shapes(SPECS[UNET], PROFILE)
+    result = te.build_engine(
+        unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache
+    )
+    config = fake_trt.builders[0].config
+    assert config.caches_created == [b"trunc", b""]
+    assert config.timing_cache is not None and config.timing_cache.data == b""
+    assert result.plan.read_bytes() == b"serialized engine"
+    assert cache.read_bytes() == b"+timed"  # the damaged file is replaced by this build's cache
+    err = capsys.readouterr().err
+    assert f"the timing cache {cache} cannot be used (damaged); starting a fresh one, saved after" in err
+
+
+def test_without_any_timing_cache_the_build_goes_on(fake_trt, unet_onnx, tmp_path, capsys):
+    fake_trt.unreadable_timing_caches = {b"", b"earlier"}
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"earlier")
+    shapes = te.profile_shapes(SPECS[UNET], PROFILE)
+    result = te.build_engine(
+        unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache
+    )
+    assert result.plan.read_bytes() == b"serialized engine"
+    assert fake_trt.builders[0].config.timing_cache is None
+    assert cache.read_bytes() == b"earlier"  # nothing to save: the file is left as it was
+    assert "TensorRT gave no timing cache; building without one" in capsys.readouterr().err
+
+
+def test_timing_cache_is_replaced_atomically(fake_trt, unet_onnx, tmp_path, monkeypatch):
+    """Killed between writing and renaming (simulated: the rename fails), the old cache stays whole."""
+    cache = tmp_path / "cache" / "timing.cache"
+    cache.parent.mkdir()
+    cache.write_bytes(b"earlier")
+
+    def killed(src: object, dst: object) -> None:
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(te.os, "replace", killed)
+    shapes = te.profile_shapes(SPECS[UNET], PROFILE)
+    with pytest.raises(OSError, match="killed before the rename"):
+        te.build_engine(unet_onnx, SPECS[UNET], shapes, tmp_path / "a", precision="fp16", timing_cache=cache)
+    assert cache.read_bytes() == b"earlier"
+    assert [p.name for p in cache.parent.iterdir()] == ["timing.cache"]  # no partial file left behind
 
 
 def test_parse_errors_are_reported(fake_trt, unet_onnx, tmp_path):

@@ -14,10 +14,17 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import cli as build_cli
 from build_engines import onnx_export, repository, tensorrt_engine
-from python_backend.shapes import ENGINE_NAMES, UNET, Profile, engine_specs
+from python_backend.shapes import (
+    ENGINE_NAMES,
+    PIPELINE_MANIFEST,
+    UNET,
+    PipelineManifest,
+    Profile,
+    engine_specs,
+)
 from tests.test_build_engines import ONNX_TO_NUMPY
 
-PROFILE = Profile.square(64, 128, 256, max_batch=3)
+PROFILE = Profile.square(64, 128, 256, max_batch=3, max_prompt_chunks=2)
 # Measured on the tiny checkpoint (max abs diff vs fp32 torch): UNet 1.1e-3, VAE decoder 3.3e-3,
 # VAE encoder 6.1e-4; these limits leave room for other seeds and ONNX Runtime builds.
 FP16_LIMITS = {"unet": 5e-3, "vae_decoder": 1e-2, "vae_encoder": 5e-3}
@@ -90,8 +97,8 @@ def test_tensorrt_config_matches_the_onnx_it_is_built_from(fp16_exports, engine)
             assert tensor.data_type == repository.TRITON_DTYPES[ONNX_TO_NUMPY[onnx_type.elem_type]]
             onnx_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in onnx_type.shape.dim]
             assert [-1, *tensor.dims] == onnx_dims  # Triton owns the leading batch axis
-    guided = engine in ("text_encoder", "unet")
-    assert config.max_batch_size == (6 if guided else 3)
+    # The UNet takes 2 rows per image (3), the text encoder 2 per prompt chunk (2), the VAEs 1 per image.
+    assert config.max_batch_size == {"text_encoder": 4, "unet": 6}.get(engine, 3)
 
 
 def test_unet_config_batches_across_requests(fp16_exports):
@@ -109,15 +116,16 @@ def test_profile_batch_ranges_cover_the_config(fp16_exports, tiny_checkpoint):
             assert low[0] == 1 and high[0] == config.max_batch_size
 
 
-def test_pipeline_config_takes_gpu_tensors_only_with_gpu_engines(tiny_checkpoint, tmp_path):
-    assert (
-        build_cli.main(["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--max-size", "64"])
-        == 0
-    )
-    cpu = repository.read_config(tmp_path / "pipeline")
-    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu.parameters
-    gpu = repository.pipeline_config(repository.schedulers.lookup("pndm"), gpu_engines=True)
-    assert gpu.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+def test_pipeline_inputs_arrive_on_the_cpu_with_gpu_engines(tiny_checkpoint, tmp_path):
+    """model.py reads every request input with as_numpy(), which fails on a GPU tensor: the pipeline models
+    must not set FORCE_CPU_ONLY_INPUT_TENSORS "no" (which lets inputs arrive in GPU memory). Their BLS calls'
+    outputs stay on the GPU regardless; the device they work on comes from pipeline.json."""
+    manifest = PipelineManifest(PROFILE, onnx_export.read_geometry(tiny_checkpoint), "tiny", device="cuda")
+    repository.write_pipeline_model(tmp_path, tiny_checkpoint, manifest)
+    for name in (repository.PIPELINE, repository.PIPELINE_STREAM):
+        config = repository.read_config(tmp_path / name)
+        assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in config.parameters, name
+        assert PipelineManifest.read(tmp_path / name / "1" / PIPELINE_MANIFEST).device == "cuda"
 
 
 def _tensorrt_present() -> bool:
@@ -183,7 +191,8 @@ def _run_plan(plan: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_real_tensorrt_engine_matches_onnx_runtime(tensorrt_repository, tiny_checkpoint, engine):
     spec = engine_specs(onnx_export.read_geometry(tiny_checkpoint))[engine]
-    sizes = {**onnx_export.CHECK_SIZES, "guided_batch": 2, "batch": 1, "text_sequence": 77}  # in the profile
+    in_profile = {"guided_batch": 2, "text_rows": 2, "batch": 1, "text_sequence": 77}
+    sizes = {**onnx_export.CHECK_SIZES, **in_profile}
     inputs = onnx_export.sample_inputs(spec, sizes, seed=3)
     session = ort.InferenceSession(str(tensorrt_repository / engine / "onnx" / "model.onnx"))
     expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))

@@ -94,16 +94,16 @@ class TritonServer:
         self,
         model_repository: Path,
         *,
+        serve_args: Sequence[str] = (),
         extra_args: Sequence[str] = (),
-        sd_serve_args: Sequence[str] = (),
         ready_timeout: float = 120.0,
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         log_lines: int = 5000,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        self.serve_args = tuple(serve_args)  # sd-serve's own options
         self.extra_args = tuple(extra_args)  # tritonserver's, after `--`
-        self.sd_serve_args = tuple(sd_serve_args)
         self.ready_timeout = ready_timeout
         self.env = env
         self.host = host
@@ -157,7 +157,7 @@ class TritonServer:
                 f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}",
                 f"--ready-timeout={self.ready_timeout}",
-                *self.sd_serve_args,
+                *self.serve_args,
                 "--",
                 *self.extra_args,
             ),
