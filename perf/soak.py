@@ -251,13 +251,7 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
             result.failures.append(
                 f"server memory grew {result.memory_growth:.1%} after the warm-up (limit {s.max_growth:.0%})"
             )
-    sd_serve_lines = [line for line in server.lines if line.startswith("sd-serve:")]
-    result.failures += [
-        f"sd-serve: {line}" for line in sd_serve_lines if "restarting" in line or "reload" in line
-    ]
-    result.failures += [
-        f"server log: {line}" for line in server.lines if "Signal (11)" in line or "Non-graceful" in line
-    ]
+    result.failures += [f"sd-serve's log: {line}" for line in server_troubles(server.log())]
     crashes = kernel_crashes(seen_pids)
     if crashes is None:
         log("soak: the kernel log is not readable here: segfaults of stubs go unnoticed")

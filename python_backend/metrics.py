@@ -49,8 +49,16 @@ class PipelineMetrics:
         )
         self._in_progress = in_progress.Metric(labels=labels)
         self._in_progress_count = 0
+        waiting = family(
+            "sd_requests_waiting",
+            "Requests taken from Triton's queue that wait for a free worker (Triton counts their wait as "
+            "compute time, not queue time)",
+            kind=family.GAUGE,
+        )
+        self._waiting = waiting.Metric(labels=labels)
+        self._waiting_count = 0
         # A family must outlive its metrics (Triton deletes a family's series with it).
-        self._families: tuple[Any, ...] = (stage, rate, images, failed, cancelled, in_progress)
+        self._families: tuple[Any, ...] = (stage, rate, images, failed, cancelled, in_progress, waiting)
 
     def close(self) -> None:
         """Release the series, then their families, while the stub can still tell Triton.
@@ -64,7 +72,7 @@ class PipelineMetrics:
         with self._lock:
             self._stages.clear()
             self._failed.clear()
-            del self._steps_per_second, self._images, self._cancelled, self._in_progress
+            del self._steps_per_second, self._images, self._cancelled, self._in_progress, self._waiting
             self._families = ()
 
     def generated(self, images: int, steps: int, timings_ms: dict[str, float]) -> None:
@@ -81,14 +89,26 @@ class PipelineMetrics:
         self._images.increment(images)
 
     def started(self) -> None:
+        """A request taken from Triton's queue: it waits for a worker until `got_worker` or `finished`."""
         with self._lock:
             self._in_progress_count += 1
             self._in_progress.set(self._in_progress_count)
+            self._waiting_count += 1
+            self._waiting.set(self._waiting_count)
 
-    def finished(self) -> None:
+    def got_worker(self) -> None:
+        with self._lock:
+            self._waiting_count -= 1
+            self._waiting.set(self._waiting_count)
+
+    def finished(self, waited_in_vain: bool = False) -> None:
+        """The request was answered; `waited_in_vain`: refused before it got a worker."""
         with self._lock:
             self._in_progress_count -= 1
             self._in_progress.set(self._in_progress_count)
+            if waited_in_vain:
+                self._waiting_count -= 1
+                self._waiting.set(self._waiting_count)
 
     def failed(self, reason: str) -> None:
         with self._lock:

@@ -259,19 +259,43 @@ def test_service_hpa_pdb_and_adapter_rule(rendered: dict[str, Path]) -> None:
         "kind": "Deployment",
         "name": "sd-triton",
     }
-    [metric] = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods"
+    metrics = {m["pods"]["metric"]["name"]: m for m in hpa["spec"]["metrics"]}
+    assert {m["type"] for m in metrics.values()} == {"Pods"}
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 600, "engines load slowly"
 
     config = yaml.safe_load(one(objects(rendered["adapter-rules"]), "ConfigMap")["data"]["config.yaml"])
-    [rule] = config["rules"]
-    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
-    query = rule["metricsQuery"]
+    rules = {rule["name"]["as"]: rule for rule in config["rules"]}
+    assert set(rules) == set(metrics), "each HPA metric has its adapter rule"
+    both = r'model=~"pipeline\|pipeline_stream"'  # streaming clients' load counts too
+    query = rules["sd_triton_queue_time_per_request_us"]["metricsQuery"]
     for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
-        assert re.search(rf"rate\({series}\{{<<\.LabelMatchers>>,model=\"pipeline\"\}}\[1m\]\)", query), (
-            series
-        )
+        assert re.search(rf"rate\({series}\{{<<\.LabelMatchers>>,{both}\}}\[1m\]\)", query), series
     assert query.index("nv_inference_queue_duration_us") < query.index("/") < query.index("request_success")
+    # Requests that wait inside the pipeline model for a worker are counted with those in Triton's queue.
+    query = rules["sd_triton_requests_waiting"]["metricsQuery"]
+    assert re.search(r"sd_requests_waiting\{<<\.LabelMatchers>>\}", query)
+    assert re.search(rf"nv_inference_pending_request_count\{{<<\.LabelMatchers>>,{both}\}}", query)
+
+
+def test_termination_grace_covers_the_drain(rendered: dict[str, Path]) -> None:
+    """Kubernetes kills the pod at terminationGracePeriodSeconds, counted from the preStop hook's start: it
+    must cover the preStop delay, sd-serve's --grace-period and Triton's own exit after it."""
+    from python_backend.serve import TRITON_EXIT_TIMEOUT_S
+
+    for overlay in ("gpu", "cpu"):
+        pod = one(objects(rendered[overlay]), "Deployment")["spec"]["template"]["spec"]
+        triton = container(pod, "triton")
+        args = triton["args"]
+        grace = float(args[args.index("--grace-period") + 1])
+        pre_stop = triton["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop[0] == "sleep" and int(pre_stop[1]) >= 5, (
+            "load balancers need a moment to stop routing"
+        )
+        needed = int(pre_stop[1]) + grace + TRITON_EXIT_TIMEOUT_S + 5  # sd-serve kills Triton 5 s after that
+        assert pod["terminationGracePeriodSeconds"] >= needed + 10, (
+            pod["terminationGracePeriodSeconds"],
+            needed,
+        )
 
 
 def test_podmonitor(rendered: dict[str, Path]) -> None:

@@ -66,7 +66,7 @@ class TritonPythonModel:
             # queue policy bounds them and its queue metrics (and an autoscaler reading them) see them.
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self.free_workers.acquire(timeout=wait):
-                self.metrics.finished()
+                self.metrics.finished(waited_in_vain=True)
                 self.metrics.failed("unavailable")
                 _refuse(
                     request,
@@ -74,6 +74,7 @@ class TritonPythonModel:
                     "server is busy); retry later or on another server",
                 )
                 continue
+            self.metrics.got_worker()
             self.pool.submit(self._serve, request, deadline)
         return None
 
