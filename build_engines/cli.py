@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from build_engines import onnx_export, repository, tensorrt_engine
 from build_engines.repository import ServingOptions
-from python_backend.serve import default_cache_dir
 from python_backend.shapes import ENGINE_NAMES, TEXT_ENCODER, UNET, PipelineManifest, Profile, engine_specs
+from services.serve import default_cache_dir
 
 CHECKPOINT_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

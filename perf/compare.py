@@ -32,7 +32,7 @@ import numpy as np
 
 from build_engines.tiny_checkpoint import component_configs
 from python_backend.request import GenerationRequest
-from python_backend.serve import default_cache_dir, free_ports
+from services.serve import default_cache_dir, free_ports
 
 TOLERANCE = 2  # max per-pixel difference (uint8) from diffusers' image, as the parity tests
 REFERENCE = "a"
@@ -187,7 +187,7 @@ def served(s: Settings, repo: Path, stack: contextlib.ExitStack) -> Measurement:
     """(c) the same repository served by tritonserver (BLS pipeline + python-backend engines), over gRPC.
     The server runs until `stack` closes."""
     from client import StableDiffusionClient
-    from python_backend.serve import ServeOptions, TritonProcess
+    from services.serve import ServeOptions, TritonProcess
 
     http_port, grpc_port, metrics_port = free_ports(3)
     options = ServeOptions(

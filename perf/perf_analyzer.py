@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from python_backend.serve import default_cache_dir
+from services.serve import default_cache_dir
 
 # Library names the wheel's binary asks for -> the nvidia-pytriton files that provide them.
 WHEEL_LIBRARIES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}

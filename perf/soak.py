@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from python_backend import supervisor
+from services import supervisor
 from tests.triton_server import TritonServer
 
 SCHEDULERS = ("pndm", "ddim", "euler", "Euler a", "DPM++ 2M Karras", "unipc", "lms", "heun")

@@ -204,6 +204,9 @@ def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry) -> in
 
 
 PIPELINE_MANIFEST = "pipeline.json"
+# Set by sd-serve in tritonserver's environment: the pipeline models refuse new requests while the file it
+# names exists (services/serve.py's graceful stop).
+DRAIN_FILE_ENV = "SD_SERVE_DRAIN_FILE"
 
 
 @dataclass(frozen=True)

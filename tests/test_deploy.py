@@ -280,7 +280,7 @@ def test_service_hpa_pdb_and_adapter_rule(rendered: dict[str, Path]) -> None:
 def test_termination_grace_covers_the_drain(rendered: dict[str, Path]) -> None:
     """Kubernetes kills the pod at terminationGracePeriodSeconds, counted from the preStop hook's start: it
     must cover the preStop delay, sd-serve's --grace-period and Triton's own exit after it."""
-    from python_backend.serve import TRITON_EXIT_TIMEOUT_S
+    from services.serve import TRITON_EXIT_TIMEOUT_S
 
     for overlay in ("gpu", "cpu"):
         pod = one(objects(rendered[overlay]), "Deployment")["spec"]["template"]["spec"]

@@ -16,8 +16,8 @@ from build_engines import cli as build_cli
 from perf import sweep
 from python_backend.pipeline import PipelineAssets
 from python_backend.request import REQUEST_INPUTS, request_from_inputs
-from python_backend.serve import free_ports
 from python_backend.shapes import ModelGeometry, Profile
+from services.serve import free_ports
 from tests.triton_server import PROJECT_ROOT, TritonServer
 
 INPUTS = PROJECT_ROOT / "perf" / "inputs"

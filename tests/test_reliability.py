@@ -22,7 +22,7 @@ from build_engines import cli as build_cli
 from client import StableDiffusionClient
 from client.api import GenerationError
 from perf import soak
-from python_backend import supervisor
+from services import supervisor
 from tests.conftest import PROFILE_ARGS
 from tests.triton_server import TritonServer, tritonserver_available
 

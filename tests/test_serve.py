@@ -24,9 +24,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import tensorrt_engine as te
 from build_engines.tensorrt_engine import GpuIdentity, PlanRecord
-from python_backend import serve
-from python_backend.serve import free_ports
 from python_backend.shapes import PIPELINE_MANIFEST, ModelGeometry, PipelineManifest, Profile
+from services import serve
+from services.serve import free_ports
 from tests.triton_server import PROJECT_ROOT, TritonServer, group_alive, run_sd_serve, tritonserver_available
 
 requires_tritonserver = pytest.mark.skipif(
@@ -494,7 +494,7 @@ def test_runtime_found_from_nvidia_smi_and_libnvinfer_without_torch(tmp_path: Pa
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from python_backend import serve\n"
+        "from services import serve\n"
         "print(serve.runtime_gpu(), serve.runtime_tensorrt_version())\n"
         "try:\n"
         f"    serve.check_engines(Path({str(repository)!r}))\n"

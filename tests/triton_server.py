@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from python_backend.serve import free_ports
+from services.serve import free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 READY_PREFIX = "sd-serve: ready ("
@@ -47,7 +47,7 @@ def tritonserver_available() -> bool:
 
 def sd_serve_command(*args: str) -> list[str]:
     """The `sd-serve` command line with this interpreter, runnable from PROJECT_ROOT without installing."""
-    return [sys.executable, "-m", "python_backend.serve", *args]
+    return [sys.executable, "-m", "services.serve", *args]
 
 
 def run_sd_serve(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,7 @@ from python_backend.metrics import PipelineMetrics
 from python_backend.pipeline import Cancelled, PipelineAssets, generate
 from python_backend.previews import preview_png
 from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS, InvalidInput, request_from_inputs
-from python_backend.supervisor import DRAIN_FILE_ENV
+from python_backend.shapes import DRAIN_FILE_ENV
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -37,7 +37,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from python_backend import supervisor
+from python_backend.shapes import DRAIN_FILE_ENV
+from services import supervisor
 
 if TYPE_CHECKING:
     from build_engines.tensorrt_engine import GpuIdentity
@@ -570,7 +571,7 @@ def _exit_code(returncode: int) -> int:
 
 @dataclass(frozen=True)
 class Supervision:
-    """What `serve` does beyond running tritonserver (see python_backend/supervisor.py)."""
+    """What `serve` does beyond running tritonserver (see services/supervisor.py)."""
 
     grace_period_s: float = 30.0  # a stop lets requests in progress finish for this long
     max_restarts: int = 5  # server restarts allowed within `restart_window_s`; one more ends sd-serve
@@ -614,7 +615,7 @@ def serve(
     command = TritonCommand(
         command.executable,
         command.args,
-        {**(command.env or os.environ), supervisor.DRAIN_FILE_ENV: str(drain_file)},
+        {**(command.env or os.environ), DRAIN_FILE_ENV: str(drain_file)},
     )
     restarts: collections.deque[float] = collections.deque()
     try:

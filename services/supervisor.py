@@ -12,7 +12,7 @@ restarts it). So sd-serve finds the stubs itself (children of tritonserver in /p
   forever. The whole server is restarted instead; those clients see their connection close (gRPC
   UNAVAILABLE) and retry.
 
-Stdlib only: sd-serve must not import torch.
+No torch: sd-serve must start in a moment and stay small.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from python_backend.shapes import PIPELINE_MANIFEST
+
 STUB_COMMAND = "triton_python_backend_stub"
 SHM_FOLDER = Path("/dev/shm")
-PIPELINE_MANIFEST = "pipeline.json"  # python_backend.shapes.PIPELINE_MANIFEST (that module imports numpy)
-# Set in tritonserver's environment; the pipeline models refuse new requests while the file exists.
-DRAIN_FILE_ENV = "SD_SERVE_DRAIN_FILE"
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
