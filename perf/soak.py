@@ -11,8 +11,9 @@ at random; malformed ones (every `1/malformed`-th on average) are each a differe
 It fails (exit 1) on any of: a valid request that did not succeed, a malformed one not answered
 INVALID_ARGUMENT, sd-serve restarting or reloading anything (a process died), a crash in the kernel log
 (a segfault of tritonserver or a stub), sd-serve not exiting 0 on SIGTERM, a process left behind, or
-server memory (PSS of tritonserver and its stubs) growing more than `max_growth` between the end of the
-warm-up and the end of the run. Prints errors by status, p50/p99 latency, images/s and memory over
+server memory growing more than `max_growth` between the end of the warm-up and the end of the run (the
+private memory, USS, of tritonserver and its stubs: their PSS, also reported, moves whenever another
+process maps the same libraries). Prints errors by status, p50/p99 latency, images/s and memory over
 time, and writes them to `out` (Markdown, with the JSON beside it).
 """
 
@@ -90,7 +91,7 @@ class SoakResult:
     latency_p50_s: float = math.nan
     latency_p99_s: float = math.nan
     images_per_s: float = 0.0
-    memory: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, PSS bytes)
+    memory: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds since start, USS, PSS)
     memory_growth: float = math.nan
     exit_code: int | None = None
     examples: dict[str, str] = field(default_factory=dict)  # one error message per outcome
@@ -137,15 +138,20 @@ def _triton_dtype(array: np.ndarray) -> str:
     return str(np_to_triton_dtype(array.dtype))
 
 
-def server_pss(server_pid: int) -> int:
-    """PSS of tritonserver and its python stubs, bytes (shared pages split between their users)."""
+def server_memory(server_pid: int) -> tuple[int, int]:
+    """(USS, PSS) of tritonserver and its python stubs, bytes: private pages, and private plus each one's
+    share of the pages it shares with other processes."""
     pids = [server_pid, *(stub.pid for stub in supervisor.child_stubs(server_pid))]
-    total = 0
+    uss = pss = 0
     for pid in pids:
-        with contextlib.suppress(OSError, StopIteration):
-            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-            total += next(int(line.split()[1]) for line in lines if line.startswith("Pss:")) * 1024
-    return total
+        with contextlib.suppress(OSError):
+            fields = {
+                line.split(":")[0]: int(line.split()[1]) * 1024
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+            }
+            uss += fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+            pss += fields.get("Pss", 0)
+    return uss, pss
 
 
 def kernel_crashes(pids: set[int]) -> list[str] | None:
@@ -202,7 +208,7 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
                 t0 = time.monotonic()
                 status, message, count = send(client, grpc, inputs)
                 elapsed = time.monotonic() - t0
-                outcome = f"{'valid' if kind == 'valid' else 'malformed'} {status}"
+                outcome = f"{kind} {status}"
                 with lock:
                     outcomes[outcome] += 1
                     if message:
@@ -224,10 +230,11 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
             if pid is not None:
                 seen_pids |= {pid, *(stub.pid for stub in supervisor.child_stubs(pid))}
                 if now >= next_sample:
-                    result.memory.append((round(now - started, 1), server_pss(pid)))
+                    result.memory.append((round(now - started, 1), *server_memory(pid)))
+                    _, uss, pss = result.memory[-1]
                     log(
                         f"soak: {now - started:5.0f} s  {sum(outcomes.values())} requests  "
-                        f"PSS {result.memory[-1][1] / 2**20:.0f} MiB"
+                        f"USS {uss / 2**20:.0f} MiB, PSS {pss / 2**20:.0f} MiB"
                     )
                     next_sample += s.memory_every_s
             time.sleep(0.5)
@@ -242,7 +249,7 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
         result.latency_p50_s = statistics.median(latencies)
         result.latency_p99_s = float(np.percentile(latencies, 99))
     result.images_per_s = images / duration
-    after_warmup = [pss for t, pss in result.memory if t >= s.warmup_s]
+    after_warmup = [uss for t, uss, _ in result.memory if t >= s.warmup_s]
     if len(after_warmup) >= 4:  # the first and last quarters' medians: one sample moves by a few %
         quarter = len(after_warmup) // 4
         first, last = statistics.median(after_warmup[:quarter]), statistics.median(after_warmup[-quarter:])
@@ -290,13 +297,13 @@ def report(result: SoakResult) -> str:
         "",
         f"- valid requests: p50 {result.latency_p50_s:.2f} s, p99 {result.latency_p99_s:.2f} s; "
         f"{result.images_per_s:.2f} images/s",
-        f"- server memory (PSS, tritonserver + stubs) growth after the {s['warmup_s']:g} s warm-up: "
+        f"- server memory (USS, tritonserver + stubs) growth after the {s['warmup_s']:g} s warm-up: "
         f"{result.memory_growth:+.1%}",
         f"- sd-serve exit code on SIGTERM: {result.exit_code}",
         "",
-        "| t (s) | PSS (MiB) |",
-        "|---|---|",
-        *(f"| {t:g} | {pss / 2**20:.0f} |" for t, pss in result.memory),
+        "| t (s) | USS (MiB) | PSS (MiB) |",
+        "|---|---|---|",
+        *(f"| {t:g} | {uss / 2**20:.0f} | {pss / 2**20:.0f} |" for t, uss, pss in result.memory),
     ]
     if result.failures:
         lines += ["", "## Failures", "", *(f"- {f}" for f in result.failures[:50])]

@@ -415,6 +415,9 @@ class TritonProcess:
             text=True,
             encoding="utf-8",
             errors="replace",
+            # Its own process group: a terminal's Ctrl-C reaches sd-serve alone, which stops it gracefully.
+            start_new_session=True,
+            preexec_fn=supervisor.die_with_parent,  # a prctl call only, between fork and exec
         )
         self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
         self._reader.start()
@@ -608,26 +611,23 @@ def serve(
             state["server"].send_signal(signal.SIGKILL)
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    supervisor.become_subreaper()
     drain_dir = Path(tempfile.mkdtemp(prefix="sd-serve-"))
     drain_file = drain_dir / "draining"
-    command = command or prepare_tritonserver()
-    command = TritonCommand(
-        command.executable,
-        command.args,
-        {**(command.env or os.environ), DRAIN_FILE_ENV: str(drain_file)},
-    )
     restarts: collections.deque[float] = collections.deque()
     try:
+        supervisor.become_subreaper()
+        command = command or prepare_tritonserver()
+        command = TritonCommand(
+            command.executable, command.args, {**(command.env or os.environ), DRAIN_FILE_ENV: str(drain_file)}
+        )
         while True:
             server = state["server"] = TritonProcess(options, command)
             with server:  # stops the server should anything below raise while it runs
                 if not server.wait_ready(ready_timeout, stop):
                     return _stop(server, drain_file, 0)  # asked to stop while it was starting
-                print(
-                    options.ready_line() if not restarts else f"sd-serve: recovered; {options.ready_line()}",
-                    flush=True,
-                )
+                if restarts:
+                    _log("recovered")
+                print(options.ready_line(), flush=True)
                 problem = _watch(server, stop, supervision)
                 if problem is None:
                     return _stop(server, drain_file, supervision.grace_period_s)

@@ -25,7 +25,7 @@ import re
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +99,28 @@ def kill_stubs(stubs: Iterable[Stub]) -> None:
             (SHM_FOLDER / stub.shm_region).unlink()
 
 
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()  # looked up here: a child between fork and exec must not load anything
+
+
 def become_subreaper() -> bool:
     """Make this process adopt its orphaned descendants (Linux), so stubs that outlive a crashed or
     killed tritonserver become our children: found by `child_stubs(os.getpid())`, killed, reaped."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
+    return _PRCTL is not None and _PRCTL(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+
+
+def die_with_parent() -> None:
+    """For `Popen(preexec_fn=...)`: the child gets SIGKILL when its parent dies, however it dies. With
+    tritonserver in a process group of its own (so that a Ctrl-C reaches only sd-serve, which drains),
+    this keeps it from outliving a killed sd-serve; its stubs exit when they see it gone."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def reap_adopted_stubs() -> list[Stub]:

@@ -53,6 +53,19 @@ def infer(url: str, timeout_us: int | None = None, **inputs: Any) -> tuple[str, 
     return "OK", ""
 
 
+def wait_for_backlog(server: TritonServer, requests: int, timeout: float = 30) -> None:
+    """Until the `pipeline` model holds `requests` (generating, waiting for a worker, or queued)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        gauges = r"^(?:sd_requests_in_progress|nv_inference_pending_request_count)"
+        held = sum(float(v) for v in re.findall(gauges + r'\{model="pipeline"[^}]*\} (\S+)$', metrics, re.M))
+        if held == requests:
+            return
+        assert time.monotonic() < deadline, f"the pipeline holds {held} requests, not {requests}"
+        time.sleep(0.1)
+
+
 def ready(server: TritonServer) -> bool:
     try:
         with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=2) as response:
@@ -186,9 +199,9 @@ def test_overload_is_refused_at_once(small_server: TritonServer) -> None:
     url = small_server.grpc_url
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         accepted = []
-        for _ in range(3):
-            accepted.append(pool.submit(infer, url, **LONG | {"num_inference_steps": 60}))
-            time.sleep(0.3)
+        for held in range(1, 4):  # one at a time: two arriving together could both find the queue empty
+            accepted.append(pool.submit(infer, url, **LONG))
+            wait_for_backlog(small_server, held)
         started = time.monotonic()
         status, message = infer(url)
         assert time.monotonic() - started < 1
@@ -203,9 +216,9 @@ def test_requests_waiting_past_their_timeout_are_refused(small_server: TritonSer
     url = small_server.grpc_url
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         busy = pool.submit(infer, url, **LONG)
-        time.sleep(0.3)
+        wait_for_backlog(small_server, 1)
         waiting = pool.submit(infer, url, timeout_us=1_500_000)  # blocks in execute
-        time.sleep(0.3)
+        wait_for_backlog(small_server, 2)
         queued = pool.submit(infer, url, timeout_us=500_000)  # in Triton's queue behind it
         waiting_status, waiting_message = waiting.result(timeout=30)
         queued_status, queued_message = queued.result(timeout=30)
@@ -248,8 +261,10 @@ def test_client_retries_unavailable(small_server: TritonServer) -> None:
     gets its image once a place frees up."""
     url = small_server.grpc_url
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        busy = [pool.submit(infer, url, **LONG | {"num_inference_steps": 40}) for _ in range(3)]
-        time.sleep(0.5)
+        busy = []
+        for held in range(1, 4):
+            busy.append(pool.submit(infer, url, **LONG))
+            wait_for_backlog(small_server, held)
         with pytest.raises(GenerationError) as refused:
             StableDiffusionClient(url).generate("a lighthouse", steps=2, width=64, height=64)
         assert refused.value.is_retryable
@@ -264,6 +279,5 @@ def test_short_soak(model_repository: Path, tmp_path: Path) -> None:
     settings = soak.SoakSettings(model_repository, concurrency=8, duration_s=45, warmup_s=15, max_growth=0.25)
     result = soak.run(settings, log=lambda _: None)
     assert result.ok, soak.report(result)
-    assert (
-        result.requests.get("valid OK", 0) > 20 and result.requests.get("malformed INVALID_ARGUMENT", 0) > 5
-    )
+    malformed = sum(n for outcome, n in result.requests.items() if outcome.startswith("malformed"))
+    assert result.requests.get("valid OK", 0) > 20 and malformed > 5

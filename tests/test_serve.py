@@ -25,9 +25,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines import tensorrt_engine as te
 from build_engines.tensorrt_engine import GpuIdentity, PlanRecord
 from python_backend.shapes import PIPELINE_MANIFEST, ModelGeometry, PipelineManifest, Profile
-from services import serve
+from services import serve, supervisor
 from services.serve import free_ports
-from tests.triton_server import PROJECT_ROOT, TritonServer, group_alive, run_sd_serve, tritonserver_available
+from tests.triton_server import (
+    PROJECT_ROOT,
+    TritonServer,
+    group_alive,
+    pid_alive,
+    run_sd_serve,
+    tritonserver_available,
+)
 
 requires_tritonserver = pytest.mark.skipif(
     not tritonserver_available(), reason="no tritonserver on PATH and nvidia-pytriton not installed"
@@ -118,9 +125,7 @@ def test_cuda_memory_pool_option_reaches_triton_and_cpu_runs_still_serve(identit
     assert re.search(r"cuda_memory_pool_byte_size\{0\}\s*\|\s*134217728\s*\|", log), log
 
 
-@requires_tritonserver
-@pytest.mark.integration
-def test_infer_http(server: TritonServer) -> None:
+def _infer_identity(server: TritonServer) -> None:
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(server.http_url)
@@ -128,6 +133,16 @@ def test_infer_http(server: TritonServer) -> None:
     infer_input.set_data_from_numpy(INPUT)
     result = client.infer("identity", [infer_input])
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), INPUT)
+
+
+def _ready(server: TritonServer) -> bool:
+    return serve._http_ok(f"http://{server.http_url}/v2/health/ready")
+
+
+@requires_tritonserver
+@pytest.mark.integration
+def test_infer_http(server: TritonServer) -> None:
+    _infer_identity(server)
 
 
 @requires_tritonserver
@@ -168,6 +183,9 @@ def test_signal_stops_server_cleanly(identity_repository: Path, how: str) -> Non
     with TritonServer(identity_repository) as server:
         assert server.process is not None
         pgid = server.process.pid
+        triton = server.triton_pid()
+        assert triton is not None
+        stubs = supervisor.child_stubs(triton)
         started = time.monotonic()
         if how.startswith("SIGTERM"):
             server.process.send_signal(signal.SIGTERM)
@@ -177,9 +195,53 @@ def test_signal_stops_server_cleanly(identity_repository: Path, how: str) -> Non
         elapsed = time.monotonic() - started
         assert returncode == 0, server.log()
         assert elapsed < 20, f"took {elapsed:.1f} s\n{server.log()}"
-        assert not group_alive(pgid), "tritonserver or a stub outlived sd-serve"
+        assert not group_alive(pgid), "a process of sd-serve's group outlived it"
+        assert not any(pid_alive(pid) for pid in (triton, *(s.pid for s in stubs))), "tritonserver or a stub"
         for port in (server.http_port, server.grpc_port, server.metrics_port):
             assert _port_is_free(port), f"port {port} still bound"
+
+
+@requires_tritonserver
+@pytest.mark.integration
+def test_nothing_outlives_a_killed_sd_serve(identity_repository: Path) -> None:
+    """SIGKILL leaves sd-serve no chance to clean up: tritonserver dies with it (parent-death signal) and
+    its stubs follow (they exit when their parent is gone)."""
+    with TritonServer(identity_repository) as server:
+        assert server.process is not None
+        triton = server.triton_pid()
+        assert triton is not None
+        pids = [triton, *(s.pid for s in supervisor.child_stubs(triton))]
+        assert len(pids) > 1
+        server.process.kill()
+        server.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(pid_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, [pid for pid in pids if pid_alive(pid)]
+            time.sleep(0.2)
+
+
+@requires_tritonserver
+@pytest.mark.integration
+def test_crashed_tritonserver_is_restarted(identity_repository: Path) -> None:
+    """tritonserver killed (as a crash would end it): sd-serve starts it again, kills the stubs it left,
+    and the server answers again; after --max-restarts such crashes in the window it gives up."""
+    with TritonServer(identity_repository, serve_args=["--max-restarts=1"]) as server:
+        assert server.process is not None
+        first = server.triton_pid()
+        assert first is not None
+        orphans = supervisor.child_stubs(first)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (second := server.triton_pid()) in (None, first) or not _ready(server):
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+            time.sleep(0.3)
+        assert "tritonserver exited with code -9; restarting tritonserver" in server.log()
+        assert not any(pid_alive(stub.pid) for stub in orphans)
+        _infer_identity(server)
+        os.kill(second, signal.SIGKILL)  # the second crash within the window: give up, exit non-zero
+        assert server.process.wait(timeout=60) != 0
+        server.kill()  # reaps what is left and reads the output to its end
+        assert "not restarting tritonserver again" in server.log()
 
 
 @requires_tritonserver

@@ -78,6 +78,15 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2] != "Z"
+
+
 def _kill_group(process: subprocess.Popen[str]) -> None:
     """SIGKILL whatever is left in the process group `process` leads (tritonserver, stubs), then reap it."""
     try:
@@ -208,13 +217,16 @@ class TritonServer:
         left of the group. `left_behind` tells whether anything was (sd-serve should leave nothing)."""
         if self.process is None:
             return None
+        triton = self.triton_pid()  # in a process group of its own
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        self.left_behind = self.process.poll() is not None and group_alive(self.process.pid)
+        self.left_behind = self.process.poll() is not None and (
+            group_alive(self.process.pid) or (triton is not None and pid_alive(triton))
+        )
         self.kill()
         return self.process.returncode
 
