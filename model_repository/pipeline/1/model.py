@@ -55,6 +55,7 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             if self.drain_file and os.path.exists(self.drain_file):
+                self.metrics.failed("unavailable")
                 _refuse(
                     request, "unavailable: the server is shutting down; retry (another replica will take it)"
                 )
