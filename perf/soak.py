@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from client.api import triton_inputs
+from python_backend.request import REQUEST_INPUTS
 from services import supervisor
 from tests.triton_server import TritonServer
 
@@ -53,18 +55,6 @@ MALFORMED: tuple[tuple[str, dict[str, Any]], ...] = (
     ("negative seed", {"seed": -5}),
     ("image that is not an image", {"image": b"not a png at all"}),
 )
-INPUT_DTYPES = {
-    "prompt": np.object_,
-    "negative_prompt": np.object_,
-    "scheduler": np.object_,
-    "image": np.object_,
-    "width": np.int32,
-    "height": np.int32,
-    "num_inference_steps": np.int32,
-    "num_images": np.int32,
-    "guidance_scale": np.float32,
-    "seed": np.int64,
-}
 
 
 @dataclass
@@ -117,25 +107,14 @@ def valid_request(rng: random.Random, s: SoakSettings) -> dict[str, Any]:
 
 def send(client: Any, grpc: Any, inputs: dict[str, Any]) -> tuple[str, str, int]:
     """(status, error message, images) of one request to `pipeline`."""
-    tensors = []
-    for name, value in inputs.items():
-        array = np.array([value], dtype=INPUT_DTYPES[name])
-        tensor = grpc.InferInput(name, [1], "BYTES" if array.dtype == np.object_ else _triton_dtype(array))
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
+    arrays = [(name, np.array([value], dtype=REQUEST_INPUTS[name])) for name, value in inputs.items()]
     try:
-        result = client.infer("pipeline", tensors)
+        result = client.infer("pipeline", triton_inputs(grpc, arrays))
     except Exception as e:  # InferenceServerException: its status is the outcome
         status = getattr(e, "status", lambda: None)() or type(e).__name__
         message = getattr(e, "message", lambda: None)() or str(e)
         return str(status).removeprefix("StatusCode."), message, 0
     return "OK", "", len(result.as_numpy("images"))
-
-
-def _triton_dtype(array: np.ndarray) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
-    return str(np_to_triton_dtype(array.dtype))
 
 
 def server_memory(server_pid: int) -> tuple[int, int]:
