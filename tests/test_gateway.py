@@ -494,8 +494,26 @@ def test_concurrent_requests_meet_in_the_unet_batcher(gateway: str, triton: Trit
 
 
 def test_auth_limits_and_unreachable_triton(triton: TritonServer):
-    config = GatewayConfig(triton_url=triton.grpc_url, credentials=[AUTH, ("bob", "pw")], max_body_bytes=4096)
+    config = GatewayConfig(
+        triton_url=triton.grpc_url,
+        credentials=[AUTH, ("bob", "pw")],
+        max_body_bytes=4096,
+        cors_allow_origins=["http://ui.example"],
+    )
     with running_gateway(config) as url:
+        # CORS: a browser's preflight needs no credentials; the answers carry the allowed origin.
+        origin = {"Origin": "http://ui.example"}
+        preflight = requests.options(
+            url + "/sdapi/v1/txt2img", headers={**origin, "Access-Control-Request-Method": "POST"}
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["Access-Control-Allow-Origin"] == "http://ui.example"
+        allowed = requests.get(url + "/sdapi/v1/cmd-flags", headers=origin, auth=AUTH)
+        assert allowed.headers["Access-Control-Allow-Origin"] == "http://ui.example"
+        other = requests.get(
+            url + "/sdapi/v1/cmd-flags", headers={"Origin": "http://evil.example"}, auth=AUTH
+        )
+        assert "Access-Control-Allow-Origin" not in other.headers
         for route in ("/sdapi/v1/options", "/sdapi/v1/cmd-flags", "/docs", "/openapi.json"):
             refused = requests.get(url + route)
             assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Basic", route
@@ -524,19 +542,24 @@ def test_auth_limits_and_unreachable_triton(triton: TritonServer):
         assert requests.get(url + "/sdapi/v1/samplers").status_code == 200  # needs no Triton
 
 
-def test_sd_gateway_command_starts_fast_and_documents_every_endpoint(triton: TritonServer):
+def test_sd_gateway_command_starts_fast_and_documents_every_endpoint(triton: TritonServer, tmp_path: Path):
     [port] = free_ports(1)
     started = time.monotonic()
+    log = (tmp_path / "gateway.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway.cli", "--triton-url", triton.grpc_url, "--port", str(port)],
+        [
+            *(sys.executable, "-m", "services.gateway.cli", "--triton-url", triton.grpc_url),
+            *("--port", str(port), "--api-auth", "carol:topsecret"),
+        ],
         cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
+    auth = ("carol", "topsecret")
     try:
         while True:
             try:
-                spec = requests.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1).json()
+                spec = requests.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1, auth=auth).json()
                 break
             except requests.ConnectionError:
                 assert process.poll() is None and time.monotonic() - started < 5, "not serving within 5 s"
@@ -563,7 +586,12 @@ def test_sd_gateway_command_starts_fast_and_documents_every_endpoint(triton: Tri
             "refresh-checkpoints",
         ):
             assert f"/sdapi/v1/{route}" in paths, route
-        assert requests.get(f"http://127.0.0.1:{port}/docs").status_code == 200
+        assert requests.get(f"http://127.0.0.1:{port}/docs", auth=auth).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{port}/docs", auth=("carol", "topsecreT")).status_code == 401
     finally:
         process.terminate()
         process.wait(timeout=10)
+        log.close()
+    output = (tmp_path / "gateway.log").read_text()
+    assert "GET /docs" in output  # the access log is there ...
+    assert "topsecret" not in output.lower() and "Y2Fyb2w6" not in output  # ... without the credentials

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from client.api import GenerationError
 from services.gateway import translate
+from services.gateway.app import _error_for
 from services.gateway.cli import _credentials
 from services.gateway.models import Img2ImgRequest, Txt2ImgRequest
 
@@ -99,3 +101,30 @@ def test_api_auth_argument():
     with pytest.raises(Exception, match="USER:PASS") as raised:
         _credentials("nopassword")
     assert "nopassword" not in str(raised.value)  # an entry may be a password: never echoed
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "http", "detail"),
+    [
+        (
+            "num_inference_steps: must be in 1..999, got 0",
+            "INVALID_ARGUMENT",
+            422,
+            "steps: must be in 1..999, got 0",
+        ),
+        (
+            "num_images must be within [-2147483648, 2147483647], got 2147483648",
+            "INVALID_ARGUMENT",
+            422,
+            "batch_size:",
+        ),
+        ("width: must be a multiple of 8", "INVALID_ARGUMENT", 422, "width: must be"),
+        ("Exceeds maximum queue size", "UNAVAILABLE", 503, "Exceeds maximum queue size"),
+        ("unavailable: shutting down", "UNAVAILABLE", 503, "unavailable: shutting down"),
+        ("no answer in time", "DEADLINE_EXCEEDED", 504, "no answer"),
+        ("generation failed (a bug: x)", "INTERNAL", 500, "generation failed"),
+    ],
+)
+def test_triton_errors_as_http_statuses(message, status, http, detail):
+    error = _error_for(GenerationError(message, status))
+    assert error.status == http and error.detail.startswith(detail)
