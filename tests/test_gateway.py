@@ -595,3 +595,40 @@ def test_sd_gateway_command_starts_fast_and_documents_every_endpoint(triton: Tri
     output = (tmp_path / "gateway.log").read_text()
     assert "GET /docs" in output  # the access log is there ...
     assert "topsecret" not in output.lower() and "Y2Fyb2w6" not in output  # ... without the credentials
+
+
+ODD_BODIES: list[Any] = [
+    None,
+    [],
+    "a string",
+    {"prompt": ["per", "image"]},
+    {"prompt": "a", "steps": 2**70},
+    {"prompt": "a", "seed": 2**70},
+    {"prompt": "a", "width": -64, "height": SIZE},
+    {"prompt": "a", "width": 2**40, "height": SIZE},
+    {"prompt": "a", "batch_size": 10**9, "width": SIZE, "height": SIZE},
+    {"prompt": "a", "n_iter": 10**9, "width": SIZE, "height": SIZE},
+    {"prompt": "a", "steps": True, "width": SIZE, "height": SIZE, "cfg_scale": "high"},
+    {"prompt": "a", "enable_hr": True, "hr_resize_x": 100, "hr_resize_y": 7, "width": SIZE, "height": SIZE},
+    {"prompt": "a", "enable_hr": True, "hr_upscaler": "ESRGAN_4x", "width": SIZE, "height": SIZE, "steps": 2},
+    {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": 99}, "width": SIZE, "height": SIZE},
+    {"prompt": "a", "override_settings": "not a dict"},
+    {"prompt": "\x00\ud800 bad unicode", "steps": 1, "width": SIZE, "height": SIZE},
+]
+ODD_IMG2IMG: list[Any] = [
+    {"prompt": "a", "init_images": ["bm90IGFuIGltYWdl"], "width": SIZE, "height": SIZE, "steps": 2},
+    {"prompt": "a", "init_images": [None]},
+    {"prompt": "a", "init_images": ["aGk="], "mask": "bm90", "inpainting_mask_invert": 1},
+    {"prompt": "a", "init_images": ["data:image/png;base64,"], "steps": 2},
+    {"prompt": "a", "init_images": ["aGk="], "inpaint_full_res_padding": 2**40, "mask": "aGk="},
+]
+
+
+def test_odd_bodies_are_refused_with_a_field_and_never_crash_the_gateway(gateway: str):
+    for route, bodies in (("txt2img", ODD_BODIES), ("img2img", ODD_IMG2IMG)):
+        for body in bodies:
+            answer = requests.post(f"{gateway}/sdapi/v1/{route}", json=body, timeout=60)
+            assert answer.status_code == 422, (route, body, answer.status_code, answer.text[:300])
+            detail = answer.json()["detail"]
+            assert detail, (route, body)
+    assert requests.get(f"{gateway}/sdapi/v1/options").status_code == 200  # still serving

@@ -241,6 +241,11 @@ def plan_generation(
     else:
         common.update(_hires_inputs(req, warnings))
 
+    for name in ("prompt", "negative_prompt", "hr_upscaler"):
+        # JSON may carry lone surrogates ("\ud800"): Python takes them, UTF-8 (Triton's BYTES) cannot.
+        text = common.get(name)
+        if isinstance(text, str) and not _is_utf8(text):
+            raise BadField(name, "holds a lone UTF-16 surrogate, not valid Unicode text")
     calls = []
     for i in range(n_iter):
         batch = dict(common, seed=seed + i * batch_size)
@@ -248,6 +253,14 @@ def plan_generation(
             batch["subseed"] = subseed + i * batch_size
         calls.append(GenerateOptions(**batch))
     return Plan(calls, warnings, sampler, schedule_type, seed, subseed)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _int_option(name: str, value: Any) -> int:
