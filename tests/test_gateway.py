@@ -478,7 +478,7 @@ def test_concurrent_requests_meet_in_the_unet_batcher(gateway: str, triton: Trit
 
     def post(seed: int) -> None:
         barrier.wait()
-        body = {"prompt": "a ship", "seed": seed, "steps": 6, "width": SIZE, "height": SIZE}
+        body = {"prompt": "a ship", "seed": seed, "steps": 20, "width": SIZE, "height": SIZE}
         statuses.append(requests.post(f"{gateway}/sdapi/v1/txt2img", json=body, timeout=120).status_code)
 
     threads = [threading.Thread(target=post, args=(seed,)) for seed in range(4)]
