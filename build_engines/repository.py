@@ -104,6 +104,7 @@ def pipeline_config(
     default_scheduler: schedulers.SchedulerChoice,
     streaming: bool = False,
     serving: ServingOptions = ServingOptions(),
+    manifest: PipelineManifest | None = None,
 ) -> mc.ModelConfig:
     """`pipeline`, or with `streaming` the decoupled `pipeline_stream` (same model.py): progress and
     previews over gRPC streaming, cancellable."""
@@ -135,6 +136,11 @@ def pipeline_config(
         for s in schedulers.SCHEDULERS
     ]
     config.parameters["schedulers"].string_value = json.dumps(listing)
+    if manifest is not None:
+        # Which checkpoint this is, for clients that list models without generating (sd-gateway's
+        # /sdapi/v1/sd-models): the names the `info` output reports.
+        checkpoint = {"model": manifest.model_name, "model_hash": manifest.model_hash}
+        config.parameters["checkpoint"].string_value = json.dumps(checkpoint)
     # No FORCE_CPU_ONLY_INPUT_TENSORS "no", on either target: that parameter only lets the model's own
     # request inputs arrive in GPU memory (e.g. from a client's CUDA shared memory), where model.py's
     # as_numpy() fails. BLS outputs of GPU engines stay on the GPU without it: "If you do not specify the
@@ -193,7 +199,7 @@ def write_pipeline_model(
         model_dir = repository / name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
-        config = pipeline_config(default, streaming, serving)
+        config = pipeline_config(default, streaming, serving, manifest)
         write_config(model_dir, config)
         shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
         shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)

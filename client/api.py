@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -104,34 +104,53 @@ def _tensor(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
     return np.array([value], dtype=dtype)
 
 
-def build_inputs(
-    prompt: str,
-    *,
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    seed: int | None = None,
-    scheduler: str | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    num_images: int | None = None,
-    image: ImageInput | None = None,
-    strength: float | None = None,
-    resize_mode: str | None = None,
-    mask: ImageInput | None = None,
-    mask_blur: int | None = None,
-    inpainting_fill: str | None = None,
-    inpaint_full_res: bool | None = None,
-    inpaint_full_res_padding: int | None = None,
-    subseed: int | None = None,
-    subseed_strength: float | None = None,
-    enable_hr: bool | None = None,
-    hr_scale: float | None = None,
-    hr_upscaler: str | None = None,
-    hr_second_pass_steps: int | None = None,
-    denoising_strength: float | None = None,
-    clip_skip: int | None = None,
-) -> list[tuple[str, np.ndarray]]:
+@dataclass(frozen=True)
+class GenerateOptions:
+    """One generation request, as `StableDiffusionClient.generate` takes it: the pipeline's input table
+    (python_backend.request.REQUEST_INPUTS) with the client's names. None leaves an input to the server's
+    default. A new pipeline input is added here (and in the server's table); generate(), build_inputs() and
+    sd-gateway take it from here."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    scheduler: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int | None = None
+    image: ImageInput | None = None
+    strength: float | None = None
+    resize_mode: str | None = None
+    mask: ImageInput | None = None
+    mask_blur: int | None = None
+    inpainting_fill: str | None = None
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = None
+    subseed: int | None = None
+    subseed_strength: float | None = None
+    enable_hr: bool | None = None
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = None
+    denoising_strength: float | None = None
+    clip_skip: int | None = None
+
+
+# The client names that differ from the pipeline's input names.
+_INPUT_NAMES = {"steps": "num_inference_steps"}
+# Fails at import when the server's table and GenerateOptions drift apart.
+if {_INPUT_NAMES.get(f.name, f.name) for f in fields(GenerateOptions)} != set(REQUEST_INPUTS):
+    raise ImportError("GenerateOptions must have one field per pipeline input (request.REQUEST_INPUTS)")
+
+
+def build_inputs(prompt: str, **options: Any) -> list[tuple[str, np.ndarray]]:
+    """`build_request_inputs` for GenerateOptions(prompt, **options)."""
+    return build_request_inputs(GenerateOptions(prompt, **options))
+
+
+def build_request_inputs(request: GenerateOptions) -> list[tuple[str, np.ndarray]]:
     """The request's tensors by input name. Arguments left None are not sent: the server applies its defaults.
 
     An integer outside its tensor's range, `strength` / `resize_mode` / `mask` without an `image`, a mask
@@ -140,6 +159,12 @@ def build_inputs(
     INVALID_ARGUMENT) like the server; a non-bool `inpaint_full_res` or `enable_hr` raises TypeError. A path
     `image` or `mask` is read here.
     """
+    image, mask, seed, subseed = request.image, request.mask, request.seed, request.subseed
+    strength, resize_mode, subseed_strength = request.strength, request.resize_mode, request.subseed_strength
+    mask_blur, inpainting_fill = request.mask_blur, request.inpainting_fill
+    inpaint_full_res, inpaint_full_res_padding = request.inpaint_full_res, request.inpaint_full_res_padding
+    enable_hr, hr_scale, hr_upscaler = request.enable_hr, request.hr_scale, request.hr_upscaler
+    hr_second_pass_steps, denoising_strength = request.hr_second_pass_steps, request.denoising_strength
     if image is None:
         for name, value in (("strength", strength), ("resize_mode", resize_mode)):
             if value is not None:
@@ -170,38 +195,18 @@ def build_inputs(
         seed = secrets.randbelow(2**32)
     if subseed_strength is not None and (subseed is None or subseed == -1):
         subseed = secrets.randbelow(2**32)
-    values = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "width": width,
-        "height": height,
-        "num_inference_steps": steps,
-        "num_images": num_images,
-        "guidance_scale": guidance_scale,
-        "seed": seed,
-        "scheduler": scheduler,
-        "image": None if image is None else image_bytes(image),
-        "strength": strength,
-        "resize_mode": resize_mode,
-        "mask": None if mask is None else image_bytes(mask),
-        "mask_blur": mask_blur,
-        "inpainting_fill": inpainting_fill,
-        "inpaint_full_res": inpaint_full_res,
-        "inpaint_full_res_padding": inpaint_full_res_padding,
-        "subseed": subseed,
-        "subseed_strength": subseed_strength,
-        "enable_hr": enable_hr,
-        "hr_scale": hr_scale,
-        "hr_upscaler": hr_upscaler,
-        "hr_second_pass_steps": hr_second_pass_steps,
-        "denoising_strength": denoising_strength,
-        "clip_skip": clip_skip,
-    }
-    # Names and dtypes are the server's own table of pipeline inputs.
+    values = {_INPUT_NAMES.get(f.name, f.name): getattr(request, f.name) for f in fields(GenerateOptions)}
+    values.update(
+        seed=seed,
+        subseed=subseed,
+        image=None if image is None else image_bytes(image),
+        mask=None if mask is None else image_bytes(mask),
+    )
+    # Names, dtypes and order are the server's own table of pipeline inputs.
     return [
-        (name, _tensor(name, value, REQUEST_INPUTS[name]))
-        for name, value in values.items()
-        if value is not None
+        (name, _tensor(name, values[name], dtype))
+        for name, dtype in REQUEST_INPUTS.items()
+        if values[name] is not None
     ]
 
 
@@ -432,54 +437,40 @@ class StableDiffusionClient:
 
     def schedulers(self) -> list[dict[str, Any]]:
         """The model's schedulers: `{"name", "a1111"}` each, `"default": true` on the checkpoint's own."""
+        return self._config_parameter("schedulers")
+
+    def checkpoint(self) -> dict[str, str]:
+        """The checkpoint the model serves: `{"model", "model_hash"}`, as its `info` output names them."""
+        return self._config_parameter("checkpoint")
+
+    def _config_parameter(self, name: str) -> Any:
+        """A JSON parameter of the model's config."""
         with self._errors():
             config = self._client.get_model_config(self.model_name, **self._call_kwargs)
         if self.protocol == "grpc":
             parameters = config.config.parameters
-            text = parameters["schedulers"].string_value if "schedulers" in parameters else ""
+            text = parameters[name].string_value if name in parameters else ""
         else:
-            text = config.get("parameters", {}).get("schedulers", {}).get("string_value", "")
+            text = config.get("parameters", {}).get(name, {}).get("string_value", "")
         if not text:
-            raise GenerationError(f"the config of model {self.model_name!r} has no 'schedulers' parameter")
+            raise GenerationError(f"the config of model {self.model_name!r} has no {name!r} parameter")
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise GenerationError(
-                f"the 'schedulers' parameter of model {self.model_name!r} is not JSON: {exc}"
+                f"the {name!r} parameter of model {self.model_name!r} is not JSON: {exc}"
             ) from exc
 
     def generate(
         self,
         prompt: str,
         *,
-        negative_prompt: str | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_images: int | None = None,
-        image: ImageInput | None = None,
-        strength: float | None = None,
-        resize_mode: str | None = None,
-        mask: ImageInput | None = None,
-        mask_blur: int | None = None,
-        inpainting_fill: str | None = None,
-        inpaint_full_res: bool | None = None,
-        inpaint_full_res_padding: int | None = None,
-        subseed: int | None = None,
-        subseed_strength: float | None = None,
-        enable_hr: bool | None = None,
-        hr_scale: float | None = None,
-        hr_upscaler: str | None = None,
-        hr_second_pass_steps: int | None = None,
-        denoising_strength: float | None = None,
-        clip_skip: int | None = None,
         on_progress: Callable[[dict[str, Any], bytes | None], None] | None = None,
         preview_every: int = 0,
+        **options: Any,
     ) -> GenerationResult:
-        """Images for `prompt`. Arguments left None take the server's defaults; seed None or -1 is random.
+        """Images for `prompt`: `run(GenerateOptions(prompt, **options))`, one keyword per GenerateOptions
+        field. Options left None take the server's defaults; seed None or -1 is random.
 
         With `image` it is img2img: the image is fitted to width x height by `resize_mode` ("just_resize",
         "crop_and_resize" or "resize_and_fill", or A1111's labels) and `strength` (0..1, A1111's denoising
@@ -498,33 +489,17 @@ class StableDiffusionClient:
         times (default 2; sides rounded down to multiples of 8) by `hr_upscaler` ("Latent" or "Lanczos") and
         `denoising_strength` (default 0.7) of `hr_second_pass_steps` (default 0: `steps`) redraw it.
         """
-        arrays = build_inputs(
-            prompt,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            scheduler=scheduler,
-            width=width,
-            height=height,
-            num_images=num_images,
-            image=image,
-            strength=strength,
-            resize_mode=resize_mode,
-            mask=mask,
-            mask_blur=mask_blur,
-            inpainting_fill=inpainting_fill,
-            inpaint_full_res=inpaint_full_res,
-            inpaint_full_res_padding=inpaint_full_res_padding,
-            subseed=subseed,
-            subseed_strength=subseed_strength,
-            enable_hr=enable_hr,
-            hr_scale=hr_scale,
-            hr_upscaler=hr_upscaler,
-            hr_second_pass_steps=hr_second_pass_steps,
-            denoising_strength=denoising_strength,
-            clip_skip=clip_skip,
-        )
+        return self.run(GenerateOptions(prompt, **options), on_progress, preview_every)
+
+    def run(
+        self,
+        request: GenerateOptions,
+        on_progress: Callable[[dict[str, Any], bytes | None], None] | None = None,
+        preview_every: int = 0,
+    ) -> GenerationResult:
+        """Images for `request` (see `generate` for what its options do); `on_progress` streams from
+        `pipeline_stream` as in `generate`."""
+        arrays = build_request_inputs(request)
         if on_progress is None:
             inputs = triton_inputs(self._triton, arrays)
             outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]
@@ -546,11 +521,11 @@ class StableDiffusionClient:
         if images is None or info is None:
             raise GenerationError("the response lacks the images or info output")
         generated = decode_response(images, info.reshape(-1)[0])
-        if mask is not None and inpaint_full_res:
+        if request.mask is not None and request.inpaint_full_res:
             # The info reports the full-size images; a size left None is the server's default.
             generated.generation_size = (
-                GenerationRequest.width if width is None else width,
-                GenerationRequest.height if height is None else height,
+                GenerationRequest.width if request.width is None else request.width,
+                GenerationRequest.height if request.height is None else request.height,
             )
         return generated
 

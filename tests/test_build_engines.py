@@ -62,6 +62,8 @@ def test_pipeline_config(model_repository):
     listing = json.loads(config.parameters["schedulers"].string_value)
     assert [s["name"] for s in listing if s.get("default")] == ["pndm"]
     assert {"name": "euler_a", "a1111": "Euler a"} in listing
+    checkpoint = json.loads(config.parameters["checkpoint"].string_value)
+    assert checkpoint["model"] == "tiny-sd" and len(checkpoint["model_hash"]) == 10
     # One instance generates --max-concurrent-requests requests at once (default --max-batch: that many
     # one-image requests fill the UNet's batch).
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]

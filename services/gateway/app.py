@@ -1,0 +1,391 @@
+"""The FastAPI app: A1111's /sdapi/v1 routes, each forwarded to Triton with StableDiffusionClient.
+
+Routes are sync functions: FastAPI runs them in its threadpool, so requests arriving together reach Triton
+together and meet in the UNet's dynamic batcher. Each request gets its own client (its own gRPC channel):
+nothing is shared between threads but the options dict, which a lock guards.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+
+from client.api import GenerationError, GenerationResult, StableDiffusionClient
+from client.infotext import PNG_KEY
+from services.gateway import translate
+from services.gateway.models import (
+    GenerationResponse,
+    Img2ImgRequest,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    Txt2ImgRequest,
+)
+
+log = logging.getLogger("sd-gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass
+class GatewayConfig:
+    triton_url: str = "127.0.0.1:8001"
+    model_name: str = "pipeline"
+    credentials: Sequence[tuple[str, str]] = ()  # --api-auth; empty: no auth
+    cors_allow_origins: Sequence[str] = ()
+    max_body_bytes: int = 50 * 2**20
+    timeout_s: float | None = None  # per generation; None: as long as it takes
+    retries: int = 1  # a request Triton refused as UNAVAILABLE (overloaded) is retried this often
+
+
+class ApiError(Exception):
+    """An error answered with A1111's body: {error, detail, body, errors}."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def a1111_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # A1111's api_middleware.handle_exception body.
+    body = {"error": error, "detail": detail, "body": "", "errors": detail}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_for(exc: GenerationError) -> ApiError:
+    """Triton's answer as an HTTP status: INVALID_ARGUMENT 422 naming the A1111 field, UNAVAILABLE 503."""
+    if exc.is_invalid_argument:
+        field, sep, problem = exc.message.partition(": ")
+        name = field.split()[0] if field else field
+        if sep and name in translate.A1111_FIELDS:
+            detail = f"{translate.A1111_FIELDS[name]}: {problem}"
+        elif not sep and exc.message.split(" ", 1)[0] in translate.A1111_FIELDS:  # the client's own checks
+            first, rest = exc.message.split(" ", 1)
+            detail = f"{translate.A1111_FIELDS[first]}: {rest}"
+        else:
+            detail = exc.message
+        return ApiError(422, "InvalidInput", detail)
+    if exc.is_retryable:
+        return ApiError(503, "ServiceUnavailable", exc.message)
+    if exc.status == "DEADLINE_EXCEEDED":
+        return ApiError(504, "Timeout", exc.message)
+    return ApiError(500, "GenerationError", exc.message)
+
+
+class BodyLimit:
+    """Answers 413 for a body over `limit` bytes before anything parses it (Content-Length, or counted while
+    it streams in), so a huge upload never reaches JSON or base64 decoding."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:  # read it all (at most `limit`) here, then replay it to the app
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        mb = self.limit / 2**20
+        response = a1111_error(413, "PayloadTooLarge", f"request body over --max-body-mb ({mb:g} MB)")
+        await response(scope, receive, send)
+
+
+class BasicAuth:
+    """HTTP Basic on every route (/docs too), as A1111's --api-auth: 401 with WWW-Authenticate otherwise.
+
+    Every configured pair is compared, each in constant time, so the answer's timing tells nothing about
+    which user or how much of a password matched. Credentials are never logged."""
+
+    def __init__(self, app: ASGIApp, credentials: Sequence[tuple[str, str]]) -> None:
+        self.app = app
+        self.credentials = [(u.encode(), p.encode()) for u, p in credentials]
+
+    def _allowed(self, header: bytes | None) -> bool:
+        if not header or not header[:6].lower() == b"basic ":
+            return False
+        try:
+            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        allowed = False
+        for u, p in self.credentials:
+            allowed |= secrets.compare_digest(user, u) & secrets.compare_digest(password, p) & bool(sep)
+        return allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS":  # CORS preflights carry no auth
+            if not self._allowed(dict(scope.get("headers") or []).get(b"authorization")):
+                response = JSONResponse(
+                    {"detail": "Incorrect username or password"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Basic"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class _State:
+    config: GatewayConfig
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Options a client set with POST /options (A1111 keeps every key; so do we, for GET to echo).
+    options: dict[str, Any] = field(
+        default_factory=lambda: {
+            "CLIP_stop_at_last_layers": 1,
+            "samples_format": "png",  # the only format we write
+            "sd_vae": "Automatic",
+        }
+    )
+    checkpoint: translate.Checkpoint | None = None
+
+    def client(self) -> StableDiffusionClient:
+        c = self.config
+        return StableDiffusionClient(
+            c.triton_url, "grpc", c.model_name, timeout_s=c.timeout_s, retries=c.retries
+        )
+
+    def get_checkpoint(self) -> translate.Checkpoint:
+        """The served checkpoint, asked of Triton once (the model's config names it)."""
+        if self.checkpoint is None:
+            try:
+                with self.client() as client:
+                    found = client.checkpoint()
+            except GenerationError as exc:
+                raise _error_for(exc) from exc
+            self.checkpoint = translate.Checkpoint(str(found["model"]), str(found.get("model_hash", "")))
+        return self.checkpoint
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    state = _State(config)
+    app = FastAPI(
+        title="sd-gateway",
+        description="AUTOMATIC1111's /sdapi/v1 API, served by a Stable Diffusion pipeline on Triton.",
+        version="1.0",
+        # A body without Content-Type is parsed as JSON, as FastAPI did in A1111's day: Dify posts that way.
+        strict_content_type=False,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return a1111_error(exc.status, exc.error, exc.detail)
+
+    @app.exception_handler(translate.BadField)
+    async def _bad_field(request: Request, exc: translate.BadField) -> JSONResponse:
+        return a1111_error(422, "InvalidInput", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 body, as A1111 keeps it, minus the input echo (it may be megabytes of base64).
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return a1111_error(500, type(exc).__name__, str(exc))
+
+    def generate(req: Txt2ImgRequest) -> GenerationResponse:
+        checkpoint = state.get_checkpoint()
+        with state.lock:
+            defaults = dict(state.options)
+        plan = translate.plan_generation(req, checkpoint, defaults)
+        results: list[GenerationResult] = []
+        try:
+            with state.client() as client:
+                for call in plan.calls:
+                    results.append(client.run(call))
+        except GenerationError as exc:
+            raise _error_for(exc) from exc
+        infotexts = [text for r in results for text in r.infotexts()]
+        images = [image for r in results for image in r.images]
+        clip_skip = plan.calls[0].clip_skip or 1
+        info = translate.build_info(req, plan, results, infotexts, clip_skip)
+        encoded = [translate.encode_png(i, t) for i, t in zip(images, infotexts, strict=True)]
+        parameters = req.model_dump()
+        if isinstance(req, Img2ImgRequest) and not req.include_init_images:
+            parameters.update(init_images=None, mask=None)  # as A1111: not megabytes of echo
+        return GenerationResponse(
+            images=encoded if req.send_images is not False else [],
+            parameters=parameters,
+            info=json.dumps(info, ensure_ascii=False),
+        )
+
+    @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse)
+    def txt2img(req: Txt2ImgRequest = Body(...)) -> GenerationResponse:  # noqa: B008 (FastAPI's idiom)
+        """Text to image (with `enable_hr`: the hires fix)."""
+        return generate(req)
+
+    @app.post("/sdapi/v1/img2img", response_model=GenerationResponse)
+    def img2img(req: Img2ImgRequest = Body(...)) -> GenerationResponse:  # noqa: B008
+        """Image to image; with `mask`, inpainting (white = repaint)."""
+        return generate(req)
+
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict[str, Any]:
+        """The options clients read: sd_model_checkpoint (the served one), CLIP_stop_at_last_layers, ..."""
+        checkpoint = state.get_checkpoint()
+        with state.lock:
+            return {
+                **state.options,
+                "sd_model_checkpoint": checkpoint.title,
+                "sd_checkpoint_hash": checkpoint.model_hash or None,
+            }
+
+    @app.post("/sdapi/v1/options")
+    def set_options(options: dict[str, Any] = Body(...)) -> None:  # noqa: B008
+        """Takes any options dict (a client may post back all it read). sd_model_checkpoint must name the
+        served checkpoint (by title, name or hash); CLIP_stop_at_last_layers becomes the default clip skip."""
+        wanted = options.get("sd_model_checkpoint")
+        if wanted is not None:
+            checkpoint = state.get_checkpoint()
+            if not checkpoint.matches(str(wanted)):
+                raise ApiError(
+                    422,
+                    "RuntimeError",
+                    f"sd_model_checkpoint: model {wanted!r} not found; this server has {checkpoint.title!r}",
+                )
+        skip = options.get("CLIP_stop_at_last_layers")
+        if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int | float) or skip < 1):
+            problem = f"expected an integer >= 1, got {skip!r}"
+            raise ApiError(422, "InvalidInput", f"CLIP_stop_at_last_layers: {problem}")
+        with state.lock:
+            state.options.update({k: v for k, v in options.items() if k not in ("sd_model_checkpoint",)})
+            if skip is not None:
+                state.options["CLIP_stop_at_last_layers"] = int(skip)
+        return None
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        """The one checkpoint the server hosts."""
+        return [state.get_checkpoint().listing()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        """Asks Triton again which checkpoint it serves."""
+        state.checkpoint = None
+        state.get_checkpoint()
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return translate.a1111_samplers()
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers_() -> list[dict[str, Any]]:
+        """The schedule types that change what runs here (Karras picks the samplers' Karras variants)."""
+        return [
+            {"name": name, "label": label, "aliases": None, "default_rho": rho, "need_inner_model": False}
+            for name, label, rho in (("automatic", "Automatic", -1.0), ("karras", "Karras", 7.0))
+        ]
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        """The hires fix's image upscaler (the latent one is under latent-upscale-modes)."""
+        return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        return [{"name": name} for name in translate.LATENT_UPSCALE_MODES]
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return []  # the checkpoint's own VAE only
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict[str, Any]]:
+        return []
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/hypernetworks")
+    def hypernetworks() -> list[dict[str, Any]]:
+        return []
+
+    @app.get("/sdapi/v1/face-restorers")
+    def face_restorers() -> list[dict[str, Any]]:
+        return []
+
+    @app.get("/sdapi/v1/prompt-styles")
+    def prompt_styles() -> list[dict[str, Any]]:
+        return []
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        """A few of A1111's flags (never --api-auth's value: A1111 would list the credentials)."""
+        return {"api": True, "nowebui": True, "api_auth": None, "listen": False}
+
+    @app.post("/sdapi/v1/png-info", response_model=PNGInfoResponse)
+    def png_info(req: PNGInfoRequest = Body(...)) -> PNGInfoResponse:  # noqa: B008
+        """The infotext (`parameters` chunk) of an image, and its other text chunks."""
+        if not req.image.strip():
+            return PNGInfoResponse(info="", items={}, parameters={})
+        data = translate.decode_image(req.image, "image")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise translate.BadField("image", f"not an image: {exc}") from None
+        text = items.pop(PNG_KEY, None)
+        return PNGInfoResponse(info=text or "", items=items, parameters=translate.infotext_items(text, items))
+
+    # add_middleware puts each one outside the ones before it: a request meets BodyLimit (nothing has read
+    # the body yet), then CORS (so a 401 carries its headers), then BasicAuth.
+    if config.credentials:
+        app.add_middleware(BasicAuth, credentials=list(config.credentials))
+    if config.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_allow_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials=True,
+        )
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    return app

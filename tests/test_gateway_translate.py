@@ -1,0 +1,130 @@
+"""sd-gateway's translation rules (A1111 fields to the pipeline's inputs), without a server."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from client.api import GenerationError
+from services.gateway import translate
+from services.gateway.app import _error_for
+from services.gateway.cli import _credentials
+from services.gateway.models import Img2ImgRequest, Txt2ImgRequest
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "expected", "warned"),
+    [
+        ("Euler a", "automatic", ("Euler a", "Automatic"), False),
+        ("euler_a", None, ("Euler a", "Automatic"), False),  # our own name, as an alias
+        ("DPM++ 2M Karras", None, ("DPM++ 2M Karras", "Karras"), False),  # legacy combined name
+        ("DPM++ 2M", "Karras", ("DPM++ 2M Karras", "Karras"), False),  # label
+        ("DPM++ 2M", "karras", ("DPM++ 2M Karras", "Karras"), False),  # name
+        ("DDIM", "normal", ("DDIM", "Automatic"), True),  # SillyTavern's default schedule
+        ("Euler a", "karras", ("Euler a", "Automatic"), True),  # no Karras variant here
+        ("DPM++ SDE Karras", None, (None, "Automatic"), True),  # Dify's: not served, the default instead
+        (None, "karras", (None, "Automatic"), False),
+    ],
+)
+def test_sampler_names_in_every_a1111_spelling(sampler, scheduler, expected, warned):
+    warnings: list[str] = []
+    assert translate.resolve_sampler(sampler, scheduler, warnings) == expected
+    assert bool(warnings) == warned
+
+
+def test_checkpoint_matches_a1111_aliases():
+    checkpoint = translate.Checkpoint("tiny-sd", "0123456789")
+    for name in ("tiny-sd [0123456789]", "tiny-sd", "tiny-sd.safetensors", "0123456789"):
+        assert checkpoint.matches(name), name
+    assert not checkpoint.matches("v1-5-pruned.safetensors [abcdef0123]")
+
+
+def test_lenient_fields_and_plan():
+    req = Txt2ImgRequest.model_validate(
+        {
+            "prompt": "a",
+            "steps": 12.7,
+            "seed": "",
+            "batch_size": 2,
+            "n_iter": 2,
+            "url": "ignored",
+            "cfg_scale": None,
+        }
+    )
+    assert req.steps == 12 and req.seed == -1
+    plan = translate.plan_generation(req, None, {"CLIP_stop_at_last_layers": 2})
+    first, second = plan.calls
+    assert second.seed == first.seed + 2  # batch after batch, A1111's all_seeds[i] = seed + i
+    assert (first.steps, first.num_images, first.clip_skip, first.guidance_scale) == (12, 2, 2, 7.0)
+    assert first.enable_hr is None and first.denoising_strength is None  # no hires fields without enable_hr
+    with pytest.raises(ValidationError):
+        Txt2ImgRequest.model_validate({"steps": float("nan")})
+
+
+def test_img2img_plan_and_field_errors():
+    req = Img2ImgRequest.model_validate(
+        {
+            "init_images": ["data:image/png;base64,aGk="],
+            "mask": "aGk=",
+            "inpainting_fill": 2,
+            "resize_mode": 1,
+        }
+    )
+    [call] = translate.plan_generation(req, None, {}).calls
+    assert (call.image, call.mask, call.inpainting_fill, call.resize_mode) == (
+        b"hi",
+        b"hi",
+        "latent_noise",
+        "crop_and_resize",
+    )
+    assert (call.strength, call.mask_blur, call.inpaint_full_res) == (0.75, 4, True)
+    for body, field in [
+        ({"init_images": []}, "init_images"),
+        ({"init_images": ["aGk="], "inpainting_fill": 4, "mask": "aGk="}, "inpainting_fill"),
+        ({"init_images": ["aGk="], "override_settings": {"CLIP_stop_at_last_layers": "x"}}, "CLIP_stop"),
+        ({"init_images": ["aGk="], "n_iter": 0}, "n_iter"),
+    ]:
+        with pytest.raises(translate.BadField, match=field):
+            translate.plan_generation(Img2ImgRequest.model_validate(body), None, {})
+
+
+def test_unsupported_fields_are_warnings():
+    req = Txt2ImgRequest.model_validate(
+        {"restore_faces": True, "tiling": True, "styles": ["s"], "alwayson_scripts": {"ControlNet": {}}}
+    )
+    warnings = translate.plan_generation(req, translate.Checkpoint("m", "h"), {}).warnings
+    assert len(warnings) == 4
+
+
+def test_api_auth_argument():
+    assert _credentials("a:b,c:d:e") == [("a", "b"), ("c", "d:e")]
+    with pytest.raises(Exception, match="USER:PASS") as raised:
+        _credentials("nopassword")
+    assert "nopassword" not in str(raised.value)  # an entry may be a password: never echoed
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "http", "detail"),
+    [
+        (
+            "num_inference_steps: must be in 1..999, got 0",
+            "INVALID_ARGUMENT",
+            422,
+            "steps: must be in 1..999, got 0",
+        ),
+        (
+            "num_images must be within [-2147483648, 2147483647], got 2147483648",
+            "INVALID_ARGUMENT",
+            422,
+            "batch_size:",
+        ),
+        ("width: must be a multiple of 8", "INVALID_ARGUMENT", 422, "width: must be"),
+        ("Exceeds maximum queue size", "UNAVAILABLE", 503, "Exceeds maximum queue size"),
+        ("unavailable: shutting down", "UNAVAILABLE", 503, "unavailable: shutting down"),
+        ("no answer in time", "DEADLINE_EXCEEDED", 504, "no answer"),
+        ("generation failed (a bug: x)", "INTERNAL", 500, "generation failed"),
+    ],
+)
+def test_triton_errors_as_http_statuses(message, status, http, detail):
+    error = _error_for(GenerationError(message, status))
+    assert error.status == http and error.detail.startswith(detail)
