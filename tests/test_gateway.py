@@ -161,32 +161,21 @@ def test_webuiapi_img2img_and_inpainting_match_the_client(api: webuiapi.WebUIApi
     )
     assert result.image.size == (SIZE, SIZE) and result.info["denoising_strength"] == pytest.approx(0.5)
     assert "Denoising strength: 0.5" in result.info["infotexts"][0]
-    inpainted = api.img2img(
-        images=[picture],
-        mask_image=mask,
-        prompt="a sun",
-        seed=5,
-        width=SIZE,
-        height=SIZE,
-        denoising_strength=0.9,
-        inpainting_fill=1,
-        inpaint_full_res=False,
-        mask_blur=2,
-    )
+    inpaint: dict[str, Any] = {
+        "images": [picture],
+        "mask_image": mask,
+        "prompt": "a sun",
+        "seed": 5,
+        "width": SIZE,
+        "height": SIZE,
+        "denoising_strength": 0.9,
+        "inpainting_fill": 1,
+        "inpaint_full_res": False,
+        "mask_blur": 2,
+    }
+    inpainted = api.img2img(**inpaint)
     assert "Mask blur: 2" in inpainted.info["infotexts"][0]
-    inverted = api.img2img(
-        images=[picture],
-        mask_image=mask,
-        prompt="a sun",
-        seed=5,
-        width=SIZE,
-        height=SIZE,
-        denoising_strength=0.9,
-        inpainting_fill=1,
-        inpaint_full_res=False,
-        mask_blur=2,
-        inpainting_mask_invert=1,
-    )
+    inverted = api.img2img(**inpaint, inpainting_mask_invert=1)
     with StableDiffusionClient(triton.grpc_url) as client:
         common: dict[str, Any] = dict(
             seed=5, steps=3, guidance_scale=7.0, scheduler="Euler a", width=SIZE, height=SIZE
