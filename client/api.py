@@ -370,6 +370,10 @@ class StableDiffusionClient:
     (DEADLINE_EXCEEDED) and the server, which is sent the same timeout, stops generating. `retries`
     repeats a generation the server refused as UNAVAILABLE (overloaded, stopping, an engine restarting)
     that many times, after 0.5, 1, 2, ... s (at most `MAX_BACKOFF_S`, with jitter).
+
+    `round_robin` (gRPC): spread requests over every address `url` resolves to, e.g.
+    `dns:///sd-triton-grpc.sd-triton.svc.cluster.local:8001` (the deployment's headless Service), instead
+    of sending them all to the first one.
     """
 
     MAX_BACKOFF_S = 8.0
@@ -381,11 +385,14 @@ class StableDiffusionClient:
         model_name: str = "pipeline",
         timeout_s: float | None = None,
         retries: int = 0,
+        round_robin: bool = False,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be one of {sorted(DEFAULT_URLS)}, got {protocol!r}")
         if retries < 0:
             raise ValueError(f"retries must be at least 0, got {retries}")
+        if round_robin and protocol != "grpc":
+            raise ValueError("round_robin balances gRPC channels: use protocol='grpc'")
         self.url = url or DEFAULT_URLS[protocol]
         self.protocol = protocol
         self.model_name = model_name
@@ -396,7 +403,15 @@ class StableDiffusionClient:
             if protocol == "grpc":
                 import tritonclient.grpc as triton
 
-                self._client = triton.InferenceServerClient(self.url)
+                channel_args = None
+                if round_robin:
+                    channel_args = [
+                        ("grpc.lb_policy_name", "round_robin"),
+                        # channel_args replaces tritonclient's own: keep its limits (images are megabytes).
+                        ("grpc.max_send_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+                        ("grpc.max_receive_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+                    ]
+                self._client = triton.InferenceServerClient(self.url, channel_args=channel_args)
                 self._call_kwargs: dict[str, Any] = {"client_timeout": timeout_s}
             else:
                 import tritonclient.http as triton

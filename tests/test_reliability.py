@@ -273,6 +273,20 @@ def test_client_retries_unavailable(small_server: TritonServer) -> None:
         assert [f.result(timeout=120) for f in busy] == [("OK", "")] * 3
 
 
+def test_round_robin_client_over_a_dns_name(small_server: TritonServer) -> None:
+    """How long-lived clients spread over the headless Service's pods: gRPC's DNS resolver and round_robin
+    (here `localhost` resolves to 127.0.0.1, where the server is, and ::1, where it is not)."""
+    with StableDiffusionClient(f"dns:///localhost:{small_server.grpc_port}", round_robin=True) as client:
+        result = client.generate("a lighthouse", steps=2, width=64, height=64, num_images=2, seed=3)
+    with StableDiffusionClient(small_server.grpc_url) as client:
+        direct = client.generate("a lighthouse", steps=2, width=64, height=64, num_images=2, seed=3)
+    assert [np.asarray(i).tobytes() for i in result.images] == [
+        np.asarray(i).tobytes() for i in direct.images
+    ]
+    with pytest.raises(ValueError, match="grpc"):
+        StableDiffusionClient(small_server.http_url, protocol="http", round_robin=True)
+
+
 def test_short_soak(model_repository: Path, tmp_path: Path) -> None:
     """About a minute of eight clients, a quarter of their requests malformed: no failed valid request,
     every malformed one INVALID_ARGUMENT, no crash or restart, a clean SIGTERM (perf/soak.py's checks)."""
