@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from client.api import GenerationError
+from python_backend.request import InvalidInput
 from services.gateway import translate
 from services.gateway.app import _error_for
 from services.gateway.cli import _credentials
@@ -84,7 +85,7 @@ def test_img2img_plan_and_field_errors():
         ({"init_images": ["aGk="], "override_settings": {"CLIP_stop_at_last_layers": "x"}}, "CLIP_stop"),
         ({"init_images": ["aGk="], "n_iter": 0}, "n_iter"),
     ]:
-        with pytest.raises(translate.BadField, match=field):
+        with pytest.raises(InvalidInput, match=field):
             translate.plan_generation(Img2ImgRequest.model_validate(body), None, {})
 
 

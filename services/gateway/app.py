@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from client.api import GenerationError, GenerationResult, StableDiffusionClient
 from client.infotext import PNG_KEY
+from python_backend.request import InvalidInput
 from services.gateway import translate
 from services.gateway.models import (
     GenerationResponse,
@@ -215,8 +216,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return a1111_error(exc.status, exc.error, exc.detail)
 
-    @app.exception_handler(translate.BadField)
-    async def _bad_field(request: Request, exc: translate.BadField) -> JSONResponse:
+    @app.exception_handler(InvalidInput)
+    async def _bad_field(request: Request, exc: InvalidInput) -> JSONResponse:
         return a1111_error(422, "InvalidInput", str(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -371,7 +372,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             with Image.open(io.BytesIO(data)) as image:
                 items = {k: v for k, v in image.info.items() if isinstance(v, str)}
         except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise translate.BadField("image", f"not an image: {exc}") from None
+            raise InvalidInput("image", f"not an image: {exc}") from None
         text = items.pop(PNG_KEY, None)
         return PNGInfoResponse(info=text or "", items=items, parameters=translate.infotext_items(text, items))
 

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from client.api import GenerateOptions, GenerationResult
 from client.infotext import save_png
 from python_backend import schedulers
+from python_backend.request import InvalidInput
 from services.gateway.models import Img2ImgRequest, Txt2ImgRequest
 
 A1111_VERSION = "v1.10.1"  # what `info.version` reports: clients branch on A1111's, not on ours
@@ -57,14 +58,6 @@ A1111_FIELDS = {
     "scheduler": "sampler_name",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
 }
-
-
-class BadField(ValueError):
-    """A request field the gateway refuses before Triton sees it (answered 422, naming `field`)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -111,14 +104,14 @@ class Plan:
 def decode_image(value: str, field: str) -> bytes:
     """A base64 image or data: URL as file bytes (A1111 takes both)."""
     if not isinstance(value, str) or not value.strip():
-        raise BadField(field, "expected a base64 image or a data: URL, got an empty value")
+        raise InvalidInput(field, "expected a base64 image or a data: URL, got an empty value")
     text = value.strip()
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
         return base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as exc:
-        raise BadField(field, f"not base64: {exc}") from None
+        raise InvalidInput(field, f"not base64: {exc}") from None
 
 
 def resolve_sampler(
@@ -208,9 +201,9 @@ def plan_generation(
     batch_size = 1 if req.batch_size is None else req.batch_size
     n_iter = 1 if req.n_iter is None else req.n_iter
     if n_iter < 1:
-        raise BadField("n_iter", f"must be at least 1, got {n_iter}")
+        raise InvalidInput("n_iter", f"must be at least 1, got {n_iter}")
     if n_iter > 100:  # A1111's slider maximum; bounds the work one request can queue
-        raise BadField("n_iter", f"must be at most 100, got {n_iter}")
+        raise InvalidInput("n_iter", f"must be at most 100, got {n_iter}")
 
     # Seeds are drawn here, not by the client, so that every batch of n_iter continues the one sequence:
     # A1111's all_seeds[i] = seed + i.
@@ -245,7 +238,7 @@ def plan_generation(
         # JSON may carry lone surrogates ("\ud800"): Python takes them, UTF-8 (Triton's BYTES) cannot.
         text = common.get(name)
         if isinstance(text, str) and not _is_utf8(text):
-            raise BadField(name, "holds a lone UTF-16 surrogate, not valid Unicode text")
+            raise InvalidInput(name, "holds a lone UTF-16 surrogate, not valid Unicode text")
     calls = []
     for i in range(n_iter):
         batch = dict(common, seed=seed + i * batch_size)
@@ -265,7 +258,7 @@ def _is_utf8(text: str) -> bool:
 
 def _int_option(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadField(f"override_settings.{name}", f"expected an integer, got {value!r}")
+        raise InvalidInput(f"override_settings.{name}", f"expected an integer, got {value!r}")
     return int(value)
 
 
@@ -284,7 +277,7 @@ def _hires_inputs(req: Txt2ImgRequest, warnings: list[str]) -> dict[str, Any]:
         width, height = req.width or 512, req.height or 512
         scales = {side / first for side, first in ((resize_x, width), (resize_y, height)) if side}
         if len(scales) != 1:
-            raise BadField("hr_resize_x", f"{resize_x}x{resize_y} is not {width}x{height} scaled")
+            raise InvalidInput("hr_resize_x", f"{resize_x}x{resize_y} is not {width}x{height} scaled")
         scale = scales.pop()
     for name in ("hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
         value = getattr(req, name)
@@ -301,7 +294,7 @@ def _hires_inputs(req: Txt2ImgRequest, warnings: list[str]) -> dict[str, Any]:
 
 def _img2img_inputs(req: Img2ImgRequest, warnings: list[str]) -> dict[str, Any]:
     if not req.init_images:
-        raise BadField("init_images", "needs one image (base64 or data: URL)")
+        raise InvalidInput("init_images", "needs one image (base64 or data: URL)")
     if len(req.init_images) > 1:
         warnings.append(f"only the first of {len(req.init_images)} init_images is used")
     inputs: dict[str, Any] = {
@@ -326,7 +319,7 @@ def _img2img_inputs(req: Img2ImgRequest, warnings: list[str]) -> dict[str, Any]:
 
 def _choice(name: str, value: int, choices: Sequence[str]) -> str:
     if not 0 <= value < len(choices):
-        raise BadField(name, f"must be in 0..{len(choices) - 1}, got {value}")
+        raise InvalidInput(name, f"must be in 0..{len(choices) - 1}, got {value}")
     return choices[value]
 
 
@@ -341,7 +334,7 @@ def _inverted_mask(data: bytes) -> bytes:
                 grey = image.convert("L")
             inverted = ImageOps.invert(grey)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise BadField("mask", f"not an image: {exc}") from None
+        raise InvalidInput("mask", f"not an image: {exc}") from None
     buffer = io.BytesIO()
     inverted.save(buffer, format="PNG")
     return buffer.getvalue()
