@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from python_backend import schedulers
 from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
-from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS
+from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
     BATCH_AXES,
     PIPELINE_MANIFEST,
@@ -31,6 +31,7 @@ from python_backend.shapes import (
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
 PIPELINE = "pipeline"
 PIPELINE_STREAM = "pipeline_stream"
+PIPELINE_CONTROL = "pipeline_control"  # interrupt / skip of running generations (python_backend.jobs)
 
 TRITON_DTYPES = {
     np.float32: mc.TYPE_FP32,
@@ -111,7 +112,7 @@ def pipeline_config(
     config = mc.ModelConfig(
         name=PIPELINE_STREAM if streaming else PIPELINE, backend="python", max_batch_size=0
     )
-    for name, dtype in (REQUEST_INPUTS | (STREAM_INPUTS if streaming else {})).items():
+    for name, dtype in (REQUEST_INPUTS | CONTROL_INPUTS | (STREAM_INPUTS if streaming else {})).items():
         _tensor(config.input.add(), name, dtype, (1,)).optional = name != "prompt"
     _tensor(config.output.add(), "images", np.uint8, (-1, -1, -1, 3))
     _tensor(config.output.add(), "info", np.object_, (1,))
@@ -146,6 +147,17 @@ def pipeline_config(
     # as_numpy() fails. BLS outputs of GPU engines stay on the GPU without it: "If you do not specify the
     # preferred_memory parameter, the output tensors will be allocated on the same device where the output
     # tensors were received from the model" (Triton's BLS documentation).
+    return config
+
+
+def control_config() -> mc.ModelConfig:
+    """`pipeline_control`: job_id (+ action) in, whether that job was running out. One instance: each
+    request is a file check and write."""
+    config = mc.ModelConfig(name=PIPELINE_CONTROL, backend="python", max_batch_size=0)
+    _tensor(config.input.add(), "job_id", np.object_, (1,))
+    _tensor(config.input.add(), "action", np.object_, (1,)).optional = True
+    _tensor(config.output.add(), "found", np.bool_, (1,))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     return config
 
 
@@ -192,7 +204,7 @@ def write_pipeline_model(
     serving: ServingOptions = ServingOptions(),
 ) -> None:
     """The pipeline models (`pipeline` and the streaming `pipeline_stream`) with what they need from the
-    checkpoint: tokenizer, scheduler config, manifest."""
+    checkpoint: tokenizer, scheduler config, manifest; and `pipeline_control`, which stops their jobs."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
     for name, streaming in ((PIPELINE, False), (PIPELINE_STREAM, True)):
@@ -207,3 +219,7 @@ def write_pipeline_model(
         (version / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
         shutil.copyfile(checkpoint / SCHEDULER_CONFIG, version / SCHEDULER_CONFIG)
         manifest.write(version / PIPELINE_MANIFEST)
+    control = repository / PIPELINE_CONTROL
+    (control / "1").mkdir(parents=True, exist_ok=True)
+    write_config(control, control_config())
+    shutil.copyfile(SOURCES / PIPELINE_CONTROL / "1" / "model.py", control / "1" / "model.py")

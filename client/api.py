@@ -33,6 +33,7 @@ HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_s
 ImageInput = bytes | str | Path | Image.Image
 
 STREAM_MODEL = "pipeline_stream"  # the decoupled twin of `pipeline`: progress, previews, cancellation
+CONTROL_MODEL = "pipeline_control"  # stops a running generation early (interrupt / skip)
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
 # Overloaded, stopping, or an engine being restarted: worth retrying (HTTP 503 is Triton's UNAVAILABLE).
@@ -511,10 +512,14 @@ class StableDiffusionClient:
         request: GenerateOptions,
         on_progress: Callable[[dict[str, Any], bytes | None], None] | None = None,
         preview_every: int = 0,
+        job_id: str | None = None,
     ) -> GenerationResult:
         """Images for `request` (see `generate` for what its options do); `on_progress` streams from
-        `pipeline_stream` as in `generate`."""
+        `pipeline_stream` as in `generate`. `job_id` (letters, digits, '-', '_'; unique per request) lets
+        `stop(job_id)` end the generation early with the images reached so far (info "interrupted")."""
         arrays = build_request_inputs(request)
+        if job_id is not None:
+            arrays.append(("job_id", np.array([job_id.encode()], dtype=np.object_)))
         if on_progress is None:
             inputs = triton_inputs(self._triton, arrays)
             outputs = [self._triton.InferRequestedOutput(name) for name in ("images", "info")]
@@ -544,6 +549,21 @@ class StableDiffusionClient:
             )
         return generated
 
+    def stop(self, job_id: str, action: str = "interrupt") -> bool:
+        """Ask the generation sent with `job_id` to stop after its current step and answer with the images
+        its latents decode to (A1111's interrupt; "skip" stops it alike). False when no such generation is
+        running: not started yet (waiting in the queue) or already done."""
+        inputs = triton_inputs(
+            self._triton,
+            [
+                ("job_id", np.array([job_id.encode()], dtype=np.object_)),
+                ("action", np.array([action.encode()], dtype=np.object_)),
+            ],
+        )
+        with self._errors():
+            result = self._client.infer(CONTROL_MODEL, inputs, **self._call_kwargs)
+        return bool(result.as_numpy("found")[0])
+
     def _timeout(self) -> dict[str, int]:
         """Triton's per-request timeout (microseconds): it bounds the request's wait in the server's
         queue, and the pipeline stops generating once it has run that long."""
@@ -569,7 +589,13 @@ class StableDiffusionClient:
         responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
         finished = False
         with self._errors():
-            self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            # Triton's stream messages carry an error's text but not its code; with this header an error
+            # ends the stream with its gRPC status instead (INVALID_ARGUMENT, UNAVAILABLE...), as unary
+            # calls get it. Each stream here carries one request, so ending it loses nothing.
+            self._client.start_stream(
+                callback=lambda result, error: responses.put((result, error)),
+                headers={"triton_grpc_error": "true"},
+            )
             try:
                 self._client.async_stream_infer(STREAM_MODEL, inputs, **self._timeout())
                 while True:

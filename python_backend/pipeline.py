@@ -124,7 +124,12 @@ class Progress:
 
 
 class Cancelled(Exception):
-    """Raised by an `on_step` callback to stop a request between steps."""
+    """Raised by an `on_step` callback to stop a request between steps; it answers no images."""
+
+
+class Interrupted(Exception):
+    """Raised by an `on_step` callback to stop denoising at that step and answer with the images its
+    latents decode to (A1111's interrupt and skip); a hires fix's second pass not begun is left out."""
 
 
 def generate(
@@ -264,13 +269,18 @@ def generate(
 
     steps_done = 0
     total_steps = len(timesteps) + len(hr_timesteps)
+    interrupted = False
 
-    def report(latents: torch.Tensor) -> None:
-        """One UNet step done: tell `on_step` (which may raise Cancelled)."""
-        nonlocal steps_done
+    def report(latents: torch.Tensor) -> bool:
+        """One UNet step done: tell `on_step` (which may raise Cancelled). False once it interrupted."""
+        nonlocal steps_done, interrupted
         steps_done += 1
         if on_step is not None:
-            on_step(Progress(steps_done, total_steps, time.perf_counter() - started, latents))
+            try:
+                on_step(Progress(steps_done, total_steps, time.perf_counter() - started, latents))
+            except Interrupted:
+                interrupted = True
+        return not interrupted
 
     # 5. Denoise.
     def denoise(
@@ -298,7 +308,8 @@ def generate(
                 if i < len(timesteps) - 1:
                     known = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
                 latents = (1 - blend_mask) * known + blend_mask * latents
-            report(latents)
+            if not report(latents):
+                break
         return latents
 
     denoise_started = time.perf_counter()
@@ -306,7 +317,8 @@ def generate(
     timings["denoise"] = _ms_since(denoise_started)
 
     # 6. Hires fix (A1111): upscale the first pass, then redraw it as img2img at the larger size.
-    if request.enable_hr:
+    hires = request.enable_hr and not interrupted
+    if hires:
         hires_started = time.perf_counter()
         hr_width, hr_height = request.hires_size()
         hr_shape = (n, geometry.latent_channels, hr_height // VAE_SCALE, hr_width // VAE_SCALE)
@@ -358,7 +370,10 @@ def generate(
         info.update(clip_skip=request.clip_skip)
     if request.subseed_strength > 0:
         info.update(subseeds=[first_subseed + i for i in range(n)], subseed_strength=request.subseed_strength)
-    if request.enable_hr:
+    if interrupted:
+        info.update(interrupted=True)
+        warnings.append(f"interrupted after step {steps_done} of {total_steps}: its latents decoded")
+    if hires:
         info.update(
             hr_scale=request.hr_scale,
             hr_upscaler=request.hr_upscaler,

@@ -44,6 +44,9 @@ REQUEST_INPUTS: dict[str, type[np.generic]] = {
 HR_UPSCALERS = ("Latent", "Lanczos")
 # Inputs only the streaming model (`pipeline_stream`) takes: a preview PNG every k steps (0 = none).
 STREAM_INPUTS: dict[str, type[np.generic]] = {"preview_every": np.int32}
+# Inputs of both pipeline models that steer a request rather than describe it: `job_id` names it for
+# `pipeline_control`'s interrupt and skip (python_backend.jobs).
+CONTROL_INPUTS: dict[str, type[np.generic]] = {"job_id": np.object_}
 # BYTES inputs that carry files (PNG/JPEG/WebP), not text.
 BINARY_INPUTS = frozenset({"image", "mask"})
 MAX_MASK_BLUR = 64  # A1111's slider range

@@ -386,6 +386,13 @@ def test_streaming_sends_progress_and_previews_then_the_same_images(server):
     assert np.array_equal(np.asarray(streamed.images[0]), np.asarray(plain.images[0]))
 
 
+def test_streaming_errors_keep_their_status(server):
+    # Triton's stream messages carry no error code; the client asks for it as the stream's gRPC status.
+    with pytest.raises(GenerationError) as raised:
+        client_for(server, "grpc").generate(PROMPT, steps=2, width=63, on_progress=lambda *_: None)
+    assert raised.value.is_invalid_argument and raised.value.message.startswith("width: ")
+
+
 def _unet_calls(server: TritonServer) -> int:
     stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("unet")
     return int(stats.model_stats[0].inference_stats.success.count)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
@@ -33,8 +34,10 @@ from services.gateway.models import (
     Img2ImgRequest,
     PNGInfoRequest,
     PNGInfoResponse,
+    ProgressResponse,
     Txt2ImgRequest,
 )
+from services.gateway.progress import Jobs
 
 log = logging.getLogger("sd-gateway")
 
@@ -88,6 +91,23 @@ def _error_for(exc: GenerationError) -> ApiError:
     if exc.status == "DEADLINE_EXCEEDED":
         return ApiError(504, "Timeout", exc.message)
     return ApiError(500, "GenerationError", exc.message)
+
+
+def _stop(client: StableDiffusionClient, call_id: str, action: str) -> bool:
+    """Ask pipeline_control to stop the call; whether it was running. A failure is logged, not raised:
+    an interrupt must never fail the generation it targets, and A1111 answers interrupt with {} always."""
+    try:
+        return client.stop(call_id, action)
+    except GenerationError as exc:
+        log.warning("could not %s generation %s: %s", action, call_id, exc.message)
+        return False
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 class BodyLimit:
@@ -180,9 +200,12 @@ class _State:
             "CLIP_stop_at_last_layers": 1,
             "samples_format": "png",  # the only format we write
             "sd_vae": "Automatic",
+            "live_previews_enable": True,  # /progress's current_image ...
+            "show_progress_every_n_steps": 10,  # ... every this many steps (A1111's defaults)
         }
     )
     checkpoint: translate.Checkpoint | None = None
+    jobs: Jobs = field(default_factory=Jobs)
 
     def client(self) -> StableDiffusionClient:
         c = self.config
@@ -236,11 +259,20 @@ def create_app(config: GatewayConfig) -> FastAPI:
         with state.lock:
             defaults = dict(state.options)
         plan = translate.plan_generation(req, checkpoint, defaults)
+        every = _int_or(defaults.get("show_progress_every_n_steps"), 10)
+        preview_every = max(0, every) if defaults.get("live_previews_enable", True) else 0
+        kind = "scripts_img2img" if isinstance(req, Img2ImgRequest) else "scripts_txt2img"
         results: list[GenerationResult] = []
         try:
-            with state.client() as client:
-                for call in plan.calls:
-                    results.append(client.run(call))
+            # Through the streaming model: its progress reports drive /progress, and a call sent with a
+            # job id can be interrupted with its images kept.
+            with state.jobs.track(kind, len(plan.calls)) as job, state.client() as client:
+                on_progress = state.jobs.on_progress(job, functools.partial(_stop, client))
+                for job_no, call in enumerate(plan.calls):
+                    call_id = state.jobs.begin_call(job, job_no)
+                    if call_id is None:  # interrupted: A1111 makes no more images
+                        break
+                    results.append(client.run(call, on_progress, preview_every, job_id=call_id))
         except GenerationError as exc:
             raise _error_for(exc) from exc
         infotexts = [text for r in results for text in r.infotexts()]
@@ -266,6 +298,33 @@ def create_app(config: GatewayConfig) -> FastAPI:
     def img2img(req: Img2ImgRequest = Body(...)) -> GenerationResponse:  # noqa: B008
         """Image to image; with `mask`, inpainting (white = repaint)."""
         return generate(req)
+
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        """The running generation (the oldest, when several run): A1111's progress, with a preview of its
+        latents every `show_progress_every_n_steps` steps. Idle: progress 0 and job_count 0."""
+        return state.jobs.progress(skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict[str, Any]:
+        """Stop every running generation after its current step; each request still answers, with the
+        images its latents had reached (A1111's interrupt). Later n_iter batches are not made."""
+        _stop_running("interrupt")
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> None:
+        """Stop the current batch of every running generation after its step (its images are kept, as
+        partly denoised ones); the requests go on with their next n_iter batch."""
+        _stop_running("skip")
+
+    def _stop_running(action: str) -> None:
+        sends = state.jobs.stop_all(action)
+        if not sends:
+            return
+        with state.client() as client:
+            for call_id, what in sends:
+                _stop(client, call_id, what)  # not found yet: asked again at the call's next progress
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:

@@ -133,3 +133,25 @@ class PNGInfoResponse(BaseModel):
     info: str
     items: dict[str, Any]
     parameters: dict[str, Any]
+
+
+class ProgressState(BaseModel):
+    """A1111's shared.state.dict(): `job` is "" and `job_count` 0 when nothing runs."""
+
+    skipped: bool
+    interrupted: bool
+    stopping_generation: bool
+    job: str
+    job_count: int
+    job_timestamp: str
+    job_no: int
+    sampling_step: int
+    sampling_steps: int
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 over the job's n_iter calls; 0 when idle")
+    eta_relative: float = Field(description="seconds left, estimated from the progress so far")
+    state: ProgressState
+    current_image: str | None = Field(description="base64 PNG preview of the first image's latents, or null")
+    textinfo: str | None = None

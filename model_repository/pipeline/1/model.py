@@ -24,10 +24,17 @@ import triton_python_backend_utils as pb_utils
 
 from python_backend.bls import BlsEngines
 from python_backend.engines import EngineUnavailable
+from python_backend.jobs import JobBoard, job_id_from_input
 from python_backend.metrics import PipelineMetrics
-from python_backend.pipeline import Cancelled, PipelineAssets, generate
+from python_backend.pipeline import Cancelled, Interrupted, PipelineAssets, generate
 from python_backend.previews import preview_png
-from python_backend.request import REQUEST_INPUTS, STREAM_INPUTS, InvalidInput, request_from_inputs
+from python_backend.request import (
+    CONTROL_INPUTS,
+    REQUEST_INPUTS,
+    STREAM_INPUTS,
+    InvalidInput,
+    request_from_inputs,
+)
 from python_backend.shapes import DRAIN_FILE_ENV
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -51,6 +58,7 @@ class TritonPythonModel:
         self.free_workers = threading.BoundedSemaphore(workers)
         # sd-serve creates this file when it starts a graceful stop: new requests are refused from then on.
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
+        self.jobs = JobBoard()  # requests with a job_id stop early when pipeline_control asks
 
     def execute(self, requests):
         for request in requests:
@@ -94,12 +102,22 @@ class TritonPythonModel:
 
     def _respond(self, request, sender, deadline):
         inputs = {}
-        for name in (*REQUEST_INPUTS, *STREAM_INPUTS):
+        for name in (*REQUEST_INPUTS, *STREAM_INPUTS, *CONTROL_INPUTS):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
         preview_every = int(inputs.pop("preview_every", [0])[0])
+        job_id = inputs.pop("job_id", None)
+        try:
+            if job_id is None:
+                return self._generate(request, inputs, sender, deadline, preview_every, None)
+            with self.jobs.running(job_id_from_input(job_id)) as job:
+                return self._generate(request, inputs, sender, deadline, preview_every, job)
+        except InvalidInput as e:  # a bad job_id
+            self.metrics.failed("invalid_input")
+            return _error(str(e), pb_utils.TritonError.INVALID_ARG)
 
+    def _generate(self, request, inputs, sender, deadline, preview_every, job):
         steps = 0
 
         def on_step(progress):
@@ -109,6 +127,8 @@ class TritonPythonModel:
                 raise Cancelled
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded
+            if job is not None and job.stop_requested():
+                raise Interrupted  # the core decodes what it has and answers with it
             if sender is None:
                 return
             status = {
