@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from python_backend.request import InvalidInput
+from python_backend.shapes import JOBS_DIR_ENV
 
-# Where the files go: sd-serve may point it elsewhere; both models must agree (same container or host).
-JOBS_DIR_ENV = "SD_JOBS_DIR"
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # a file name, whatever the client sends
 ACTIONS = ("interrupt", "skip")  # the pipeline stops alike for both; A1111 clients differ in what follows
 # A stop that arrived as its job ended leaves a file no job will remove; sweeps remove it after this long.

@@ -207,6 +207,9 @@ PIPELINE_MANIFEST = "pipeline.json"
 # Set by sd-serve in tritonserver's environment: the pipeline models refuse new requests while the file it
 # names exists (services/serve.py's graceful stop).
 DRAIN_FILE_ENV = "SD_SERVE_DRAIN_FILE"
+# Where the pipeline models and `pipeline_control` share which jobs run and which are to stop
+# (python_backend.jobs); sd-serve gives each server its own.
+JOBS_DIR_ENV = "SD_JOBS_DIR"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from python_backend.shapes import DRAIN_FILE_ENV
+from python_backend.shapes import DRAIN_FILE_ENV, JOBS_DIR_ENV
 from services import supervisor
 
 if TYPE_CHECKING:
@@ -617,9 +617,9 @@ def serve(
     try:
         supervisor.become_subreaper()
         command = command or prepare_tritonserver()
-        command = TritonCommand(
-            command.executable, command.args, {**(command.env or os.environ), DRAIN_FILE_ENV: str(drain_file)}
-        )
+        env = {**(command.env or os.environ), DRAIN_FILE_ENV: str(drain_file)}
+        env.setdefault(JOBS_DIR_ENV, str(drain_dir / "jobs"))  # this server's jobs only (interrupt/skip)
+        command = TritonCommand(command.executable, command.args, env)
         while True:
             server = state["server"] = TritonProcess(options, command)
             with server:  # stops the server should anything below raise while it runs
