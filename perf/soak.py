@@ -7,9 +7,12 @@ Starts `sd-serve` on REPO (the real launcher, supervision included), sends reque
 threads (each its own gRPC channel) until `duration` seconds have passed, then stops the server with
 SIGTERM as an orchestrator would. Valid requests draw size, steps, scheduler, guidance and image count
 at random; malformed ones (every `1/malformed`-th on average) are each a different kind of bad input.
+A share `interrupts` of the valid ones carry a job id and are stopped through `pipeline_control` after a
+random delay: they must still answer with their images (interrupted, or done before the stop).
 
 It fails (exit 1) on any of: a valid request that did not succeed, a malformed one not answered
-INVALID_ARGUMENT, sd-serve restarting or reloading anything (a process died), a crash in the kernel log
+INVALID_ARGUMENT, an interrupted one answering anything but its images, a job left marked running,
+sd-serve restarting or reloading anything (a process died), a crash in the kernel log
 (a segfault of tritonserver or a stub), sd-serve not exiting 0 on SIGTERM, a process left behind, or
 server memory growing more than `max_growth` between the end of the warm-up and the end of the run (the
 private memory, USS, of tritonserver and its stubs: their PSS, also reported, moves whenever another
@@ -26,9 +29,11 @@ import datetime
 import json
 import math
 import os
+import queue
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from client.api import triton_inputs
-from python_backend.request import REQUEST_INPUTS
+from client.api import CONTROL_MODEL, triton_inputs
+from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS
+from python_backend.shapes import JOBS_DIR_ENV
 from services import supervisor
 from tests.triton_server import TritonServer
 
@@ -54,7 +60,9 @@ MALFORMED: tuple[tuple[str, dict[str, Any]], ...] = (
     ("invalid UTF-8 prompt", {"prompt": b"\xff\xfe a cat"}),
     ("negative seed", {"seed": -5}),
     ("image that is not an image", {"image": b"not a png at all"}),
+    ("job id that is not a file name", {"job_id": "../../etc/passwd"}),
 )
+INPUT_TYPES = REQUEST_INPUTS | CONTROL_INPUTS
 
 
 @dataclass
@@ -63,6 +71,7 @@ class SoakSettings:
     concurrency: int = 8
     duration_s: float = 600.0
     malformed: float = 0.25  # share of requests that are malformed
+    interrupts: float = 0.1  # share of valid requests stopped early through pipeline_control
     sizes: tuple[int, ...] = (64, 96, 128)
     max_steps: int = 12
     max_images: int = 2
@@ -105,16 +114,50 @@ def valid_request(rng: random.Random, s: SoakSettings) -> dict[str, Any]:
     }
 
 
+def _arrays(inputs: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    return [(name, np.array([value], dtype=INPUT_TYPES[name])) for name, value in inputs.items()]
+
+
+def _failure(e: Exception) -> tuple[str, str]:
+    """(status, message) of what tritonclient raised."""
+    status = getattr(e, "status", lambda: None)() or type(e).__name__
+    message = getattr(e, "message", lambda: None)() or str(e)
+    return str(status).removeprefix("StatusCode."), message
+
+
 def send(client: Any, grpc: Any, inputs: dict[str, Any]) -> tuple[str, str, int]:
     """(status, error message, images) of one request to `pipeline`."""
-    arrays = [(name, np.array([value], dtype=REQUEST_INPUTS[name])) for name, value in inputs.items()]
     try:
-        result = client.infer("pipeline", triton_inputs(grpc, arrays))
+        result = client.infer("pipeline", triton_inputs(grpc, _arrays(inputs)))
     except Exception as e:  # InferenceServerException: its status is the outcome
-        status = getattr(e, "status", lambda: None)() or type(e).__name__
-        message = getattr(e, "message", lambda: None)() or str(e)
-        return str(status).removeprefix("StatusCode."), message, 0
+        return *_failure(e), 0
     return "OK", "", len(result.as_numpy("images"))
+
+
+def send_and_stop(
+    client: Any, grpc: Any, inputs: dict[str, Any], job_id: str, delay_s: float
+) -> tuple[str, str, int]:
+    """`send` with a job id, stopped through pipeline_control after `delay_s` (until found or answered);
+    status "INTERRUPTED" when the answer says it stopped early."""
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    arrays = _arrays({**inputs, "job_id": job_id})
+    client.async_infer(
+        "pipeline", triton_inputs(grpc, arrays), lambda result, error: answers.put((result, error))
+    )
+    stop = triton_inputs(grpc, _arrays({"job_id": job_id}))
+    time.sleep(delay_s)
+    while answers.empty():  # a job still queued is not found yet: ask again
+        try:
+            if client.infer(CONTROL_MODEL, stop).as_numpy("found")[0]:
+                break
+        except Exception as e:
+            return *_failure(e), 0
+        time.sleep(0.05)
+    result, error = answers.get()
+    if error is not None:
+        return *_failure(error), 0
+    info = json.loads(result.as_numpy("info")[0])
+    return "INTERRUPTED" if info.get("interrupted") else "OK", "", len(result.as_numpy("images"))
 
 
 def server_memory(server_pid: int) -> tuple[int, int]:
@@ -164,7 +207,12 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
 
     s = settings
     result = SoakResult({k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()})
-    server = TritonServer(s.repository, serve_args=[f"--grace-period={s.grace_period_s}"]).start()
+    jobs_dir = Path(tempfile.mkdtemp(prefix="soak-jobs-"))
+    server = TritonServer(
+        s.repository,
+        serve_args=[f"--grace-period={s.grace_period_s}"],
+        env={**os.environ, JOBS_DIR_ENV: str(jobs_dir)},  # the run's job files, to check for leftovers
+    ).start()
     seen_pids: set[int] = set()
     outcomes: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
@@ -180,12 +228,18 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
             while time.monotonic() < end:
                 inputs = valid_request(rng, s)
                 kind = "valid"
+                t0 = time.monotonic()
                 if rng.random() < s.malformed:
                     what, change = rng.choice(MALFORMED)
                     inputs |= change
                     kind = f"malformed ({what})"
-                t0 = time.monotonic()
-                status, message, count = send(client, grpc, inputs)
+                    status, message, count = send(client, grpc, inputs)
+                elif rng.random() < s.interrupts:
+                    kind = "stopped early"
+                    job_id = f"soak-{index}-{rng.randrange(2**32)}"
+                    status, message, count = send_and_stop(client, grpc, inputs, job_id, rng.uniform(0, 1))
+                else:
+                    status, message, count = send(client, grpc, inputs)
                 elapsed = time.monotonic() - t0
                 outcome = f"{kind} {status}"
                 with lock:
@@ -195,7 +249,9 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
                     if kind == "valid" and status == "OK":
                         latencies.append(elapsed)
                         images += count
-                    elif kind == "valid" or status != "INVALID_ARGUMENT":
+                    elif kind == "stopped early" and status in ("OK", "INTERRUPTED") and count > 0:
+                        images += count
+                    elif not kind.startswith("malformed") or status != "INVALID_ARGUMENT":
                         result.failures.append(f"{kind} request answered {status}: {message[:200]}")
 
     threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(s.concurrency)]
@@ -247,6 +303,8 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
         result.failures.append(f"sd-serve exited with {result.exit_code} on SIGTERM (expected 0)")
     if server.left_behind:
         result.failures.append("processes of sd-serve's group outlived it")
+    if left := sorted(p.name for p in jobs_dir.glob("*.running")):
+        result.failures.append(f"jobs left marked running after the server stopped: {left[:5]}")
     return result
 
 
@@ -262,7 +320,8 @@ def report(result: SoakResult) -> str:
         f"# Soak: {s['repository']}",
         "",
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; concurrency {s['concurrency']}, "
-        f"{s['duration_s']:g} s, {s['malformed']:.0%} malformed, sizes {s['sizes']}, up to {s['max_steps']} "
+        f"{s['duration_s']:g} s, {s['malformed']:.0%} malformed, {s['interrupts']:.0%} of the valid stopped "
+        f"early, sizes {s['sizes']}, up to {s['max_steps']} "
         f"steps and {s['max_images']} images; {os.cpu_count()} cores.",
         "",
         f"**{'PASSED' if result.ok else 'FAILED'}**"
@@ -295,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=SoakSettings.concurrency)
     parser.add_argument("--duration", type=float, default=SoakSettings.duration_s, metavar="SECONDS")
     parser.add_argument("--malformed", type=float, default=SoakSettings.malformed, metavar="SHARE")
+    parser.add_argument(
+        "--interrupts",
+        type=float,
+        default=SoakSettings.interrupts,
+        metavar="SHARE",
+        help="share of valid requests stopped early through pipeline_control (default %(default)s)",
+    )
     parser.add_argument("--sizes", default="64,96,128", help="image sides to draw from (default %(default)s)")
     parser.add_argument("--max-steps", type=int, default=SoakSettings.max_steps)
     parser.add_argument("--warmup", type=float, default=SoakSettings.warmup_s, metavar="SECONDS")
@@ -305,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         duration_s=args.duration,
         malformed=args.malformed,
+        interrupts=args.interrupts,
         sizes=tuple(int(size) for size in args.sizes.split(",")),
         max_steps=args.max_steps,
         warmup_s=args.warmup,
