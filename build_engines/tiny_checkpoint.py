@@ -128,37 +128,24 @@ def model_index(inpainting: bool, diffusers_version: str) -> dict[str, Any]:
     }
 
 
-def write_tiny_checkpoint(
-    out_dir: Path, seed: int = 0, inpainting: bool = False, full_size: bool = False
-) -> Path:
-    """Write the checkpoint folder (overwriting its files if present) and return its path.
+def write_pipeline_configs(out_dir: Path, configs: dict[str, dict[str, Any]], inpainting: bool) -> None:
+    """A diffusers folder without weights: model_index.json, each component's config, v1-4's scheduler and
+    the real CLIP tokenizer. diffusers' single-file loading reads a checkpoint's architecture from it.
 
-    The same seed gives byte-identical files. Raises MissingClipVocabError, before writing anything, when
-    open-clip-torch is not installed.
-    """
+    Raises MissingClipVocabError, before writing anything, when open-clip-torch is not installed."""
     bpe_file = find_clip_bpe_file()
     if bpe_file is None:
         raise MissingClipVocabError(OPEN_CLIP_HINT)
-
-    # Imported here so that --help and the open_clip hint do not wait for torch.
     import diffusers
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs = component_configs(full_size=full_size, inpainting=inpainting)
-    builders: dict[str, Callable[[], Any]] = {
-        "unet": lambda: UNet2DConditionModel(**configs["unet"]),
-        "vae": lambda: AutoencoderKL(**configs["vae"]),
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
-    }
-    for name, build in builders.items():
-        torch.manual_seed(seed)  # per component: each one's weights depend on the seed alone
-        model = build()
-        model.save_pretrained(out_dir / name, safe_serialization=True)
-        del model  # full-size weights are GBs: hold one component at a time
+    for name, class_name in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
+        (out_dir / name).mkdir(exist_ok=True)
+        config = {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **configs[name]}
+        (out_dir / name / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    CLIPTextConfig(**configs["text_encoder"]).save_pretrained(out_dir / "text_encoder")
 
     # from_config, unlike the constructor, keeps clip_sample (a DDIM key, as in v1-4's file), so a DDIM
     # scheduler made from this config does not fall back to its default clip_sample=True.
@@ -180,7 +167,67 @@ def write_tiny_checkpoint(
 
     index = model_index(inpainting, diffusers.__version__)
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_tiny_checkpoint(
+    out_dir: Path, seed: int = 0, inpainting: bool = False, full_size: bool = False
+) -> Path:
+    """Write the checkpoint folder (overwriting its files if present) and return its path.
+
+    The same seed gives byte-identical files. Raises MissingClipVocabError, before writing anything, when
+    open-clip-torch is not installed.
+    """
+    out_dir = Path(out_dir)
+    configs = component_configs(full_size=full_size, inpainting=inpainting)
+    write_pipeline_configs(out_dir, configs, inpainting)
+
+    # Imported here so that --help and the open_clip hint do not wait for torch.
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    builders: dict[str, Callable[[], Any]] = {
+        "unet": lambda: UNet2DConditionModel(**configs["unet"]),
+        "vae": lambda: AutoencoderKL(**configs["vae"]),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+    }
+    for name, build in builders.items():
+        torch.manual_seed(seed)  # per component: each one's weights depend on the seed alone
+        model = build()
+        model.save_pretrained(out_dir / name, safe_serialization=True)
+        del model  # full-size weights are GBs: hold one component at a time
     return out_dir
+
+
+def write_single_file_checkpoint(
+    out_file: Path, seed: int = 0, inpainting: bool = False, full_size: bool = False
+) -> Path:
+    """The same checkpoint (same seed, same weights) as one `.safetensors` file in the original (A1111)
+    key layout. Its architecture goes into the file's metadata unless it is v1's own (`full_size`), which
+    readers assume, as they do for a real v1.x file."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from build_engines.single_file import ARCHITECTURE_KEY, to_original_layout
+
+    configs = component_configs(full_size=full_size, inpainting=inpainting)
+    with tempfile.TemporaryDirectory(prefix="sd-tiny-") as folder:
+        write_tiny_checkpoint(Path(folder), seed, inpainting, full_size)
+        parts = [
+            load_file(str(Path(folder) / name / weights))
+            for name, weights in (
+                ("unet", "diffusion_pytorch_model.safetensors"),
+                ("vae", "diffusion_pytorch_model.safetensors"),
+                ("text_encoder", "model.safetensors"),
+            )
+        ]
+    unet, vae, text_encoder = parts
+    state = to_original_layout(unet, vae, text_encoder, configs)
+    metadata = {} if full_size else {ARCHITECTURE_KEY: json.dumps(configs, sort_keys=True)}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file), metadata=metadata)
+    return out_file
 
 
 def checkpoint_files(out_dir: Path) -> list[Path]:
@@ -197,14 +244,32 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a diffusers-format Stable Diffusion v1.x checkpoint with random weights "
         "(tiny by default) and the real CLIP tokenizer.",
     )
-    parser.add_argument("out_dir", type=Path, help="checkpoint folder to write (its files are overwritten)")
+    parser.add_argument(
+        "out_dir",
+        type=Path,
+        help="checkpoint folder to write (its files are overwritten); with --single-file, the file",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weight seed; one seed gives identical files")
     parser.add_argument("--inpainting", action="store_true", help="9-channel inpainting UNet and pipeline")
     parser.add_argument(
         "--full-size", action="store_true", help="v1-4's real architecture (several GB, for benchmarks)"
     )
+    parser.add_argument(
+        "--single-file",
+        action="store_true",
+        help="write one .safetensors file in A1111's key layout instead of a diffusers folder",
+    )
     args = parser.parse_args(argv)
     out_dir: Path = args.out_dir
+    if args.single_file:
+        if out_dir.suffix != ".safetensors" or out_dir.is_dir():
+            parser.error(f"--single-file writes a .safetensors file, got {out_dir}")
+        try:
+            write_single_file_checkpoint(out_dir, args.seed, args.inpainting, args.full_size)
+        except MissingClipVocabError as e:
+            sys.exit(f"sd-tiny-checkpoint: {e}")
+        print(f"wrote {out_dir.resolve()} ({out_dir.stat().st_size:,} bytes)")
+        return
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):

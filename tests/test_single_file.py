@@ -1,0 +1,138 @@
+"""Single-file checkpoints (A1111's layout): the tiny checkpoint written as one file reads back, through
+diffusers' own single-file loading, to the folder's exact weights; the key mapping is diffusers' converters'
+inverse at v1's full size too; files that are not SD v1.x checkpoints are refused naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from build_engines.single_file import (
+    ARCHITECTURE_KEY,
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    SingleFileError,
+    architecture,
+    convert_to_diffusers,
+    read_state_dict,
+    to_original_layout,
+)
+from build_engines.tiny_checkpoint import component_configs, write_single_file_checkpoint
+
+WEIGHTS = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    for component, file in WEIGHTS.items():
+        left, right = load_file(str(a / component / file)), load_file(str(b / component / file))
+        assert set(left) == set(right), component
+        unequal = [k for k in left if not torch.equal(left[k], right[k])]
+        assert not unequal, (component, unequal[:5])
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_single_file_checkpoint(tmp_path_factory.mktemp("single") / "tiny-sd.safetensors", seed=0)
+
+
+def test_single_file_reads_back_to_the_folders_weights(single_file, tiny_checkpoint, tmp_path):
+    state, metadata = read_state_dict(single_file)
+    assert any(k.startswith(UNET_PREFIX + "input_blocks.") for k in state)  # A1111's layout
+    assert any(k.startswith(TEXT_PREFIX + "text_model.") for k in state)
+    assert json.loads(metadata[ARCHITECTURE_KEY])["unet"]["block_out_channels"] == [32, 32, 64, 64]
+    converted = convert_to_diffusers(single_file, tmp_path / "converted")
+    _same_weights(converted, tiny_checkpoint)
+
+
+def test_inpainting_single_file_is_detected_from_its_tensors(tiny_inpainting_checkpoint, tmp_path):
+    path = write_single_file_checkpoint(tmp_path / "inpaint.safetensors", seed=0, inpainting=True)
+    state, metadata = read_state_dict(path)
+    assert state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] == 9
+    converted = convert_to_diffusers(path, tmp_path / "converted")
+    assert json.loads((converted / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionInpaintPipeline"
+    )
+    _same_weights(converted, tiny_inpainting_checkpoint)
+
+
+def test_pickled_ckpt_is_read_without_running_code(single_file, tiny_checkpoint, tmp_path):
+    ckpt = tmp_path / "tiny-sd.ckpt"
+    state, metadata = read_state_dict(single_file)
+    torch.save({"state_dict": state}, ckpt)  # as A1111-era .ckpt files nest it
+    assert read_state_dict(ckpt)[0].keys() == state.keys()
+    # A .ckpt carries no metadata, so it is taken for v1's architecture, which the tiny tensors do not fit:
+    # refused naming the file and the sizes (a real v1.x .ckpt fits).
+    with pytest.raises(
+        SingleFileError, match=r"tiny-sd\.ckpt: the tensors do not fit SD v1\.x's architecture"
+    ):
+        convert_to_diffusers(ckpt, tmp_path / "out")
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious pickle does: call something on load
+        return (print, ("this pickle ran code",))
+
+
+def test_a_pickle_that_needs_code_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _Payload()}, path)
+    with pytest.raises(SingleFileError, match=r"evil\.ckpt: this pickle needs more than tensors"):
+        read_state_dict(path)
+
+
+def test_malformed_and_foreign_files_are_refused_naming_them(tmp_path, single_file):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(SingleFileError, match=r"broken\.safetensors: not a readable safetensors file"):
+        read_state_dict(broken)
+    sd2 = tmp_path / "sd2.safetensors"
+    save_file(
+        {
+            "cond_stage_model.model.positional_embedding": torch.zeros(77, 1024),
+            UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+        },
+        str(sd2),
+    )
+    with pytest.raises(SingleFileError, match=r"sd2\.safetensors: not an SD v1\.x checkpoint"):
+        architecture(sd2, *read_state_dict(sd2))
+    vae_only = tmp_path / "vae.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(vae_only))
+    with pytest.raises(SingleFileError, match=r"vae\.safetensors: not an SD v1\.x checkpoint"):
+        architecture(vae_only, *read_state_dict(vae_only))
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_a_file_without_metadata_is_v1_with_its_own_input_channels(tmp_path, in_channels):
+    state = {
+        UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(320, in_channels, 3, 3),
+        TEXT_PREFIX + "text_model.embeddings.position_embedding.weight": torch.zeros(77, 768),
+    }
+    configs = architecture(tmp_path / "v1.safetensors", state, {})
+    expected = component_configs(full_size=True, inpainting=in_channels == 9)
+    assert configs == expected
+
+
+def test_key_mapping_is_the_inverse_of_diffusers_converters_at_full_size():
+    # On the meta device: v1's full architecture without its gigabytes.
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    configs = component_configs(full_size=True)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**configs["unet"]), AutoencoderKL(**configs["vae"])
+    original = to_original_layout(unet.state_dict(), vae.state_dict(), {}, configs)
+    for model, back in (
+        (unet, convert_ldm_unet_checkpoint(original, unet.config)),
+        (vae, convert_ldm_vae_checkpoint(original, vae.config)),
+    ):
+        state = model.state_dict()
+        assert set(back) == set(state)
+        assert all(back[k].shape == state[k].shape for k in state)
