@@ -1,9 +1,9 @@
-"""build-engines: a diffusers SD v1.x checkpoint folder → ONNX → engines → a Triton model repository."""
+"""build-engines: an SD v1.x checkpoint (diffusers folder or A1111 single file) → ONNX → engines → a Triton
+model repository."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import sys
 from functools import partial
@@ -11,18 +11,26 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from build_engines import onnx_export, repository, tensorrt_engine
+from build_engines import inputs, onnx_export, repository, tensorrt_engine
 from build_engines.repository import ServingOptions
+from build_engines.single_file import SingleFileError
 from python_backend.shapes import ENGINE_NAMES, TEXT_ENCODER, UNET, PipelineManifest, Profile, engine_specs
 from services.serve import default_cache_dir
-
-CHECKPOINT_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="build-engines", description=__doc__)
     parser.add_argument(
-        "--checkpoint", type=Path, required=True, help="diffusers-format SD v1.x checkpoint folder"
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="SD v1.x checkpoint: a diffusers folder, or one .safetensors/.ckpt file as A1111 loads it",
+    )
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        help="use this VAE instead of the checkpoint's: an A1111 .safetensors/.pt/.ckpt VAE file or a "
+        "diffusers AutoencoderKL folder",
     )
     parser.add_argument("--output", type=Path, required=True, help="model repository folder to write")
     parser.add_argument(
@@ -99,13 +107,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "forever; a request's own shorter timeout wins; default %(default)s)",
     )
     parser.add_argument(
-        "--model-name", help="name reported in info and infotext (default: checkpoint folder)"
+        "--model-name",
+        help="name reported in info and infotext (default: the checkpoint's folder or file stem)",
     )
     args = parser.parse_args(argv)
 
-    missing = [p for p in CHECKPOINT_PARTS if not (args.checkpoint / p).exists()]
-    if missing:
-        parser.error(f"--checkpoint {args.checkpoint} is not a diffusers checkpoint: no {', '.join(missing)}")
+    try:
+        inputs.check_checkpoint(args.checkpoint)
+    except SingleFileError as e:
+        parser.error(f"--checkpoint {e}")
     batch = {"max_batch": args.max_batch, "max_prompt_chunks": args.max_prompt_chunks}
     try:
         if args.static:
@@ -142,7 +152,16 @@ def precisions(target: str, vae_precision: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    checkpoint: Path = args.checkpoint.resolve()
+    try:
+        with inputs.prepare(args.checkpoint.resolve(), args.vae and args.vae.resolve()) as prepared:
+            return build(args, prepared)
+    except SingleFileError as e:
+        print(f"build-engines: {e}", file=sys.stderr)
+        return 1
+
+
+def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
+    checkpoint = prepared.folder
     repo: Path = args.output
     if args.target == "tensorrt":
         try:
@@ -201,10 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
 
     device = "cuda" if args.target == "tensorrt" else "cpu"
-    # One hash for the checkpoint's weights (A1111 hashes its single file; a diffusers folder has several).
-    model_hash = hashlib.sha256("".join(digests[c] for c in sorted(digests)).encode()).hexdigest()[:10]
     manifest = PipelineManifest(
-        args.profile, geometry, args.model_name or checkpoint.name, device, model_hash
+        args.profile,
+        geometry,
+        args.model_name or prepared.model_name,
+        device,
+        prepared.model_hash,
+        vae_name=prepared.vae_name,
+        vae_hash=prepared.vae_hash,
     )
     serving = repository.ServingOptions(
         args.max_concurrent_requests, args.max_queue_size, args.queue_timeout, args.response_cache

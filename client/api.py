@@ -285,6 +285,8 @@ class GenerationResult:
                     "Size": self._size(image),
                     "Model hash": info.get("model_hash") or None,
                     "Model": info.get("model"),
+                    "VAE hash": info.get("vae_hash") or None,
+                    "VAE": info.get("vae") or None,
                     "Variation seed": None if subseeds is None else subseeds[i],
                     "Variation seed strength": _format_float(info.get("subseed_strength")),
                     # img2img's strength or the hires fix's second pass one: A1111 writes either here.

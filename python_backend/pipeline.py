@@ -364,6 +364,8 @@ def generate(
         "timings_ms": timings,
         "warnings": warnings,
     }
+    if assets.manifest.vae_name:  # a VAE other than the checkpoint's (build-engines --vae)
+        info.update(vae=assets.manifest.vae_name, vae_hash=assets.manifest.vae_hash)
     if inputs is not None:
         info.update(strength=request.strength, resize_mode=request.resize_mode)
     if request.clip_skip > 1:  # A1111 writes "Clip skip" only then

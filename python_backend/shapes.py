@@ -221,6 +221,10 @@ class PipelineManifest:
     model_name: str
     device: str = "cpu"  # where the engines take and give tensors: "cuda" for TensorRT engines
     model_hash: str = ""  # first 10 hex digits of the weights' sha256 (A1111's "Model hash" field)
+    vae_name: str = (
+        ""  # build-engines --vae: the VAE's file name (A1111's "VAE"); "" for the checkpoint's own
+    )
+    vae_hash: str = ""  # ... and its sha256's first 10 hex digits (A1111's "VAE hash")
 
     def write(self, path: Path) -> None:
         data = {
@@ -229,6 +233,8 @@ class PipelineManifest:
             "model_name": self.model_name,
             "device": self.device,
             "model_hash": self.model_hash,
+            "vae_name": self.vae_name,
+            "vae_hash": self.vae_hash,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -241,4 +247,6 @@ class PipelineManifest:
             model_name=data["model_name"],
             device=data.get("device", "cpu"),
             model_hash=data.get("model_hash", ""),
+            vae_name=data.get("vae_name", ""),
+            vae_hash=data.get("vae_hash", ""),
         )

@@ -4,13 +4,22 @@ inverse at v1's full size too; files that are not SD v1.x checkpoints are refuse
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from build_engines import cli as build_cli
 from build_engines.single_file import (
     ARCHITECTURE_KEY,
     TEXT_PREFIX,
@@ -21,7 +30,18 @@ from build_engines.single_file import (
     read_state_dict,
     to_original_layout,
 )
-from build_engines.tiny_checkpoint import component_configs, write_single_file_checkpoint
+from build_engines.tiny_checkpoint import (
+    component_configs,
+    write_single_file_checkpoint,
+    write_tiny_checkpoint,
+)
+from client.api import GenerationResult as ClientResult
+from python_backend.engines import OnnxRuntimeEngines
+from python_backend.pipeline import PipelineAssets, generate
+from python_backend.request import GenerationRequest
+from tests.conftest import PROFILE_ARGS
+from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff
+from tests.triton_server import PROJECT_ROOT
 
 WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -136,3 +156,114 @@ def test_key_mapping_is_the_inverse_of_diffusers_converters_at_full_size():
         state = model.state_dict()
         assert set(back) == set(state)
         assert all(back[k].shape == state[k].shape for k in state)
+
+
+# --- build-engines from a single file, and with another VAE ---------------------------------------------
+
+BLOCK_NETWORK = """
+import socket
+from pathlib import Path
+
+def _blocked(*args, **kwargs):
+    Path({tried!r}).write_text(repr(args))
+    raise OSError("network access during an offline build")
+
+socket.socket.connect = _blocked
+socket.create_connection = _blocked
+socket.getaddrinfo = _blocked
+"""
+
+
+def _build_offline(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """build-engines in a process whose sockets refuse to connect (and note any attempt)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    tried = tmp_path / "network-tried"
+    (site / "sitecustomize.py").write_text(BLOCK_NETWORK.format(tried=str(tried)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PROJECT_ROOT)])}
+    env.pop("HF_HUB_OFFLINE", None)  # no help from the hub client's own offline switch
+    code = "import sys; from build_engines.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args, *PROFILE_ARGS], env=env, capture_output=True, text=True
+    )
+    assert not tried.exists(), f"the build tried the network: {tried.read_text()}"
+    return done
+
+
+def _images(repository: Path, **request: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    assets = PipelineAssets.load(repository / "pipeline" / "1")
+    engines = OnnxRuntimeEngines(repository, assets.manifest.geometry)
+    defaults = {"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 3}
+    result = generate(GenerationRequest(**(defaults | request)), engines, assets)
+    return result.images, result.info
+
+
+def test_build_from_a_single_file_offline_matches_the_folder_build(single_file, model_repository, tmp_path):
+    repo = tmp_path / "repo"
+    done = _build_offline(tmp_path, "--checkpoint", str(single_file), "--output", str(repo))
+    assert done.returncode == 0, done.stderr[-3000:]
+    images, info = _images(repo, scheduler="Euler a", guidance_scale=6.0)
+    expected, expected_info = _images(model_repository, scheduler="Euler a", guidance_scale=6.0)
+    np.testing.assert_array_equal(images, expected)
+    # A1111's names for a single file: its stem, and the sha256 of the file.
+    assert info["model"] == "tiny-sd" and expected_info["model"] == "tiny-sd"
+    assert info["model_hash"] == hashlib.sha256(single_file.read_bytes()).hexdigest()[:10]
+
+
+def _a1111_vae_file(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint's VAE as an A1111 VAE file: the original layout, no prefix."""
+    configs = component_configs()
+    vae = load_file(str(checkpoint / "vae" / WEIGHTS["vae"]))
+    state = to_original_layout({}, vae, {}, configs)
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+def test_vae_override_matches_diffusers_with_that_vae(tiny_checkpoint, tmp_path):
+    other = write_tiny_checkpoint(tmp_path / "other", seed=1)  # its VAE differs from the checkpoint's
+    vae_file = _a1111_vae_file(other, tmp_path / "other-vae.safetensors")
+    repo = tmp_path / "repo"
+    done = _build_offline(
+        tmp_path, "--checkpoint", str(tiny_checkpoint), "--vae", str(vae_file), "--output", str(repo)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    images, info = _images(repo, scheduler="Euler a")
+    swapped = tmp_path / "swapped"  # diffusers' side: the checkpoint with the other folder's VAE
+    shutil.copytree(tiny_checkpoint, swapped)
+    shutil.rmtree(swapped / "vae")
+    shutil.copytree(other / "vae", swapped / "vae")
+    euler_a = "EulerAncestralDiscreteScheduler"
+    expected = diffusers_images(
+        swapped, "a cat", steps=4, guidance_scale=7.5, seed=3, scheduler=euler_a, width=64, height=64
+    )
+    assert max_pixel_diff(images, expected) <= TOLERANCE
+    own, _ = _images(tiny_checkpoint_repository(tmp_path, tiny_checkpoint), scheduler="Euler a")
+    assert max_pixel_diff(images, own) > TOLERANCE  # the VAE made a difference
+    assert info["vae"] == "other-vae.safetensors"
+    assert info["vae_hash"] == hashlib.sha256(vae_file.read_bytes()).hexdigest()[:10]
+    [infotext] = ClientResult([Image.fromarray(images[0])], info).infotexts()
+    assert f"VAE hash: {info['vae_hash']}, VAE: other-vae.safetensors" in infotext
+
+
+def tiny_checkpoint_repository(tmp_path: Path, checkpoint: Path) -> Path:
+    repo = tmp_path / "own"
+    assert build_cli.main(["--checkpoint", str(checkpoint), "--output", str(repo), *PROFILE_ARGS]) == 0
+    return repo
+
+
+@pytest.mark.parametrize("kind", ["not a vae", "wrong latent channels", "missing"])
+def test_a_bad_vae_is_refused_naming_the_file(tiny_checkpoint, tmp_path, kind, capsys):
+    vae = tmp_path / "bad-vae.safetensors"
+    if kind == "not a vae":
+        save_file({"something.else": torch.zeros(2)}, str(vae))
+    elif kind == "wrong latent channels":
+        state = {
+            "encoder.conv_in.weight": torch.zeros(32, 3, 3, 3),
+            "quant_conv.weight": torch.zeros(16, 16, 1, 1),
+        }
+        save_file(state, str(vae))
+    repo = tmp_path / "repo"
+    code = build_cli.main(["--checkpoint", str(tiny_checkpoint), "--vae", str(vae), "--output", str(repo)])
+    assert code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"build-engines: {vae}: ")
