@@ -4,14 +4,17 @@ model repository."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from build_engines import inputs, onnx_export, repository, tensorrt_engine
+from build_engines import embeddings, inputs, onnx_export, repository, tensorrt_engine
 from build_engines.repository import ServingOptions
 from build_engines.single_file import SingleFileError
 from python_backend.shapes import ENGINE_NAMES, TEXT_ENCODER, UNET, PipelineManifest, Profile, engine_specs
@@ -25,6 +28,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         required=True,
         help="SD v1.x checkpoint: a diffusers folder, or one .safetensors/.ckpt file as A1111 loads it",
+    )
+    parser.add_argument(
+        "--embeddings",
+        type=Path,
+        metavar="DIR",
+        help="textual-inversion embeddings (A1111's embeddings/ folder: .pt, .bin, .safetensors), each "
+        "usable in prompts by its file name",
     )
     parser.add_argument(
         "--vae",
@@ -150,6 +160,18 @@ def precisions(target: str, vae_precision: str) -> dict[str, str]:
     }
 
 
+def vocab_size(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "text_encoder" / "config.json").read_text())["vocab_size"])
+
+
+def tokenizer(checkpoint: Path) -> Callable[[str], list[int]]:
+    """Text → token ids without BOS/EOS, as A1111 tokenizes an embedding's name."""
+    from transformers import CLIPTokenizer
+
+    clip = CLIPTokenizer.from_pretrained(checkpoint / "tokenizer")
+    return lambda text: list(clip([text], add_special_tokens=False).input_ids[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -171,8 +193,15 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
             return 1
         print(f"building TensorRT engines for {gpu}")
     geometry = onnx_export.read_geometry(checkpoint)
-    loader = onnx_export.ModuleLoader(checkpoint)
-    digests: dict[str, str] = {}
+    inversions = []  # read (and refused) before anything is written
+    if args.embeddings is not None:
+        inversions = embeddings.read_embeddings(args.embeddings, geometry.text_hidden_size)
+    vectors = torch.cat([e.vectors for e in inversions]) if inversions else None
+    loader = onnx_export.ModuleLoader(checkpoint, vectors)
+    # The text encoder's export depends on the embeddings too: they are part of its cache key.
+    digests: dict[str, str] = {"text_encoder": onnx_export.digest_folder(checkpoint / "text_encoder")}
+    if inversions:
+        digests["text_encoder"] += embeddings.digest(inversions)
     precision = precisions(args.target, args.vae_precision)
     options = tensorrt_engine.BuildOptions(
         optimization_level=args.optimization_level,
@@ -232,7 +261,11 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
     serving = repository.ServingOptions(
         args.max_concurrent_requests, args.max_queue_size, args.queue_timeout, args.response_cache
     )
-    repository.write_pipeline_model(repo, checkpoint, manifest, serving)
+    token_table = None
+    if inversions:
+        token_table = embeddings.token_table(inversions, vocab_size(checkpoint), tokenizer(checkpoint))
+        print(f"embeddings: {', '.join(e.name for e in inversions)}")
+    repository.write_pipeline_model(repo, checkpoint, manifest, serving, token_table)
     print(f"model repository written: {repo}")
     print(f"serve it with: sd-serve --model-repository {repo}")
     return 0

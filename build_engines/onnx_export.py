@@ -139,8 +139,11 @@ def read_geometry(checkpoint: Path) -> ModelGeometry:
 class ModuleLoader:
     """Loads a checkpoint's torch modules on first use, so a fully cached build loads none."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, extra_tokens: torch.Tensor | None = None) -> None:
         self.checkpoint = checkpoint
+        # Textual-inversion vectors [n, D]: appended to the text encoder's token-embedding table, as ids
+        # vocab_size.. (build_engines.embeddings says why there).
+        self.extra_tokens = extra_tokens
         self._loaded: dict[str, nn.Module] = {}
 
     def _component(self, component: str) -> nn.Module:
@@ -150,7 +153,14 @@ class ModuleLoader:
         if component not in self._loaded:
             classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
             cls = classes[component]
-            self._loaded[component] = cls.from_pretrained(self.checkpoint, subfolder=component).eval()
+            model = cls.from_pretrained(self.checkpoint, subfolder=component).eval()
+            if component == "text_encoder" and self.extra_tokens is not None and len(self.extra_tokens):
+                table = model.get_input_embeddings()
+                vocab = table.num_embeddings
+                model.resize_token_embeddings(vocab + len(self.extra_tokens))
+                with torch.no_grad():
+                    model.get_input_embeddings().weight[vocab:] = self.extra_tokens
+            self._loaded[component] = model
         return self._loaded[component]
 
     def module(self, engine: str) -> nn.Module:

@@ -10,13 +10,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from python_backend import schedulers
-from python_backend.pipeline import SCHEDULER_CONFIG, TOKENIZER_DIR
+from python_backend.pipeline import EMBEDDINGS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
     BATCH_AXES,
@@ -202,6 +203,7 @@ def write_pipeline_model(
     checkpoint: Path,
     manifest: PipelineManifest,
     serving: ServingOptions = ServingOptions(),
+    token_table: dict[str, Any] | None = None,
 ) -> None:
     """The pipeline models (`pipeline` and the streaming `pipeline_stream`) with what they need from the
     checkpoint: tokenizer, scheduler config, manifest; and `pipeline_control`, which stops their jobs."""
@@ -219,6 +221,9 @@ def write_pipeline_model(
         (version / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
         shutil.copyfile(checkpoint / SCHEDULER_CONFIG, version / SCHEDULER_CONFIG)
         manifest.write(version / PIPELINE_MANIFEST)
+        (version / EMBEDDINGS_FILE).unlink(missing_ok=True)
+        if token_table is not None:  # textual inversions the text encoder was built with
+            (version / EMBEDDINGS_FILE).write_text(json.dumps(token_table, indent=1, sort_keys=True) + "\n")
     control = repository / PIPELINE_CONTROL
     (control / "1").mkdir(parents=True, exist_ok=True)
     write_config(control, control_config())

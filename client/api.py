@@ -233,6 +233,11 @@ def _sampler_params(label: str | None) -> dict[str, Any]:
     return {"Sampler": label}
 
 
+def _ti_hashes(embeddings: Mapping[str, str] | None) -> str | None:
+    """A1111's "TI hashes": the embeddings a prompt used, `name: hash, ...` (quoted when written)."""
+    return ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) if embeddings else None
+
+
 def _inpainting_params(info: Mapping[str, Any]) -> dict[str, Any]:
     """A1111's infotext params for inpainting, in its order; none when `info` is not from a masked request."""
     if "inpainting_fill" not in info:
@@ -287,6 +292,7 @@ class GenerationResult:
                     "Model": info.get("model"),
                     "VAE hash": info.get("vae_hash") or None,
                     "VAE": info.get("vae") or None,
+                    "TI hashes": _ti_hashes(info.get("embeddings")),
                     "Variation seed": None if subseeds is None else subseeds[i],
                     "Variation seed strength": _format_float(info.get("subseed_strength")),
                     # img2img's strength or the hires fix's second pass one: A1111 writes either here.

@@ -31,6 +31,7 @@ from python_backend.shapes import PIPELINE_MANIFEST, VAE_SCALE, PipelineManifest
 
 TOKENIZER_DIR = "tokenizer"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+EMBEDDINGS_FILE = "embeddings.json"  # textual inversions the text encoder knows (build-engines --embeddings)
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,17 @@ class PipelineAssets:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     manifest: PipelineManifest
+    embeddings: prompts.EmbeddingIndex | None = None
 
     @classmethod
     def load(cls, folder: Path) -> PipelineAssets:
+        table = folder / EMBEDDINGS_FILE
+        embeddings = json.loads(table.read_text()) if table.exists() else None
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(folder / TOKENIZER_DIR),
             scheduler_config=json.loads((folder / SCHEDULER_CONFIG).read_text()),
             manifest=PipelineManifest.read(folder / PIPELINE_MANIFEST),
+            embeddings=None if embeddings is None else prompts.EmbeddingIndex.from_table(embeddings),
         )
 
     @property
@@ -364,6 +369,9 @@ def generate(
         "timings_ms": timings,
         "warnings": warnings,
     }
+    used = {e.name: e.hash for c in chunks for e in c.embeddings}
+    if used:  # A1111's "TI hashes"
+        info.update(embeddings=dict(sorted(used.items())))
     if assets.manifest.vae_name:  # a VAE other than the checkpoint's (build-engines --vae)
         info.update(vae=assets.manifest.vae_name, vae_hash=assets.manifest.vae_hash)
     if inputs is not None:
@@ -439,7 +447,9 @@ _TOKENIZER_LOCK = threading.Lock()
 def _chunks(assets: PipelineAssets, text: str, field: str) -> prompts.PromptChunks:
     try:
         with _TOKENIZER_LOCK:
-            return prompts.tokenize_chunks(assets.tokenizer, text, assets.manifest.profile.max_prompt_chunks)
+            return prompts.tokenize_chunks(
+                assets.tokenizer, text, assets.manifest.profile.max_prompt_chunks, assets.embeddings
+            )
     except ValueError as e:
         raise InvalidInput(field, str(e)) from None
 

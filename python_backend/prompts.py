@@ -10,8 +10,9 @@ encoder encodes one at a time and the UNet sees concatenated. Mirrors `parse_pro
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -105,27 +106,68 @@ def _weight(number: str, piece: str) -> float:
         raise ValueError(f"has an attention weight that is not a number: {piece!r}") from None
 
 
+@dataclass(frozen=True)
+class TextualInversion:
+    """An embedding the text encoder's vocabulary was extended with (build_engines.embeddings)."""
+
+    name: str
+    name_ids: tuple[int, ...]  # what its name tokenizes to: the prompt tokens it replaces
+    vector_ids: tuple[int, ...]  # its vectors' ids in the extended vocabulary
+    hash: str  # A1111's short hash, for infotext's "TI hashes"
+
+
+class EmbeddingIndex:
+    """Embeddings by the first token of their name, longer names first: A1111's `ids_lookup`. A name is
+    matched by its tokens, so one inside a longer word (which tokenizes differently) is not replaced."""
+
+    def __init__(self, embeddings: Iterable[TextualInversion]) -> None:
+        self._by_first: dict[int, list[TextualInversion]] = {}
+        for e in sorted(embeddings, key=lambda e: len(e.name_ids), reverse=True):
+            self._by_first.setdefault(e.name_ids[0], []).append(e)
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> EmbeddingIndex:
+        """From build_engines.embeddings' embeddings.json."""
+        return cls(
+            TextualInversion(name, tuple(e["name_ids"]), tuple(e["vector_ids"]), e["hash"])
+            for name, e in table.items()
+        )
+
+    def at(self, tokens: Sequence[int], i: int) -> TextualInversion | None:
+        for e in self._by_first.get(tokens[i], ()):
+            if tuple(tokens[i : i + len(e.name_ids)]) == e.name_ids:
+                return e
+        return None
+
+
 @dataclass(frozen=True, eq=False)
 class PromptChunks:
     """One prompt as k text-encoder inputs: ids int32 [k, 77] (BOS, 75 tokens padded with EOS, EOS) and
-    the weight of each token, float32 [k, 77] (1.0 for BOS, EOS and padding)."""
+    the weight of each token, float32 [k, 77] (1.0 for BOS, EOS and padding); and the embeddings used."""
 
     ids: np.ndarray
     weights: np.ndarray
+    embeddings: tuple[TextualInversion, ...] = ()
 
     @property
     def count(self) -> int:
         return int(self.ids.shape[0])
 
 
-def tokenize_chunks(tokenizer: CLIPTokenizer, text: str, max_chunks: int | None = None) -> PromptChunks:
+def tokenize_chunks(
+    tokenizer: CLIPTokenizer,
+    text: str,
+    max_chunks: int | None = None,
+    embeddings: EmbeddingIndex | None = None,
+) -> PromptChunks:
     """Tokenize a prompt into 75-token chunks with per-token weights, as A1111's `tokenize_line` does.
 
     Each weighted run is tokenized on its own. `BREAK` pads the current chunk and starts a new one. When a
     chunk fills up within COMMA_BACKTRACK tokens after a comma, the tokens after that comma move to the next
-    chunk, so the phrase they belong to is not split. A prompt with no attention syntax that fits in 75
-    tokens gives exactly `tokenizer(text, padding="max_length", max_length=77)`'s ids. Raises ValueError
-    (worded to follow the field name) when the prompt needs more than `max_chunks` chunks.
+    chunk, so the phrase they belong to is not split. An embedding's name becomes its vectors' ids, which
+    stay together in one chunk, weighted as the run they are in. A prompt with no attention syntax that fits
+    in 75 tokens gives exactly `tokenizer(text, padding="max_length", max_length=77)`'s ids. Raises
+    ValueError (worded to follow the field name) when the prompt needs more than `max_chunks` chunks.
     """
     runs = parse_attention(text)
     # verbose=False: prompts over 77 tokens are expected here, not worth the tokenizer's warning.
@@ -138,6 +180,7 @@ def tokenize_chunks(tokenizer: CLIPTokenizer, text: str, max_chunks: int | None 
     weights: list[float] = []
     last_comma = -1  # position of the last comma in the current chunk
     token_count = 0
+    used: list[TextualInversion] = []
 
     def close_chunk() -> None:
         nonlocal ids, weights, last_comma
@@ -149,7 +192,9 @@ def tokenize_chunks(tokenizer: CLIPTokenizer, text: str, max_chunks: int | None 
         if run == BREAK:
             close_chunk()
             continue
-        for token in tokens:
+        i = 0
+        while i < len(tokens):
+            token = tokens[i]
             if token == comma:
                 last_comma = len(ids)
             elif (
@@ -163,9 +208,17 @@ def tokenize_chunks(tokenizer: CLIPTokenizer, text: str, max_chunks: int | None 
                 ids, weights = moved_ids, moved_weights
             if len(ids) == CHUNK_TOKENS:
                 close_chunk()
-            ids.append(token)
-            weights.append(run[1])
-            token_count += 1
+            embedding = embeddings.at(tokens, i) if embeddings is not None else None
+            if embedding is None:
+                replaced, i = [token], i + 1
+            else:
+                replaced, i = list(embedding.vector_ids), i + len(embedding.name_ids)
+                if len(ids) + len(replaced) > CHUNK_TOKENS:  # an embedding is never split across chunks
+                    close_chunk()
+                used.append(embedding)
+            ids += replaced
+            weights += [run[1]] * len(replaced)
+            token_count += len(replaced)
     if ids or not chunks:
         close_chunk()
 
@@ -177,6 +230,7 @@ def tokenize_chunks(tokenizer: CLIPTokenizer, text: str, max_chunks: int | None 
     return PromptChunks(
         ids=np.array([c[0] for c in chunks], dtype=np.int32),
         weights=np.array([c[1] for c in chunks], dtype=np.float32),
+        embeddings=tuple(dict.fromkeys(used)),
     )
 
 
@@ -198,6 +252,7 @@ def _with_empty_chunks(chunks: PromptChunks, count: int) -> PromptChunks:
     return PromptChunks(
         ids=np.concatenate([chunks.ids, empty]),
         weights=np.concatenate([chunks.weights, np.ones((missing, TOKENS_PER_CHUNK), dtype=np.float32)]),
+        embeddings=chunks.embeddings,
     )
 
 

@@ -11,7 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import cli as build_cli
 from build_engines import onnx_export, repository
-from python_backend.request import REQUEST_INPUTS
+from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS
 from python_backend.shapes import ENGINE_NAMES, PipelineManifest, Profile, engine_specs
 from tests.conftest import PROFILE_ARGS
 
@@ -53,7 +53,7 @@ def test_config_matches_onnx_graph(model_repository, tiny_checkpoint, engine):
 def test_pipeline_config(model_repository):
     config = repository.read_config(model_repository / "pipeline")
     inputs = {t.name: t for t in config.input}
-    assert list(inputs) == list(REQUEST_INPUTS)
+    assert list(inputs) == [*REQUEST_INPUTS, *CONTROL_INPUTS]
     assert [name for name, t in inputs.items() if not t.optional] == ["prompt"]
     assert all(list(t.dims) == [1] for t in inputs.values())
     assert inputs["seed"].data_type == mc.TYPE_INT64 and inputs["guidance_scale"].data_type == mc.TYPE_FP32
@@ -69,6 +69,9 @@ def test_pipeline_config(model_repository):
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
     assert config.parameters["max_concurrent_requests"].string_value == "4"
     assert not config.response_cache.enable
+    control = repository.read_config(model_repository / "pipeline_control")
+    assert [(t.name, t.optional) for t in control.input] == [("job_id", False), ("action", True)]
+    assert [t.name for t in control.output] == ["found"]
 
 
 def test_concurrency_and_response_cache_options(tiny_checkpoint, tmp_path):
@@ -125,7 +128,10 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         build_cli.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "repo")])
     assert exited.value.code == 2
-    assert "is not a diffusers checkpoint: no model_index.json, unet" in capsys.readouterr().err
+    assert "not a diffusers checkpoint folder: no model_index.json, unet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # nor a file of a checkpoint format
+        build_cli.main(["--checkpoint", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "repo")])
+    assert exited.value.code == 2
 
 
 @pytest.mark.parametrize(
