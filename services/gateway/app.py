@@ -30,6 +30,7 @@ from client.infotext import PNG_KEY
 from python_backend.request import InvalidInput
 from services.gateway import translate
 from services.gateway.models import (
+    ERROR_RESPONSES,
     GenerationResponse,
     Img2ImgRequest,
     PNGInfoRequest,
@@ -233,6 +234,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         version="1.0",
         # A body without Content-Type is parsed as JSON, as FastAPI did in A1111's day: Dify posts that way.
         strict_content_type=False,
+        responses=ERROR_RESPONSES,
     )
 
     @app.exception_handler(ApiError)

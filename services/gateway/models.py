@@ -155,3 +155,35 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: str | None = Field(description="base64 PNG preview of the first image's latents, or null")
     textinfo: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """A1111's error body (its api_middleware's handle_exception): bad values (422), a body over
+    --max-body-mb (413), Triton refusing or unreachable (503), a generation over --timeout (504)."""
+
+    error: str
+    detail: str
+    body: str
+    errors: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """FastAPI's own 422 body, for a body of the wrong shape (a list for an object, text for a number)."""
+
+    detail: list[FieldError]
+
+
+# The error answers as /openapi.json documents them on every route, so that the schema says what a client gets
+# (FastAPI would document only ValidationErrorResponse for 422, and no other status).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Request body over --max-body-mb"},
+    422: {"model": ErrorResponse | ValidationErrorResponse, "description": "A bad field, named"},
+    503: {"model": ErrorResponse, "description": "Triton unreachable, overloaded or stopping"},
+    504: {"model": ErrorResponse, "description": "Generation over --timeout"},
+}
