@@ -138,6 +138,19 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 ENGINE_NAMES = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+PIPELINE = "pipeline"  # the pipeline model of a repository's unprefixed (default) checkpoint
+
+
+def triton_model(prefix: str, model: str) -> str:
+    """The Triton name of one of a checkpoint's models (an engine, `pipeline`): `PREFIX_model` for a
+    checkpoint built with `build-engines --prefix PREFIX`, so that several share one repository; `model`
+    for the unprefixed one."""
+    return f"{prefix}_{model}" if prefix else model
+
+
+def stream_model(pipeline: str) -> str:
+    """The decoupled twin of pipeline model `pipeline` (progress, previews, cancellation)."""
+    return f"{pipeline}_stream"
 
 
 def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
@@ -218,6 +231,7 @@ class PipelineManifest:
     model_name: str
     device: str = "cpu"  # where the engines take and give tensors: "cuda" for TensorRT engines
     model_hash: str = ""  # first 10 hex digits of the weights' sha256 (A1111's "Model hash" field)
+    prefix: str = ""  # build-engines --prefix: the pipeline calls its engines `triton_model(prefix, engine)`
 
     def write(self, path: Path) -> None:
         data = {
@@ -226,6 +240,7 @@ class PipelineManifest:
             "model_name": self.model_name,
             "device": self.device,
             "model_hash": self.model_hash,
+            "prefix": self.prefix,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -238,4 +253,5 @@ class PipelineManifest:
             model_name=data["model_name"],
             device=data.get("device", "cpu"),
             model_hash=data.get("model_hash", ""),
+            prefix=data.get("prefix", ""),
         )
