@@ -17,8 +17,20 @@ from tqdm import tqdm
 from build_engines import embeddings, inputs, onnx_export, repository, tensorrt_engine
 from build_engines.repository import ServingOptions
 from build_engines.single_file import SingleFileError
-from python_backend.shapes import ENGINE_NAMES, TEXT_ENCODER, UNET, PipelineManifest, Profile, engine_specs
+from python_backend.shapes import (
+    ENGINE_NAMES,
+    PIPELINE,
+    TEXT_ENCODER,
+    UNET,
+    PipelineManifest,
+    Profile,
+    engine_specs,
+    triton_model,
+)
 from services.serve import default_cache_dir
+
+# --prefix: it becomes part of Triton model names and folder names, so nothing a path or URL treats specially.
+PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,8 +132,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model-name",
         help="name reported in info and infotext (default: the checkpoint's folder or file stem)",
     )
+    parser.add_argument(
+        "--prefix",
+        default="",
+        metavar="NAME",
+        help="name this checkpoint's Triton models NAME_pipeline, NAME_unet, ... so that it shares the "
+        "repository with other checkpoints (their models are left as they are); default: no prefix, the "
+        "repository's default checkpoint (pipeline, unet, ...)",
+    )
     args = parser.parse_args(argv)
 
+    if args.prefix and not PREFIX.fullmatch(args.prefix):
+        parser.error(
+            "--prefix must be letters, digits, '-' and '_', starting with a letter or digit (it names "
+            f"Triton models and folders), got {args.prefix!r}"
+        )
     try:
         inputs.check_checkpoint(args.checkpoint)
     except SingleFileError as e:
@@ -221,7 +246,7 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
                     spec,
                     partial(loader.module, spec.name),
                     digests[component],
-                    repository.onnx_dir(repo, spec.name, args.target),
+                    repository.onnx_dir(repo, spec.name, args.target, args.prefix),
                     precision[spec.name],
                 )
                 state = "up to date, kept" if exported.reused else "exported"
@@ -230,20 +255,20 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
                     f"max abs diff vs fp32 torch {exported.max_abs_diff:.2e}"
                 )
                 if args.target == "onnx":
-                    repository.write_onnx_runtime_model(repo, spec, args.profile)
+                    repository.write_onnx_runtime_model(repo, spec, args.profile, args.prefix)
                     continue
                 bar.set_description(f"{spec.name}: TensorRT build")
                 built = tensorrt_engine.build_engine(
                     exported.path,
                     spec,
                     tensorrt_engine.profile_shapes(spec, args.profile),
-                    repo / spec.name / "1",
+                    repository.engine_dir(repo, spec.name, args.prefix) / "1",
                     precision=precision[spec.name],
                     options=options,
                     timing_cache=args.timing_cache,
                 )
                 bar.write(f"{spec.name}: TensorRT plan {'up to date, kept' if built.reused else 'built'}")
-                repository.write_tensorrt_model(repo, spec, args.profile)
+                repository.write_tensorrt_model(repo, spec, args.profile, args.prefix)
             except (onnx_export.ExportError, tensorrt_engine.EngineBuildError) as e:
                 print(f"build-engines: {e}", file=sys.stderr)
                 return 1
@@ -257,6 +282,7 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
         prepared.model_hash,
         vae_name=prepared.vae_name,
         vae_hash=prepared.vae_hash,
+        prefix=args.prefix,
     )
     serving = repository.ServingOptions(
         args.max_concurrent_requests, args.max_queue_size, args.queue_timeout, args.response_cache
@@ -266,7 +292,7 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
         token_table = embeddings.token_table(inversions, vocab_size(checkpoint), tokenizer(checkpoint))
         print(f"embeddings: {', '.join(e.name for e in inversions)}")
     repository.write_pipeline_model(repo, checkpoint, manifest, serving, token_table)
-    print(f"model repository written: {repo}")
+    print(f"model repository written: {repo} (pipeline model: {triton_model(args.prefix, PIPELINE)})")
     print(f"serve it with: sd-serve --model-repository {repo}")
     return 0
 

@@ -2,6 +2,10 @@
 
 config.pbtxt files are built as Triton's own ModelConfig protobuf from `shapes.engine_specs` and
 `request.REQUEST_INPUTS`, so names, dtypes and dims cannot drift from what the code expects.
+
+A checkpoint built with a prefix names each of its models `PREFIX_<model>` (`shapes.triton_model`), so
+several checkpoints share one repository; every function here writes and removes only inside the folders
+of the models it names.
 """
 
 from __future__ import annotations
@@ -21,17 +25,18 @@ from python_backend.pipeline import EMBEDDINGS_FILE, SCHEDULER_CONFIG, TOKENIZER
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
     BATCH_AXES,
+    PIPELINE,
     PIPELINE_MANIFEST,
     UNET,
     EngineSpec,
     PipelineManifest,
     Profile,
+    stream_model,
+    triton_model,
 )
 
 # The hand-written python models that build-engines copies into the repository it writes.
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
-PIPELINE = "pipeline"
-PIPELINE_STREAM = "pipeline_stream"
 PIPELINE_CONTROL = "pipeline_control"  # interrupt / skip of running generations (python_backend.jobs)
 
 TRITON_DTYPES = {
@@ -54,14 +59,16 @@ def _tensor(
     return message
 
 
-def onnx_runtime_engine_config(spec: EngineSpec, profile: Profile) -> mc.ModelConfig:
+def onnx_runtime_engine_config(spec: EngineSpec, profile: Profile, prefix: str = "") -> mc.ModelConfig:
     """A python-backend model running the engine's ONNX file on ONNX Runtime (CPU)."""
-    return _engine_config(mc.ModelConfig(name=spec.name, backend="python"), spec, profile, gpu=False)
+    config = mc.ModelConfig(name=triton_model(prefix, spec.name), backend="python")
+    return _engine_config(config, spec, profile, gpu=False)
 
 
-def tensorrt_engine_config(spec: EngineSpec, profile: Profile) -> mc.ModelConfig:
+def tensorrt_engine_config(spec: EngineSpec, profile: Profile, prefix: str = "") -> mc.ModelConfig:
     """A `tensorrt_plan` model."""
-    return _engine_config(mc.ModelConfig(name=spec.name, platform="tensorrt_plan"), spec, profile, gpu=True)
+    config = mc.ModelConfig(name=triton_model(prefix, spec.name), platform="tensorrt_plan")
+    return _engine_config(config, spec, profile, gpu=True)
 
 
 def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, gpu: bool) -> mc.ModelConfig:
@@ -109,9 +116,10 @@ def pipeline_config(
     manifest: PipelineManifest | None = None,
 ) -> mc.ModelConfig:
     """`pipeline`, or with `streaming` the decoupled `pipeline_stream` (same model.py): progress and
-    previews over gRPC streaming, cancellable."""
+    previews over gRPC streaming, cancellable. Both prefixed by the manifest's prefix."""
+    pipeline = triton_model(manifest.prefix if manifest else "", PIPELINE)
     config = mc.ModelConfig(
-        name=PIPELINE_STREAM if streaming else PIPELINE, backend="python", max_batch_size=0
+        name=stream_model(pipeline) if streaming else pipeline, backend="python", max_batch_size=0
     )
     for name, dtype in (REQUEST_INPUTS | CONTROL_INPUTS | (STREAM_INPUTS if streaming else {})).items():
         _tensor(config.input.add(), name, dtype, (1,)).optional = name != "prompt"
@@ -171,24 +179,29 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
-def onnx_dir(repository: Path, engine: str, target: str) -> Path:
+def engine_dir(repository: Path, engine: str, prefix: str = "") -> Path:
+    """The folder of a checkpoint's engine model (Triton's model name is its folder's)."""
+    return repository / triton_model(prefix, engine)
+
+
+def onnx_dir(repository: Path, engine: str, target: str, prefix: str = "") -> Path:
     """Where an engine's ONNX file goes: it is the model itself on the onnx target, and the TensorRT
     build's source beside the plan otherwise (Triton ignores non-numeric folders)."""
-    return repository / engine / ("1" if target == "onnx" else "onnx")
+    return engine_dir(repository, engine, prefix) / ("1" if target == "onnx" else "onnx")
 
 
-def write_onnx_runtime_model(repository: Path, spec: EngineSpec, profile: Profile) -> None:
+def write_onnx_runtime_model(repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "") -> None:
     """config.pbtxt and model.py of an ONNX Runtime engine model (its model.onnx is exported there)."""
-    model_dir = repository / spec.name
-    write_config(model_dir, onnx_runtime_engine_config(spec, profile))
+    model_dir = engine_dir(repository, spec.name, prefix)
+    write_config(model_dir, onnx_runtime_engine_config(spec, profile, prefix))
     _remove(model_dir / "1", "model.plan", "model.plan.json")
     shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
 
 
-def write_tensorrt_model(repository: Path, spec: EngineSpec, profile: Profile) -> None:
+def write_tensorrt_model(repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "") -> None:
     """config.pbtxt of a TensorRT engine model (its model.plan is built there)."""
-    model_dir = repository / spec.name
-    write_config(model_dir, tensorrt_engine_config(spec, profile))
+    model_dir = engine_dir(repository, spec.name, prefix)
+    write_config(model_dir, tensorrt_engine_config(spec, profile, prefix))
     _remove(model_dir / "1", "model.py", "model.onnx", "model.onnx.json", "model.onnx.data")
 
 
@@ -205,15 +218,16 @@ def write_pipeline_model(
     serving: ServingOptions = ServingOptions(),
     token_table: dict[str, Any] | None = None,
 ) -> None:
-    """The pipeline models (`pipeline` and the streaming `pipeline_stream`) with what they need from the
-    checkpoint: tokenizer, scheduler config, manifest; and `pipeline_control`, which stops their jobs."""
+    """The pipeline models (`pipeline` and the streaming `pipeline_stream`, prefixed by the manifest's
+    prefix) with what they need from the checkpoint: tokenizer, scheduler config, manifest; and
+    `pipeline_control`, which stops the jobs of every checkpoint's pipelines (one per repository)."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
-    for name, streaming in ((PIPELINE, False), (PIPELINE_STREAM, True)):
-        model_dir = repository / name
+    for streaming in (False, True):
+        config = pipeline_config(default, streaming, serving, manifest)
+        model_dir = repository / config.name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
-        config = pipeline_config(default, streaming, serving, manifest)
         write_config(model_dir, config)
         shutil.copyfile(SOURCES / PIPELINE / "1" / "model.py", version / "model.py")
         shutil.rmtree(version / TOKENIZER_DIR, ignore_errors=True)

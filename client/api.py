@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.infotext import INPAINTING_FILL_LABELS, format_infotext, save_png
 from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS, GenerationRequest
+from python_backend.shapes import PIPELINE, stream_model
 
 # Options of the hires fix, each refused without `enable_hr` (the server would ignore it).
 HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
@@ -32,7 +33,6 @@ HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_s
 # PIL image.
 ImageInput = bytes | str | Path | Image.Image
 
-STREAM_MODEL = "pipeline_stream"  # the decoupled twin of `pipeline`: progress, previews, cancellation
 CONTROL_MODEL = "pipeline_control"  # stops a running generation early (interrupt / skip)
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
@@ -372,8 +372,20 @@ def decode_response(images: np.ndarray, info: bytes) -> GenerationResult:
     return GenerationResult([Image.fromarray(image) for image in images], parsed)
 
 
+def _json_parameter(model: str, config: Mapping[str, Any], name: str) -> Any:
+    """A JSON parameter (string_value) of a model's config, as JSON."""
+    text = config.get("parameters", {}).get(name, {}).get("string_value", "")
+    if not text:
+        raise GenerationError(f"the config of model {model!r} has no {name!r} parameter")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GenerationError(f"the {name!r} parameter of model {model!r} is not JSON: {exc}") from exc
+
+
 class StableDiffusionClient:
-    """Talks to one `pipeline` model.
+    """Talks to one pipeline model: `model_name` (a checkpoint built with `build-engines --prefix NAME` is
+    `NAME_pipeline`), and its streaming twin `stream_model(model_name)` for progress.
 
     `timeout_s` bounds each generation (None: wait as long as it takes): the client stops waiting
     (DEADLINE_EXCEEDED) and the server, which is sent the same timeout, stops generating. `retries`
@@ -391,7 +403,7 @@ class StableDiffusionClient:
         self,
         url: str | None = None,
         protocol: str = "grpc",
-        model_name: str = "pipeline",
+        model_name: str = PIPELINE,
         timeout_s: float | None = None,
         retries: int = 0,
         round_robin: bool = False,
@@ -467,23 +479,40 @@ class StableDiffusionClient:
         """The checkpoint the model serves: `{"model", "model_hash"}`, as its `info` output names them."""
         return self._config_parameter("checkpoint")
 
+    def pipelines(self) -> dict[str, dict[str, str]]:
+        """Every pipeline model the server has loaded, by name (in the server's order), with the checkpoint
+        it serves as `checkpoint()` gives it. Pipeline models are the python-backend models whose config has
+        the `checkpoint` parameter build-engines writes; their streaming twins (decoupled) are left out."""
+        with self._errors():
+            if self.protocol == "grpc":
+                index = self._client.get_model_repository_index(as_json=True, **self._call_kwargs)
+                models = index.get("models", [])
+            else:
+                models = self._client.get_model_repository_index()
+        found = {}
+        for model in models:
+            if model.get("state") != "READY" or model["name"] in found:
+                continue
+            config = self._model_config(model["name"])
+            decoupled = config.get("model_transaction_policy", {}).get("decoupled", False)
+            if (
+                config.get("backend") == "python"
+                and "checkpoint" in config.get("parameters", {})
+                and not decoupled
+            ):
+                found[model["name"]] = _json_parameter(model["name"], config, "checkpoint")
+        return found
+
+    def _model_config(self, model: str) -> dict[str, Any]:
+        """A model's config as JSON: Triton's ModelConfig, with its protobuf field names."""
+        with self._errors():
+            if self.protocol == "grpc":
+                return self._client.get_model_config(model, as_json=True, **self._call_kwargs)["config"]
+            return self._client.get_model_config(model)
+
     def _config_parameter(self, name: str) -> Any:
         """A JSON parameter of the model's config."""
-        with self._errors():
-            config = self._client.get_model_config(self.model_name, **self._call_kwargs)
-        if self.protocol == "grpc":
-            parameters = config.config.parameters
-            text = parameters[name].string_value if name in parameters else ""
-        else:
-            text = config.get("parameters", {}).get(name, {}).get("string_value", "")
-        if not text:
-            raise GenerationError(f"the config of model {self.model_name!r} has no {name!r} parameter")
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GenerationError(
-                f"the {name!r} parameter of model {self.model_name!r} is not JSON: {exc}"
-            ) from exc
+        return _json_parameter(self.model_name, self._model_config(self.model_name), name)
 
     def generate(
         self,
@@ -523,7 +552,7 @@ class StableDiffusionClient:
         job_id: str | None = None,
     ) -> GenerationResult:
         """Images for `request` (see `generate` for what its options do); `on_progress` streams from
-        `pipeline_stream` as in `generate`. `job_id` (letters, digits, '-', '_'; unique per request) lets
+        streaming twin as in `generate`. `job_id` (letters, digits, '-', '_'; unique per request) lets
         `stop(job_id)` end the generation early with the images reached so far (info "interrupted")."""
         arrays = build_request_inputs(request)
         if job_id is not None:
@@ -589,7 +618,7 @@ class StableDiffusionClient:
         raise AssertionError("unreachable")
 
     def _stream(self, inputs: list[Any], on_progress: Callable[[dict[str, Any], bytes | None], None]) -> Any:
-        """Run `pipeline_stream` over gRPC streaming: each progress response (and its preview PNG, if any)
+        """Run the streaming twin over gRPC streaming: each progress response (and its preview PNG, if any)
         goes to `on_progress`; returns the final response. A timeout, or an exception from `on_progress`
         (Ctrl-C too), cancels the request on the server, which stops within a step."""
         if self.protocol != "grpc":
@@ -605,7 +634,7 @@ class StableDiffusionClient:
                 headers={"triton_grpc_error": "true"},
             )
             try:
-                self._client.async_stream_infer(STREAM_MODEL, inputs, **self._timeout())
+                self._client.async_stream_infer(stream_model(self.model_name), inputs, **self._timeout())
                 while True:
                     try:
                         result, error = responses.get(timeout=self.timeout_s)

@@ -1,5 +1,6 @@
-"""`sd-client`: generate images (from text or an image, or inpaint one) with the Triton `pipeline` model,
-sweep parameters into X/Y/Z grids, or list its schedulers.
+"""`sd-client`: generate images (from text or an image, or inpaint one) with a Triton pipeline model
+(`--model`, default `pipeline`), sweep parameters into X/Y/Z grids, list its schedulers, or list the
+pipeline models (one per checkpoint) the server hosts.
 
 Exit codes: 0 success, 1 server or I/O failure (including no server at the URL), 2 invalid arguments
 (rejected by argparse, by our checks of input files and axes, or by the server).
@@ -23,6 +24,7 @@ from client.api import (
 )
 from client.grid import PARAMS, Axis, parse_axis, sweep
 from client.infotext import read_infotext, request_from_infotext
+from python_backend.shapes import PIPELINE
 
 EXIT_FAILURE = 1
 EXIT_INVALID_ARGUMENT = 2  # as argparse uses for bad command lines
@@ -64,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connection.add_argument(
         "--protocol", choices=sorted(DEFAULT_URLS), default="grpc", help="(default: grpc)"
+    )
+    connection.add_argument(
+        "--model",
+        default=PIPELINE,
+        metavar="NAME",
+        help="the pipeline model, i.e. the checkpoint (`sd-client models` lists them; default: %(default)s)",
     )
     connection.add_argument(
         "--timeout",
@@ -218,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the schedulers the server offers",
         description="List scheduler names and A1111 sampler labels; the checkpoint's own is the default.",
     )
+    commands.add_parser(
+        "models",
+        parents=[connection],
+        help="list the pipeline models the server hosts, one per checkpoint",
+        description="List each pipeline model (a --model value) with the checkpoint it serves.",
+    )
     return parser
 
 
@@ -358,6 +372,14 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def format_model_table(pipelines: dict[str, dict[str, str]]) -> str:
+    rows = [("MODEL", "CHECKPOINT", "HASH")] + [
+        (name, c.get("model", ""), c.get("model_hash", "")) for name, c in pipelines.items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{m:<{widths[0]}}  {c:<{widths[1]}}  {h}".rstrip() for m, c, h in rows)
+
+
 def format_scheduler_table(schedulers: list[dict[str, Any]]) -> str:
     rows = [("NAME", "A1111", "")] + [
         (s["name"], s.get("a1111", ""), "(default)" if s.get("default") else "") for s in schedulers
@@ -422,12 +444,14 @@ def save_and_report(result: GenerationResult, out_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        request = request_kwargs(args) if args.command != "schedulers" else {}
+        request = request_kwargs(args) if args.command not in ("schedulers", "models") else {}
         with StableDiffusionClient(
-            args.url, protocol=args.protocol, timeout_s=args.timeout, retries=args.retries
+            args.url, args.protocol, args.model, timeout_s=args.timeout, retries=args.retries
         ) as client:
             if args.command == "schedulers":
                 print(format_scheduler_table(client.schedulers()))
+            elif args.command == "models":
+                print(format_model_table(client.pipelines()))
             elif args.command == "grid":
                 _grid(client, args, request)
             else:

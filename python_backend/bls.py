@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
 from python_backend.engines import EngineError, Engines, EngineUnavailable
-from python_backend.shapes import ModelGeometry, engine_specs
+from python_backend.shapes import ModelGeometry, engine_specs, triton_model
 
 # What Triton 2.51 answers a BLS call whose model cannot run now: its stub died ("Stub process 'unet_0_0'
 # is not healthy"), it is unloaded or reloading ("... has no available versions", "... is not ready"),
@@ -26,16 +26,20 @@ _UNAVAILABLE = re.compile(
 
 
 class BlsEngines(Engines):
-    def __init__(self, geometry: ModelGeometry, device: str) -> None:
+    """`prefix`: the checkpoint's build-engines --prefix. The core names engines canonically (`unet`); their
+    Triton models are `triton_model(prefix, engine)`, so checkpoints sharing a server never mix engines."""
+
+    def __init__(self, geometry: ModelGeometry, device: str, prefix: str = "") -> None:
         self.device = torch.device(device)
         self._outputs = {
             name: [t.name for t in spec.outputs] for name, spec in engine_specs(geometry).items()
         }
+        self._models = {name: triton_model(prefix, name) for name in self._outputs}
 
     def run(self, engine: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outputs = self._outputs[engine]
         request = pb_utils.InferenceRequest(
-            model_name=engine,
+            model_name=self._models[engine],
             requested_output_names=outputs,
             inputs=[
                 pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(t.contiguous()))
@@ -44,7 +48,7 @@ class BlsEngines(Engines):
         )
         response = request.exec()
         if response.has_error():
-            message = f"{engine}: {response.error().message()}"
+            message = f"{self._models[engine]}: {response.error().message()}"
             raise (EngineUnavailable if _UNAVAILABLE.search(message) else EngineError)(message)
         return {
             name: dlpack.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack()).to(

@@ -138,6 +138,19 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 ENGINE_NAMES = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+PIPELINE = "pipeline"  # the pipeline model of a repository's unprefixed (default) checkpoint
+
+
+def triton_model(prefix: str, model: str) -> str:
+    """The Triton name of one of a checkpoint's models (an engine, `pipeline`): `PREFIX_model` for a
+    checkpoint built with `build-engines --prefix PREFIX`, so that several share one repository; `model`
+    for the unprefixed one."""
+    return f"{prefix}_{model}" if prefix else model
+
+
+def stream_model(pipeline: str) -> str:
+    """The decoupled twin of pipeline model `pipeline` (progress, previews, cancellation)."""
+    return f"{pipeline}_stream"
 
 
 def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
@@ -221,10 +234,9 @@ class PipelineManifest:
     model_name: str
     device: str = "cpu"  # where the engines take and give tensors: "cuda" for TensorRT engines
     model_hash: str = ""  # first 10 hex digits of the weights' sha256 (A1111's "Model hash" field)
-    vae_name: str = (
-        ""  # build-engines --vae: the VAE's file name (A1111's "VAE"); "" for the checkpoint's own
-    )
+    vae_name: str = ""  # build-engines --vae: its file name (A1111's "VAE"); "" for the checkpoint's own
     vae_hash: str = ""  # ... and its sha256's first 10 hex digits (A1111's "VAE hash")
+    prefix: str = ""  # build-engines --prefix: the pipeline calls its engines `triton_model(prefix, engine)`
 
     def write(self, path: Path) -> None:
         data = {
@@ -235,6 +247,7 @@ class PipelineManifest:
             "model_hash": self.model_hash,
             "vae_name": self.vae_name,
             "vae_hash": self.vae_hash,
+            "prefix": self.prefix,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -249,4 +262,5 @@ class PipelineManifest:
             model_hash=data.get("model_hash", ""),
             vae_name=data.get("vae_name", ""),
             vae_hash=data.get("vae_hash", ""),
+            prefix=data.get("prefix", ""),
         )

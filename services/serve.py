@@ -255,27 +255,31 @@ def has_tensorrt_plans(repository: Path) -> bool:
 
 
 def cuda_memory_pool_mib(repository: Path) -> int:
-    """A CUDA memory pool size for this repository: every request the pipeline models generate at once
-    holding its largest set of engine tensors (`shapes.request_engine_tensor_bytes`), doubled (slack for
-    the pool allocator's fragmentation and for tensors Python has not released yet when the next call
-    allocates), rounded up to a multiple of 64 MiB. DEFAULT_CUDA_POOL_MIB without a readable pipeline.json.
+    """A CUDA memory pool size for this repository: every request the pipeline models (each checkpoint's
+    `pipeline` and `pipeline_stream`, however prefixed: those with a pipeline.json) generate at once holding
+    its largest set of engine tensors (`shapes.request_engine_tensor_bytes` for its checkpoint's profile),
+    doubled (slack for the pool allocator's fragmentation and for tensors Python has not released yet when
+    the next call allocates), rounded up to a multiple of 64 MiB. DEFAULT_CUDA_POOL_MIB when no pipeline.json
+    can be read (a repository build-engines did not write).
 
     Why it matters: BLS outputs of GPU engines, and the GPU inputs the pipeline sends, are allocated from
     this pool (Triton's default is 64 MB); past it each tensor is a cudaMalloc shared through CUDA IPC.
     """
     from python_backend.shapes import PIPELINE_MANIFEST, PipelineManifest, request_engine_tensor_bytes
 
-    try:
-        manifest = PipelineManifest.read(repository / "pipeline" / "1" / PIPELINE_MANIFEST)
-    except (OSError, ValueError, KeyError, TypeError):
+    needed = 0
+    for path in sorted(repository.glob(f"*/*/{PIPELINE_MANIFEST}")):
+        model_dir = path.parents[1]
+        try:
+            manifest = PipelineManifest.read(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        concurrent = _max_concurrent_requests(model_dir, manifest.profile.max_batch)
+        needed += 2 * concurrent * request_engine_tensor_bytes(manifest.profile, manifest.geometry)
+    if not needed:
         return DEFAULT_CUDA_POOL_MIB
-    concurrent = sum(
-        _max_concurrent_requests(repository / model, manifest.profile.max_batch)
-        for model in ("pipeline", "pipeline_stream")
-    )
-    needed = 2 * concurrent * request_engine_tensor_bytes(manifest.profile, manifest.geometry)
     steps = -(-needed // (_POOL_STEP_MIB * MIB))  # ceiling division
-    return max(1, steps) * _POOL_STEP_MIB
+    return steps * _POOL_STEP_MIB
 
 
 def _max_concurrent_requests(model_dir: Path, default: int) -> int:

@@ -11,6 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import cli as build_cli
 from build_engines import onnx_export, repository
+from python_backend import schedulers
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS
 from python_backend.shapes import ENGINE_NAMES, PipelineManifest, Profile, engine_specs
 from tests.conftest import PROFILE_ARGS
@@ -182,3 +183,24 @@ def test_models_past_the_protobuf_limit_keep_weights_in_one_external_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data", "model.onnx.json"]
     assert (tmp_path / "model.onnx").stat().st_size < (tmp_path / "model.onnx.data").stat().st_size
     assert result.max_abs_diff < 1e-4  # checked by loading through ONNX Runtime, external data included
+
+
+@pytest.mark.parametrize("prefix", ["a/b", "..", "-x", "sd 1.5", "é"])
+def test_prefix_must_be_a_safe_model_name(tiny_checkpoint, tmp_path, capsys, prefix):
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "repo"), f"--prefix={prefix}"]
+    with pytest.raises(SystemExit) as exited:
+        build_cli.main(args)
+    assert exited.value.code == 2
+    assert "--prefix must be letters, digits, '-' and '_'" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_prefixed_configs_name_their_models(tiny_checkpoint):
+    geometry = onnx_export.read_geometry(tiny_checkpoint)
+    unet = engine_specs(geometry)["unet"]
+    config = repository.onnx_runtime_engine_config(unet, Profile(), prefix="sd15")
+    assert config.name == "sd15_unet" and config.HasField("dynamic_batching")
+    manifest = PipelineManifest(Profile(), geometry, "v1-5", prefix="sd15")
+    default = schedulers.SCHEDULERS[0]
+    names = [repository.pipeline_config(default, stream, manifest=manifest).name for stream in (False, True)]
+    assert names == ["sd15_pipeline", "sd15_pipeline_stream"]

@@ -12,6 +12,8 @@ from services.gateway.app import _error_for
 from services.gateway.cli import _credentials
 from services.gateway.models import Img2ImgRequest, Txt2ImgRequest
 
+CHECKPOINT = translate.Checkpoint("tiny-sd", "0123456789")  # served by the model `pipeline`
+
 
 @pytest.mark.parametrize(
     ("sampler", "scheduler", "expected", "warned"),
@@ -40,6 +42,21 @@ def test_checkpoint_matches_a1111_aliases():
     assert not checkpoint.matches("v1-5-pruned.safetensors [abcdef0123]")
 
 
+def test_override_settings_pick_the_checkpoint_of_one_request():
+    other = translate.Checkpoint("other-sd", "abcdef0123", "other_pipeline")
+    served = [CHECKPOINT, other]
+    for name in ("other-sd [abcdef0123]", "other-sd.safetensors", "abcdef0123"):
+        req = Txt2ImgRequest.model_validate({"override_settings": {"sd_model_checkpoint": name}})
+        plan = translate.plan_generation(req, served, CHECKPOINT, {})
+        assert plan.checkpoint == other and not plan.warnings, name
+    # A1111 keeps the current model for a name it does not know; we say so.
+    req = Txt2ImgRequest.model_validate({"override_settings": {"sd_model_checkpoint": "v1-5-pruned"}})
+    plan = translate.plan_generation(req, served, other, {})
+    assert plan.checkpoint == other
+    assert plan.warnings == ["checkpoint 'v1-5-pruned' is not served here; used 'other-sd [abcdef0123]'"]
+    assert translate.plan_generation(Txt2ImgRequest(), served, other, {}).checkpoint == other
+
+
 def test_lenient_fields_and_plan():
     req = Txt2ImgRequest.model_validate(
         {
@@ -53,7 +70,7 @@ def test_lenient_fields_and_plan():
         }
     )
     assert req.steps == 12 and req.seed == -1
-    plan = translate.plan_generation(req, None, {"CLIP_stop_at_last_layers": 2})
+    plan = translate.plan_generation(req, [CHECKPOINT], CHECKPOINT, {"CLIP_stop_at_last_layers": 2})
     first, second = plan.calls
     assert second.seed == first.seed + 2  # batch after batch, A1111's all_seeds[i] = seed + i
     assert (first.steps, first.num_images, first.clip_skip, first.guidance_scale) == (12, 2, 2, 7.0)
@@ -71,7 +88,7 @@ def test_img2img_plan_and_field_errors():
             "resize_mode": 1,
         }
     )
-    [call] = translate.plan_generation(req, None, {}).calls
+    [call] = translate.plan_generation(req, [CHECKPOINT], CHECKPOINT, {}).calls
     assert (call.image, call.mask, call.inpainting_fill, call.resize_mode) == (
         b"hi",
         b"hi",
@@ -86,14 +103,14 @@ def test_img2img_plan_and_field_errors():
         ({"init_images": ["aGk="], "n_iter": 0}, "n_iter"),
     ]:
         with pytest.raises(InvalidInput, match=field):
-            translate.plan_generation(Img2ImgRequest.model_validate(body), None, {})
+            translate.plan_generation(Img2ImgRequest.model_validate(body), [CHECKPOINT], CHECKPOINT, {})
 
 
 def test_unsupported_fields_are_warnings():
     req = Txt2ImgRequest.model_validate(
         {"restore_faces": True, "tiling": True, "styles": ["s"], "alwayson_scripts": {"ControlNet": {}}}
     )
-    warnings = translate.plan_generation(req, translate.Checkpoint("m", "h"), {}).warnings
+    warnings = translate.plan_generation(req, [CHECKPOINT], CHECKPOINT, {}).warnings
     assert len(warnings) == 4
 
 

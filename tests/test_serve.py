@@ -24,7 +24,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import tensorrt_engine as te
 from build_engines.tensorrt_engine import GpuIdentity, PlanRecord
-from python_backend.shapes import PIPELINE_MANIFEST, ModelGeometry, PipelineManifest, Profile
+from python_backend.shapes import (
+    PIPELINE,
+    PIPELINE_MANIFEST,
+    ModelGeometry,
+    PipelineManifest,
+    Profile,
+    stream_model,
+    triton_model,
+)
 from services import serve, supervisor
 from services.serve import free_ports
 from tests.triton_server import (
@@ -582,11 +590,12 @@ def test_runtime_found_from_nvidia_smi_and_libnvinfer_without_torch(tmp_path: Pa
 # --- Triton's CUDA memory pool ---------------------------------------------------------------------------
 
 
-def pipeline_repository(root: Path, profile: Profile, concurrent: int | None) -> Path:
+def pipeline_repository(root: Path, profile: Profile, concurrent: int | None, prefix: str = "") -> Path:
     """The pipeline models' files sd-serve sizes the pool from: pipeline.json and config.pbtxt."""
-    for name in ("pipeline", "pipeline_stream"):
+    pipeline = triton_model(prefix, PIPELINE)
+    for name in (pipeline, stream_model(pipeline)):
         (root / name / "1").mkdir(parents=True, exist_ok=True)
-        PipelineManifest(profile, ModelGeometry(), "sd", device="cuda").write(
+        PipelineManifest(profile, ModelGeometry(), "sd", device="cuda", prefix=prefix).write(
             root / name / "1" / PIPELINE_MANIFEST
         )
         config = mc.ModelConfig(name=name, backend="python")
@@ -609,6 +618,14 @@ def test_cuda_memory_pool_is_sized_from_the_profile(tmp_path: Path) -> None:
     # A config without the parameter counts build-engines' default, --max-batch.
     assert serve.cuda_memory_pool_mib(pipeline_repository(tmp_path / "old", overlay, concurrent=None)) == 128
     assert serve.cuda_memory_pool_mib(tmp_path / "no-pipeline") == serve.DEFAULT_CUDA_POOL_MIB == 512
+
+
+def test_cuda_memory_pool_counts_every_checkpoint(tmp_path: Path) -> None:
+    # Checkpoints side by side (build-engines --prefix) generate at the same time, each at its own profile:
+    # 821.7 MiB for the default one (above) + 123.3 MiB for the overlay's = 945.0 MiB, rounded up: 960.
+    repository = pipeline_repository(tmp_path, Profile(), concurrent=4)
+    pipeline_repository(repository, Profile.square(256, 512, 768, max_batch=2), concurrent=2, prefix="sd15")
+    assert serve.cuda_memory_pool_mib(repository) == 960
 
 
 def test_repository_with_plans_gets_a_pool_sized_for_it(

@@ -16,11 +16,13 @@ from build_engines import cli as build_cli
 from build_engines import onnx_export, repository, tensorrt_engine
 from python_backend.shapes import (
     ENGINE_NAMES,
+    PIPELINE,
     PIPELINE_MANIFEST,
     UNET,
     PipelineManifest,
     Profile,
     engine_specs,
+    stream_model,
 )
 from tests.test_build_engines import ONNX_TO_NUMPY
 
@@ -122,7 +124,7 @@ def test_pipeline_inputs_arrive_on_the_cpu_with_gpu_engines(tiny_checkpoint, tmp
     outputs stay on the GPU regardless; the device they work on comes from pipeline.json."""
     manifest = PipelineManifest(PROFILE, onnx_export.read_geometry(tiny_checkpoint), "tiny", device="cuda")
     repository.write_pipeline_model(tmp_path, tiny_checkpoint, manifest)
-    for name in (repository.PIPELINE, repository.PIPELINE_STREAM):
+    for name in (PIPELINE, stream_model(PIPELINE)):
         config = repository.read_config(tmp_path / name)
         assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in config.parameters, name
         assert PipelineManifest.read(tmp_path / name / "1" / PIPELINE_MANIFEST).device == "cuda"

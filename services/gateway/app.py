@@ -2,7 +2,12 @@
 
 Routes are sync functions: FastAPI runs them in its threadpool, so requests arriving together reach Triton
 together and meet in the UNet's dynamic batcher. Each request gets its own client (its own gRPC channel):
-nothing is shared between threads but the options dict, which a lock guards.
+nothing is shared between threads but the options, the checkpoint list and the current checkpoint, which a
+lock guards.
+
+Checkpoints are the pipeline models Triton hosts (one per checkpoint: `pipeline`, `NAME_pipeline`, ...). As
+in A1111, POST /options switches the current one for every later request, and a request's
+`override_settings.sd_model_checkpoint` picks one for itself.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
-from client.api import GenerationError, GenerationResult, StableDiffusionClient
+from client.api import CONTROL_MODEL, GenerationError, GenerationResult, StableDiffusionClient
 from client.infotext import PNG_KEY
 from python_backend.request import InvalidInput
+from python_backend.shapes import PIPELINE
 from services.gateway import translate
 from services.gateway.models import (
     ERROR_RESPONSES,
@@ -52,7 +58,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 @dataclass
 class GatewayConfig:
     triton_url: str = "127.0.0.1:8001"
-    model_name: str = "pipeline"
+    model_name: str = PIPELINE  # the default checkpoint's pipeline model (if absent: the first Triton lists)
     credentials: Sequence[tuple[str, str]] = ()  # --api-auth; empty: no auth
     cors_allow_origins: Sequence[str] = ()
     max_body_bytes: int = 50 * 2**20
@@ -205,25 +211,44 @@ class _State:
             "show_progress_every_n_steps": 10,  # ... every this many steps (A1111's defaults)
         }
     )
-    checkpoint: translate.Checkpoint | None = None
+    # The checkpoints Triton hosts, asked of it once (POST refresh-checkpoints asks again).
+    served: list[translate.Checkpoint] | None = None
+    current: str | None = None  # the pipeline model POST /options chose; None: the default
     jobs: Jobs = field(default_factory=Jobs)
 
-    def client(self) -> StableDiffusionClient:
+    def client(self, model: str) -> StableDiffusionClient:
         c = self.config
-        return StableDiffusionClient(
-            c.triton_url, "grpc", c.model_name, timeout_s=c.timeout_s, retries=c.retries
-        )
+        return StableDiffusionClient(c.triton_url, "grpc", model, timeout_s=c.timeout_s, retries=c.retries)
 
-    def get_checkpoint(self) -> translate.Checkpoint:
-        """The served checkpoint, asked of Triton once (the model's config names it)."""
-        if self.checkpoint is None:
-            try:
-                with self.client() as client:
-                    found = client.checkpoint()
-            except GenerationError as exc:
-                raise _error_for(exc) from exc
-            self.checkpoint = translate.Checkpoint(str(found["model"]), str(found.get("model_hash", "")))
-        return self.checkpoint
+    def checkpoints(self, refresh: bool = False) -> tuple[list[translate.Checkpoint], translate.Checkpoint]:
+        """The checkpoints Triton hosts, and the current one: POST /options's choice, else --model-name's,
+        else the first (a choice Triton no longer hosts falls back likewise)."""
+        with self.lock:
+            served, current = self.served, self.current
+        if served is None or refresh:
+            served = self._ask_triton()
+            with self.lock:
+                self.served = served
+        chosen = (c for name in (current, self.config.model_name) for c in served if c.pipeline == name)
+        return served, next(chosen, served[0])
+
+    def _ask_triton(self) -> list[translate.Checkpoint]:
+        """One per pipeline model Triton has loaded (their configs name the checkpoint)."""
+        try:
+            with self.client(self.config.model_name) as client:
+                pipelines = client.pipelines()
+        except GenerationError as exc:
+            raise _error_for(exc) from exc
+        if not pipelines:
+            raise ApiError(
+                503,
+                "ServiceUnavailable",
+                f"the Triton server at {self.config.triton_url} has no pipeline model",
+            )
+        return [
+            translate.Checkpoint(str(found["model"]), str(found.get("model_hash", "")), pipeline)
+            for pipeline, found in pipelines.items()
+        ]
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -257,10 +282,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return a1111_error(500, type(exc).__name__, str(exc))
 
     def generate(req: Txt2ImgRequest) -> GenerationResponse:
-        checkpoint = state.get_checkpoint()
+        served, current = state.checkpoints()
         with state.lock:
             defaults = dict(state.options)
-        plan = translate.plan_generation(req, checkpoint, defaults)
+        plan = translate.plan_generation(req, served, current, defaults)
         every = _int_or(defaults.get("show_progress_every_n_steps"), 10)
         preview_every = max(0, every) if defaults.get("live_previews_enable", True) else 0
         kind = "scripts_img2img" if isinstance(req, Img2ImgRequest) else "scripts_txt2img"
@@ -268,7 +293,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         try:
             # Through the streaming model: its progress reports drive /progress, and a call sent with a
             # job id can be interrupted with its images kept.
-            with state.jobs.track(kind, len(plan.calls)) as job, state.client() as client:
+            with (
+                state.jobs.track(kind, len(plan.calls)) as job,
+                state.client(plan.checkpoint.pipeline) as client,
+            ):
                 on_progress = state.jobs.on_progress(job, functools.partial(_stop, client))
                 for job_no, call in enumerate(plan.calls):
                     call_id = state.jobs.begin_call(job, job_no)
@@ -324,14 +352,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
         sends = state.jobs.stop_all(action)
         if not sends:
             return
-        with state.client() as client:
+        with state.client(CONTROL_MODEL) as client:  # stop() calls pipeline_control whatever the model
             for call_id, what in sends:
                 _stop(client, call_id, what)  # not found yet: asked again at the call's next progress
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
-        """The options clients read: sd_model_checkpoint (the served one), CLIP_stop_at_last_layers, ..."""
-        checkpoint = state.get_checkpoint()
+        """The options clients read: sd_model_checkpoint (the current one), CLIP_stop_at_last_layers, ..."""
+        _, checkpoint = state.checkpoints()
         with state.lock:
             return {
                 **state.options,
@@ -341,16 +369,20 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/sdapi/v1/options")
     def set_options(options: dict[str, Any] = Body(...)) -> None:  # noqa: B008
-        """Takes any options dict (a client may post back all it read). sd_model_checkpoint must name the
-        served checkpoint (by title, name or hash); CLIP_stop_at_last_layers becomes the default clip skip."""
+        """Takes any options dict (a client may post back all it read). sd_model_checkpoint (a title, name,
+        file name or hash of one sd-models lists) becomes the current checkpoint for every later request;
+        CLIP_stop_at_last_layers becomes the default clip skip."""
         wanted = options.get("sd_model_checkpoint")
+        chosen = None
         if wanted is not None:
-            checkpoint = state.get_checkpoint()
-            if not checkpoint.matches(str(wanted)):
+            served, _ = state.checkpoints()
+            chosen = translate.find_checkpoint(served, str(wanted))
+            if chosen is None:
+                titles = ", ".join(repr(c.title) for c in served)
                 raise ApiError(
                     422,
                     "RuntimeError",
-                    f"sd_model_checkpoint: model {wanted!r} not found; this server has {checkpoint.title!r}",
+                    f"sd_model_checkpoint: model {wanted!r} not found; this server has {titles}",
                 )
         skip = options.get("CLIP_stop_at_last_layers")
         if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int | float) or skip < 1):
@@ -360,18 +392,20 @@ def create_app(config: GatewayConfig) -> FastAPI:
             state.options.update({k: v for k, v in options.items() if k not in ("sd_model_checkpoint",)})
             if skip is not None:
                 state.options["CLIP_stop_at_last_layers"] = int(skip)
+            if chosen is not None:
+                state.current = chosen.pipeline
         return None
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models() -> list[dict[str, Any]]:
-        """The one checkpoint the server hosts."""
-        return [state.get_checkpoint().listing()]
+        """The checkpoints the server hosts: one per pipeline model."""
+        served, _ = state.checkpoints()
+        return [c.listing() for c in served]
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints() -> None:
-        """Asks Triton again which checkpoint it serves."""
-        state.checkpoint = None
-        state.get_checkpoint()
+        """Asks Triton again which checkpoints it serves."""
+        state.checkpoints(refresh=True)
 
     @app.get("/sdapi/v1/samplers")
     def samplers() -> list[dict[str, Any]]:

@@ -31,7 +31,12 @@ def _positive_mb(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sd-gateway", description=__doc__)
     p.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton's gRPC HOST:PORT")
-    p.add_argument("--model-name", default="pipeline", help="the pipeline model's name in Triton")
+    p.add_argument(
+        "--model-name",
+        default="pipeline",
+        help="the default checkpoint's pipeline model in Triton (if Triton has none of that name: the first "
+        "it lists); POST /sdapi/v1/options switches checkpoints",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860, help="A1111's port by default")
     p.add_argument("--api-auth", type=_credentials, default=[], metavar="USER:PASS[,USER:PASS...]")

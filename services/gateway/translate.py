@@ -24,6 +24,7 @@ from client.api import GenerateOptions, GenerationResult
 from client.infotext import save_png
 from python_backend import schedulers
 from python_backend.request import InvalidInput
+from python_backend.shapes import PIPELINE
 from services.gateway.models import Img2ImgRequest, Txt2ImgRequest
 
 A1111_VERSION = "v1.10.1"  # what `info.version` reports: clients branch on A1111's, not on ours
@@ -62,10 +63,11 @@ A1111_FIELDS = {
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The one checkpoint the server hosts, with the names A1111 gives a checkpoint."""
+    """A checkpoint the server hosts, with the names A1111 gives a checkpoint, and its pipeline model."""
 
     model: str
     model_hash: str
+    pipeline: str = PIPELINE  # the Triton model that generates with it
 
     @property
     def title(self) -> str:
@@ -89,11 +91,18 @@ class Checkpoint:
         }
 
 
+def find_checkpoint(served: Sequence[Checkpoint], name: str) -> Checkpoint | None:
+    """The checkpoint `name` names (any of A1111's aliases, `Checkpoint.matches`); the first if several do."""
+    return next((c for c in served if c.matches(name)), None)
+
+
 @dataclass
 class Plan:
-    """What one A1111 request becomes: generate() calls (one per `n_iter`) and what to report."""
+    """What one A1111 request becomes: generate() calls (one per `n_iter`) to `checkpoint`'s pipeline and
+    what to report."""
 
     calls: list[GenerateOptions]
+    checkpoint: Checkpoint
     warnings: list[str] = field(default_factory=list)
     sampler_name: str | None = None  # A1111's sampler label, without the schedule type
     schedule_type: str = "Automatic"
@@ -182,20 +191,27 @@ def _unsupported(req: Txt2ImgRequest, options: dict[str, Any], warnings: list[st
 
 def plan_generation(
     req: Txt2ImgRequest,
-    checkpoint: Checkpoint | None,
+    served: Sequence[Checkpoint],
+    current: Checkpoint,
     defaults: dict[str, Any],
 ) -> Plan:
     """The generate() calls for an A1111 txt2img or img2img request.
 
-    `defaults`: the gateway's options (/sdapi/v1/options), of which CLIP_stop_at_last_layers applies when
-    `override_settings` doesn't set it."""
+    `served`: the checkpoints the server hosts, of which `override_settings.sd_model_checkpoint` picks one
+    for this request; else `current`, the one /sdapi/v1/options set. `defaults`: the gateway's options, of
+    which CLIP_stop_at_last_layers applies when `override_settings` doesn't set it."""
     warnings: list[str] = []
     overrides = dict(req.override_settings or {})
     _unsupported(req, overrides, warnings)
+    checkpoint = current
     wanted = overrides.get("sd_model_checkpoint")
-    if wanted and checkpoint is not None and not checkpoint.matches(str(wanted)):
-        # A1111 drops an unknown override checkpoint silently and keeps the current model.
-        warnings.append(f"checkpoint {wanted!r} is not served here; used {checkpoint.title!r}")
+    if wanted:
+        found = find_checkpoint(served, str(wanted))
+        if found is None:
+            # A1111 drops an unknown override checkpoint silently and keeps the current model.
+            warnings.append(f"checkpoint {wanted!r} is not served here; used {current.title!r}")
+        else:
+            checkpoint = found
 
     sampler, schedule_type = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, warnings)
     batch_size = 1 if req.batch_size is None else req.batch_size
@@ -245,7 +261,7 @@ def plan_generation(
         if subseed_strength > 0:
             batch["subseed"] = subseed + i * batch_size
         calls.append(GenerateOptions(**batch))
-    return Plan(calls, warnings, sampler, schedule_type, seed, subseed)
+    return Plan(calls, checkpoint, warnings, sampler, schedule_type, seed, subseed)
 
 
 def _is_utf8(text: str) -> bool:

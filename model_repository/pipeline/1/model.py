@@ -49,7 +49,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.assets = PipelineAssets.load(Path(args["model_repository"]) / args["model_version"])
         manifest = self.assets.manifest
-        self.engines = BlsEngines(manifest.geometry, manifest.device)
+        self.engines = BlsEngines(manifest.geometry, manifest.device, manifest.prefix)
         self.logger = pb_utils.Logger
         self.metrics = PipelineMetrics(pb_utils, config["name"])
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
