@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from build_engines import embeddings, inputs, onnx_export, repository, tensorrt_engine
-from build_engines.repository import ServingOptions
+from build_engines.repository import PIPELINE_CONTROL, ServingOptions
 from build_engines.single_file import SingleFileError
 from python_backend.shapes import (
     ENGINE_NAMES,
@@ -25,6 +25,7 @@ from python_backend.shapes import (
     PipelineManifest,
     Profile,
     engine_specs,
+    stream_model,
     triton_model,
 )
 from services.serve import default_cache_dir
@@ -208,8 +209,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
+    """Build into a stage beside --output and move it in only once everything is built."""
+    pipeline = triton_model(args.prefix, PIPELINE)
+    engines = [triton_model(args.prefix, engine) for engine in ENGINE_NAMES]
+    stage = repository.Stage(args.output, [*engines, pipeline, stream_model(pipeline), PIPELINE_CONTROL])
+    try:
+        code = build_into(stage.path, args, prepared)
+        if code == 0:
+            stage.publish()
+            print(f"model repository written: {args.output} (pipeline model: {pipeline})")
+            print(f"serve it with: sd-serve --model-repository {args.output}")
+        return code
+    finally:
+        stage.remove()
+
+
+def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
     checkpoint = prepared.folder
-    repo: Path = args.output
     if args.target == "tensorrt":
         try:
             gpu = tensorrt_engine.check_tensorrt_available()
@@ -292,8 +308,6 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
         token_table = embeddings.token_table(inversions, vocab_size(checkpoint), tokenizer(checkpoint))
         print(f"embeddings: {', '.join(e.name for e in inversions)}")
     repository.write_pipeline_model(repo, checkpoint, manifest, serving, token_table)
-    print(f"model repository written: {repo} (pipeline model: {triton_model(args.prefix, PIPELINE)})")
-    print(f"serve it with: sd-serve --model-repository {repo}")
     return 0
 
 

@@ -11,7 +11,10 @@ of the models it names.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from build_engines.onnx_export import EXTERNAL_DATA
 from python_backend import schedulers
 from python_backend.pipeline import EMBEDDINGS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
@@ -242,3 +246,61 @@ def write_pipeline_model(
     (control / "1").mkdir(parents=True, exist_ok=True)
     write_config(control, control_config())
     shutil.copyfile(SOURCES / PIPELINE_CONTROL / "1" / "model.py", control / "1" / "model.py")
+
+
+class Stage:
+    """A build written beside the repository and moved into it at the end (`publish`): a build that
+    fails leaves the repository as it was, and a server never loads a half-written model.
+
+    The stage is a hidden sibling folder (the same filesystem, so the moves are renames). What a build
+    only ever replaces whole and is costly to make (ONNX exports, TensorRT plans and their sidecars) is
+    hard-linked in from the repository first, so an up-to-date export is still kept rather than redone;
+    everything else is written afresh."""
+
+    # Per model folder: what onnx_export.export_engine and tensorrt_engine.build_engine reuse when their
+    # sidecar matches, and otherwise unlink or rename over (never write into: the link is the live file).
+    REUSABLE = tuple(
+        f"{folder}/{name}"
+        for folder in ("1", "onnx")
+        for name in ("model.onnx", EXTERNAL_DATA, "model.onnx.json", "model.plan", "model.plan.json")
+    )
+
+    def __init__(self, repository: Path, models: Sequence[str]) -> None:
+        self.repository = repository
+        repository.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{repository.name}.build-", dir=repository.parent))
+        for model in models:
+            for name in self.REUSABLE:
+                built = repository / model / name
+                if built.is_file():
+                    (self.path / model / name).parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(built, self.path / model / name)
+
+    def publish(self) -> None:
+        """Move each model folder of the stage over the repository's; the ones they replace go into the
+        stage, to be removed with it. Other models in the repository (other checkpoints) stay as they are."""
+        self.repository.mkdir(exist_ok=True)
+        replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.path))
+        for staged in sorted(p for p in self.path.iterdir() if p.is_dir() and p != replaced):
+            live = self.repository / staged.name
+            if _same_filesystem(self.path, self.repository):
+                if live.exists():
+                    live.rename(replaced / staged.name)
+                staged.rename(live)
+            else:  # --output is a mount point: its parent, where the stage is, is another filesystem
+                shutil.rmtree(live, ignore_errors=True)
+                shutil.move(staged, live)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if _same_filesystem(source.parent, target.parent):
+        os.link(source, target)
+    else:
+        shutil.copy2(source, target)

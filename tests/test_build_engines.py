@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +16,7 @@ from build_engines import cli as build_cli
 from build_engines import onnx_export, repository
 from python_backend import schedulers
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS
-from python_backend.shapes import ENGINE_NAMES, PipelineManifest, Profile, engine_specs
+from python_backend.shapes import ENGINE_NAMES, UNET, PipelineManifest, Profile, engine_specs
 from tests.conftest import PROFILE_ARGS
 
 ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT32: np.int32}
@@ -106,6 +109,61 @@ def test_rebuild_reuses_finished_work(model_repository, tiny_checkpoint, capsys)
     )
     assert {e: p.stat().st_mtime_ns for e, p in onnx_files.items()} == before
     assert capsys.readouterr().out.count("up to date, kept") == len(ENGINE_NAMES)
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+@pytest.mark.parametrize("failure", ["export fails", "crash while writing the pipeline"])
+def test_a_failed_build_leaves_the_repository_as_it_was(model_repository, tiny_checkpoint, tmp_path, failure):
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
+    before = _files(repo)
+    # A changed profile rewrites every config: the build would change files all over the repository.
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), "--max-size", "128"]
+    with pytest.MonkeyPatch.context() as patch:
+        if failure == "export fails":
+
+            def fail_unet(spec, *rest, **kwargs):
+                if spec.name == UNET:
+                    raise onnx_export.ExportError("unet: ONNX Runtime differs from torch")
+                return export_engine(spec, *rest, **kwargs)
+
+            export_engine = onnx_export.export_engine
+            patch.setattr(onnx_export, "export_engine", fail_unet)
+            assert build_cli.main(args) == 1
+        else:
+
+            def disk_full(*args, **kwargs):
+                raise OSError("disk full")
+
+            patch.setattr(repository, "write_pipeline_model", disk_full)
+            with pytest.raises(OSError, match="disk full"):
+                build_cli.main(args)
+    assert _files(repo) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no stage left behind
+
+
+def test_a_rebuild_replaces_whole_models_and_keeps_exports_by_link(
+    model_repository, tiny_checkpoint, tmp_path
+):
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
+    (repo / UNET / "1" / "leftover.txt").write_text("from an older build")
+    unet_onnx = (repo / UNET / "1" / "model.onnx").stat().st_ino
+    manifest = repo / "pipeline" / "1" / "pipeline.json"
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), "--max-size", "128"]
+    assert PipelineManifest.read(manifest).profile.width[2] == 256
+    assert build_cli.main(args) == 0
+    assert (repo / UNET / "1" / "model.onnx").stat().st_ino == unet_onnx  # kept: linked, not exported again
+    assert PipelineManifest.read(manifest).profile.width[2] == 128  # the new build's
+    assert not (repo / UNET / "1" / "leftover.txt").exists()  # the model folder was replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
 
 
 def test_changed_weights_are_exported_again(tiny_checkpoint, tmp_path):
