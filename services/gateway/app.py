@@ -1,8 +1,9 @@
 """The FastAPI app: A1111's /sdapi/v1 routes, each forwarded to Triton with StableDiffusionClient.
 
 Routes are sync functions: FastAPI runs them in its threadpool, so requests arriving together reach Triton
-together and meet in the UNet's dynamic batcher. Each request gets its own client (its own gRPC channel):
-nothing is shared between threads but the options, the checkpoint list and the current checkpoint, which a
+together and meet in the UNet's dynamic batcher. Each request has a client (a gRPC channel, and its stream)
+to itself, taken from a pool of idle ones so that a request does not pay for a new channel: nothing is
+shared between threads but that pool, the options, the checkpoint list and the current checkpoint, which a
 lock guards.
 
 Checkpoints are the pipeline models Triton hosts (one per checkpoint: `pipeline`, `NAME_pipeline`, ...). As
@@ -20,7 +21,8 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,10 +217,33 @@ class _State:
     served: list[translate.Checkpoint] | None = None
     current: str | None = None  # the pipeline model POST /options chose; None: the default
     jobs: Jobs = field(default_factory=Jobs)
+    idle: dict[str, list[StableDiffusionClient]] = field(default_factory=dict)  # clients by model, unused
 
-    def client(self, model: str) -> StableDiffusionClient:
-        c = self.config
-        return StableDiffusionClient(c.triton_url, "grpc", model, timeout_s=c.timeout_s, retries=c.retries)
+    MAX_IDLE = 16  # per model: more requests than this at once pay for their own channels
+
+    @contextmanager
+    def client(self, model: str) -> Iterator[StableDiffusionClient]:
+        """A client for `model` to this request alone; back to the pool after, unless its call failed (its
+        channel may be what failed)."""
+        with self.lock:
+            pooled = self.idle.get(model)
+            client = pooled.pop() if pooled else None
+        if client is None:
+            c = self.config
+            client = StableDiffusionClient(
+                c.triton_url, "grpc", model, timeout_s=c.timeout_s, retries=c.retries
+            )
+        try:
+            yield client
+        except BaseException:
+            client.close()
+            raise
+        with self.lock:
+            pooled = self.idle.setdefault(model, [])
+            if len(pooled) < self.MAX_IDLE:
+                pooled.append(client)
+                return
+        client.close()
 
     def checkpoints(self, refresh: bool = False) -> tuple[list[translate.Checkpoint], translate.Checkpoint]:
         """The checkpoints Triton hosts, and the current one: POST /options's choice, else --model-name's,
