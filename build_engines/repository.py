@@ -118,6 +118,7 @@ def pipeline_config(
     streaming: bool = False,
     serving: ServingOptions = ServingOptions(),
     manifest: PipelineManifest | None = None,
+    token_table: dict[str, Any] | None = None,
 ) -> mc.ModelConfig:
     """`pipeline`, or with `streaming` the decoupled `pipeline_stream` (same model.py): progress and
     previews over gRPC streaming, cancellable. Both prefixed by the manifest's prefix."""
@@ -152,8 +153,16 @@ def pipeline_config(
     config.parameters["schedulers"].string_value = json.dumps(listing)
     if manifest is not None:
         # Which checkpoint this is, for clients that list models without generating (sd-gateway's
-        # /sdapi/v1/sd-models): the names the `info` output reports.
-        checkpoint = {"model": manifest.model_name, "model_hash": manifest.model_hash}
+        # /sdapi/v1/sd-models, sd-vae, embeddings): the names the `info` output reports.
+        checkpoint: dict[str, Any] = {"model": manifest.model_name, "model_hash": manifest.model_hash}
+        if manifest.vae_name:
+            checkpoint.update(vae=manifest.vae_name, vae_hash=manifest.vae_hash)
+        if token_table:
+            width = manifest.geometry.text_hidden_size
+            checkpoint["embeddings"] = {
+                name: {"vectors": len(e["vector_ids"]), "shape": width, "hash": e["hash"]}
+                for name, e in token_table.items()
+            }
         config.parameters["checkpoint"].string_value = json.dumps(checkpoint)
     # No FORCE_CPU_ONLY_INPUT_TENSORS "no", on either target: that parameter only lets the model's own
     # request inputs arrive in GPU memory (e.g. from a client's CUDA shared memory), where model.py's
@@ -228,7 +237,7 @@ def write_pipeline_model(
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
     for streaming in (False, True):
-        config = pipeline_config(default, streaming, serving, manifest)
+        config = pipeline_config(default, streaming, serving, manifest, token_table)
         model_dir = repository / config.name
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)

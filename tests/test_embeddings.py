@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -21,8 +22,11 @@ from python_backend import prompts
 from python_backend.engines import OnnxRuntimeEngines
 from python_backend.pipeline import PipelineAssets, generate
 from python_backend.request import GenerationRequest
+from services.gateway.app import GatewayConfig
 from tests.conftest import PROFILE_ARGS
 from tests.parity import TOLERANCE, max_pixel_diff
+from tests.test_gateway import running_gateway
+from tests.triton_server import TritonServer
 
 WIDTH = 32  # the tiny text encoder's
 
@@ -178,3 +182,26 @@ def test_read_embedding_refuses_a_pickle_that_runs_code(tmp_path):
     torch.save({"string_to_param": {"*": torch.zeros(1, WIDTH)}, "x": Payload()}, path)
     with pytest.raises(SingleFileError, match=r"evil\.pt: this pickle needs more than tensors"):
         read_embedding(path, WIDTH)
+
+
+@pytest.mark.integration
+def test_served_through_triton_and_the_gateway(repository: Path):
+    """A real tritonserver on the repository, and sd-gateway in front: /embeddings lists them as A1111
+    does, and a txt2img using one carries its TI hash in the infotext."""
+    with (
+        TritonServer(repository) as triton,
+        running_gateway(GatewayConfig(triton_url=triton.grpc_url)) as url,
+    ):
+        listing = requests.get(f"{url}/sdapi/v1/embeddings", timeout=30).json()
+        assert listing["skipped"] == {}
+        assert {name: (e["vectors"], e["shape"]) for name, e in listing["loaded"].items()} == {
+            "EasyNeg": (3, WIDTH),
+            "oldstyle": (2, WIDTH),
+            "shiny": (1, WIDTH),
+        }
+        size = {"steps": 3, "width": 64, "height": 64, "seed": 5}
+        body = {"prompt": "a (shiny:1.2) cat", "negative_prompt": "EasyNeg", **size}
+        answer = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        [infotext] = json.loads(answer.json()["info"])["infotexts"]
+        assert 'TI hashes: "EasyNeg: ' in infotext and ", shiny: " in infotext

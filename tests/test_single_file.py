@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from build_engines import cli as build_cli
+from build_engines import repository
 from build_engines.single_file import (
     ARCHITECTURE_KEY,
     TEXT_PREFIX,
@@ -240,6 +241,9 @@ def test_vae_override_matches_diffusers_with_that_vae(tiny_checkpoint, tmp_path)
     own, _ = _images(tiny_checkpoint_repository(tmp_path, tiny_checkpoint), scheduler="Euler a")
     assert max_pixel_diff(images, own) > TOLERANCE  # the VAE made a difference
     assert info["vae"] == "other-vae.safetensors"
+    # What sd-gateway's /sdapi/v1/sd-vae lists: the pipeline's config names the VAE.
+    config = repository.read_config(repo / "pipeline")
+    assert json.loads(config.parameters["checkpoint"].string_value)["vae"] == "other-vae.safetensors"
     assert info["vae_hash"] == hashlib.sha256(vae_file.read_bytes()).hexdigest()[:10]
     [infotext] = ClientResult([Image.fromarray(images[0])], info).infotexts()
     assert f"VAE hash: {info['vae_hash']}, VAE: other-vae.safetensors" in infotext
@@ -267,3 +271,29 @@ def test_a_bad_vae_is_refused_naming_the_file(tiny_checkpoint, tmp_path, kind, c
     assert code == 1
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith(f"build-engines: {vae}: ")
+
+
+def test_a_diffusers_vae_folder_gives_the_same_as_its_a1111_file(tiny_checkpoint, tmp_path):
+    other = write_tiny_checkpoint(tmp_path / "other", seed=1)
+    vae_file = _a1111_vae_file(other, tmp_path / "other-vae.safetensors")
+    built = {}
+    for kind, vae in (("file", vae_file), ("folder", other / "vae")):
+        repo = tmp_path / f"repo-{kind}"
+        args = ["--checkpoint", str(tiny_checkpoint), "--vae", str(vae), "--output", str(repo)]
+        assert build_cli.main([*args, *PROFILE_ARGS]) == 0
+        built[kind] = _images(repo, scheduler="Euler a")
+    np.testing.assert_array_equal(built["file"][0], built["folder"][0])
+    assert built["folder"][1]["vae"] == "vae" and len(built["folder"][1]["vae_hash"]) == 10
+
+
+def test_a_bad_checkpoint_file_is_refused_in_one_line_naming_it(tmp_path, capsys):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    repo = tmp_path / "repo"
+    assert build_cli.main(["--checkpoint", str(path), "--output", str(repo)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert (
+        line
+        == f"build-engines: {path}: not a readable safetensors file" + line.split("safetensors file", 1)[1]
+    )
+    assert not repo.exists()

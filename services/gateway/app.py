@@ -270,10 +270,7 @@ class _State:
                 "ServiceUnavailable",
                 f"the Triton server at {self.config.triton_url} has no pipeline model",
             )
-        return [
-            translate.Checkpoint(str(found["model"]), str(found.get("model_hash", "")), pipeline)
-            for pipeline, found in pipelines.items()
-        ]
+        return [translate.Checkpoint.from_parameter(pipeline, found) for pipeline, found in pipelines.items()]
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -455,7 +452,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
-        return []  # the checkpoint's own VAE only
+        """The VAE the current checkpoint was built with, if not its own (a VAE is chosen at build time)."""
+        _, current = state.checkpoints()
+        return [{"model_name": current.vae, "filename": current.vae}] if current.vae else []
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict[str, Any]]:
@@ -463,7 +462,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+        """The current checkpoint's textual inversions (build-engines --embeddings), as A1111 lists them."""
+        _, current = state.checkpoints()
+        unknown = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}  # training details
+        loaded = {
+            name: {**unknown, "shape": e.get("shape"), "vectors": e.get("vectors")}
+            for name, e in current.embeddings.items()
+        }
+        return {"loaded": loaded, "skipped": {}}
 
     @app.get("/sdapi/v1/hypernetworks")
     def hypernetworks() -> list[dict[str, Any]]:

@@ -68,6 +68,20 @@ class Checkpoint:
     model: str
     model_hash: str
     pipeline: str = PIPELINE  # the Triton model that generates with it
+    vae: str = ""  # the VAE it was built with (build-engines --vae); "" for its own
+    # Textual inversions its text encoder knows (build-engines --embeddings): name → {vectors, shape, hash}.
+    embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_parameter(cls, pipeline: str, found: dict[str, Any]) -> Checkpoint:
+        """From the pipeline model's `checkpoint` config parameter (build-engines writes it)."""
+        return cls(
+            str(found["model"]),
+            str(found.get("model_hash", "")),
+            pipeline,
+            str(found.get("vae", "")),
+            dict(found.get("embeddings", {})),
+        )
 
     @property
     def title(self) -> str:
