@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from build_engines import embeddings, inputs, onnx_export, repository, tensorrt_engine
+from build_engines.digests import digest_folder
 from build_engines.repository import PIPELINE_CONTROL, ServingOptions
 from build_engines.single_file import SingleFileError
 from python_backend.shapes import (
@@ -240,7 +241,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
     vectors = torch.cat([e.vectors for e in inversions]) if inversions else None
     loader = onnx_export.ModuleLoader(checkpoint, vectors)
     # The text encoder's export depends on the embeddings too: they are part of its cache key.
-    digests: dict[str, str] = {"text_encoder": onnx_export.digest_folder(checkpoint / "text_encoder")}
+    digests: dict[str, str] = {"text_encoder": digest_folder(checkpoint / "text_encoder")}
     if inversions:
         digests["text_encoder"] += embeddings.digest(inversions)
     precision = precisions(args.target, args.vae_precision)
@@ -256,7 +257,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
             bar.set_description(f"{spec.name}: {precision[spec.name]} ONNX export + check")
             component = onnx_export.COMPONENT_OF[spec.name]
             if component not in digests:
-                digests[component] = onnx_export.digest_folder(checkpoint / component)
+                digests[component] = digest_folder(checkpoint / component)
             try:
                 exported = onnx_export.export_engine(
                     spec,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from build_engines.digests import file_sha256
 from build_engines.single_file import SingleFileError
 from python_backend.prompts import CHUNK_TOKENS
 
@@ -68,8 +69,7 @@ def read_embedding(path: Path, width: int) -> Embedding:
         )
     if not torch.isfinite(vectors).all():
         raise SingleFileError(f"{path}: holds values that are not finite")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Embedding(path.stem, vectors.detach().float().contiguous(), digest)
+    return Embedding(path.stem, vectors.detach().float().contiguous(), file_sha256(path))
 
 
 def _vectors(path: Path, data: Any) -> torch.Tensor:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from build_engines import onnx_export
+from build_engines.digests import digest_folder, file_sha256
 from build_engines.single_file import SUFFIXES, SingleFileError, convert_to_diffusers, read_state_dict
 
 CHECKPOINT_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -34,17 +34,9 @@ class PreparedCheckpoint:
     vae_hash: str = ""  # A1111's "VAE hash"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def folder_hash(folder: Path) -> str:
     """A diffusers checkpoint's hash: sha256 over its UNet, VAE and text encoder folders' digests."""
-    digests = "".join(onnx_export.digest_folder(folder / c) for c in ("text_encoder", "unet", "vae"))
+    digests = "".join(digest_folder(folder / c) for c in ("text_encoder", "unet", "vae"))
     return hashlib.sha256(digests.encode()).hexdigest()[:10]
 
 
@@ -105,7 +97,7 @@ def replace_vae(checkpoint: Path, vae: Path, out: Path) -> tuple[str, str]:
                 f"{config['latent_channels']}"
             )
         model.register_to_config(scaling_factor=config["scaling_factor"])
-        name, digest = vae.name, onnx_export.digest_folder(source)
+        name, digest = vae.name, digest_folder(source)
     elif vae.is_file():
         state, _ = read_state_dict(vae)
         state = {k.removeprefix(VAE_PREFIX): t for k, t in state.items()}

@@ -7,7 +7,6 @@ recording what it was made from; a later build with the same source and settings
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import tempfile
 import warnings
@@ -339,14 +338,3 @@ def check_against_torch(spec: EngineSpec, model: nn.Module, path: Path) -> float
     if isinstance(expected, torch.Tensor):
         expected = (expected,)
     return max(float(np.max(np.abs(g - e.numpy()))) for g, e in zip(got, expected, strict=True))
-
-
-def digest_folder(folder: Path) -> str:
-    """sha256 over a checkpoint component folder's file names and bytes."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode())
-        with f.open("rb") as stream:
-            while chunk := stream.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()

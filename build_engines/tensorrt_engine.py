@@ -15,7 +15,6 @@ machines without it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from build_engines.digests import file_sha256
 from python_backend.shapes import EngineSpec, Profile
 
 if TYPE_CHECKING:
@@ -312,15 +312,7 @@ def _release(version: str) -> tuple[str, ...]:
 def onnx_digests(onnx_path: Path) -> dict[str, str]:
     """sha256 of the ONNX file and of its external data file (build_engines.onnx_export's naming)."""
     files = [onnx_path, onnx_path.with_name(onnx_path.name + ".data")]
-    return {f.name: _sha256(f) for f in files if f.exists()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return {f.name: file_sha256(f) for f in files if f.exists()}
 
 
 def _profile_json(shapes: dict[str, ShapeRange]) -> dict[str, dict[str, list[int]]]:

@@ -8,6 +8,8 @@ import pytest
 
 from build_engines import cli as build_cli
 from build_engines.tiny_checkpoint import write_tiny_checkpoint
+from python_backend.engines import OnnxRuntimeEngines
+from python_backend.pipeline import PipelineAssets
 
 # Small enough to be quick on 2 cores, large enough for a non-square size above the minimum.
 PROFILE_ARGS = ["--min-size", "64", "--max-size", "256", "--max-batch", "4"]
@@ -38,3 +40,15 @@ def inpainting_repository(tiny_inpainting_checkpoint: Path, tmp_path_factory: py
     args = ["--checkpoint", str(tiny_inpainting_checkpoint), "--output", str(repo), *PROFILE_ARGS]
     assert build_cli.main(args) == 0
     return repo
+
+
+@pytest.fixture(scope="session")
+def assets(model_repository: Path) -> PipelineAssets:
+    """The tiny repository's pipeline assets (tokenizer, scheduler config, manifest) for the core."""
+    return PipelineAssets.load(model_repository / "pipeline" / "1")
+
+
+@pytest.fixture(scope="session")
+def engines(model_repository: Path, assets: PipelineAssets) -> OnnxRuntimeEngines:
+    """The tiny repository's engines on in-process ONNX Runtime sessions."""
+    return OnnxRuntimeEngines(model_repository, assets.manifest.geometry)

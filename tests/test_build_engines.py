@@ -14,6 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines import cli as build_cli
 from build_engines import onnx_export, repository
+from build_engines.digests import digest_folder
 from python_backend import schedulers
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS
 from python_backend.shapes import ENGINE_NAMES, UNET, PipelineManifest, Profile, engine_specs
@@ -178,9 +179,9 @@ def test_changed_weights_are_exported_again(tiny_checkpoint, tmp_path):
 def test_digest_follows_file_contents(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "w.bin").write_bytes(b"123")
-    first = onnx_export.digest_folder(tmp_path / "a")
+    first = digest_folder(tmp_path / "a")
     (tmp_path / "a" / "w.bin").write_bytes(b"124")
-    assert onnx_export.digest_folder(tmp_path / "a") != first
+    assert digest_folder(tmp_path / "a") != first
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):

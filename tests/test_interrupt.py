@@ -17,9 +17,8 @@ import webuiapi
 
 from client import GenerationError, StableDiffusionClient
 from client.api import GenerateOptions
-from python_backend.engines import OnnxRuntimeEngines
 from python_backend.jobs import STALE_AFTER_S, JobBoard, job_id_from_input
-from python_backend.pipeline import Interrupted, PipelineAssets, Progress, _to_rgb, generate
+from python_backend.pipeline import Interrupted, Progress, _to_rgb, generate
 from python_backend.request import GenerationRequest, InvalidInput
 from services.gateway.app import GatewayConfig
 from tests.test_gateway import running_gateway
@@ -27,16 +26,6 @@ from tests.triton_server import TritonServer
 
 LONG = 150  # steps: a generation that runs long enough to be stopped in the middle
 SIZE = 128
-
-
-@pytest.fixture(scope="module")
-def assets(model_repository: Path) -> PipelineAssets:
-    return PipelineAssets.load(model_repository / "pipeline" / "1")
-
-
-@pytest.fixture(scope="module")
-def engines(model_repository: Path, assets: PipelineAssets) -> OnnxRuntimeEngines:
-    return OnnxRuntimeEngines(model_repository, assets.manifest.geometry)
 
 
 def _stop_at(step: int, seen: dict[int, Any]) -> Any:

@@ -14,7 +14,6 @@ from PIL import Image
 
 from build_engines import cli as build_cli
 from perf import sweep
-from python_backend.pipeline import PipelineAssets
 from python_backend.request import REQUEST_INPUTS, request_from_inputs
 from python_backend.shapes import ModelGeometry, Profile
 from services.serve import free_ports
@@ -66,11 +65,6 @@ def _as_triton_inputs(entry: dict[str, Any]) -> dict[str, np.ndarray]:
         ).reshape(1)
         for name, values in entry.items()
     }
-
-
-@pytest.fixture(scope="module")
-def assets(model_repository: Path) -> PipelineAssets:
-    return PipelineAssets.load(model_repository / "pipeline" / "1")
 
 
 def _default_build_profile(tiny_checkpoint: Path) -> Profile:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,22 +10,12 @@ import torch
 
 from build_engines import repository
 from python_backend.engines import OnnxRuntimeEngines
-from python_backend.pipeline import Cancelled, GenerationResult, PipelineAssets, Progress, generate
+from python_backend.pipeline import Cancelled, GenerationResult, Progress, generate
 from python_backend.request import REQUEST_INPUTS, GenerationRequest, InvalidInput, request_from_inputs
 from python_backend.shapes import ENGINE_NAMES
 from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff, png_bytes, smooth_picture
 
 PROMPT = "a photo of a cat"
-
-
-@pytest.fixture(scope="module")
-def assets(model_repository: Path) -> PipelineAssets:
-    return PipelineAssets.load(model_repository / "pipeline" / "1")
-
-
-@pytest.fixture(scope="module")
-def engines(model_repository: Path, assets: PipelineAssets) -> OnnxRuntimeEngines:
-    return OnnxRuntimeEngines(model_repository, assets.manifest.geometry)
 
 
 @pytest.mark.parametrize(
