@@ -5,6 +5,8 @@ latents it reached, `pipeline_control` reaches a running request of another proc
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -13,14 +15,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 import webuiapi
 
+from build_engines import cli as build_cli
 from client import GenerationError, StableDiffusionClient
 from client.api import GenerateOptions
 from python_backend.jobs import STALE_AFTER_S, JobBoard, job_id_from_input
 from python_backend.pipeline import Interrupted, Progress, _to_rgb, generate
 from python_backend.request import GenerationRequest, InvalidInput
 from services.gateway.app import GatewayConfig
+from tests.conftest import PROFILE_ARGS
 from tests.test_gateway import running_gateway
 from tests.triton_server import TritonServer
 
@@ -254,3 +259,33 @@ def test_interrupt_with_nothing_running_is_harmless(api):
     assert api.interrupt() == {}
     result = api.txt2img(prompt="a cat", steps=3, width=64, height=64, seed=1)
     assert len(result.images) == 1 and not any("interrupted" in w for w in result.info["warnings"])
+
+
+@pytest.mark.integration
+def test_interrupt_reaches_a_generation_still_queued(model_repository, tiny_checkpoint, tmp_path_factory):
+    """One worker: the second request waits in Triton's queue when /interrupt comes, so its stop finds no
+    running job; the gateway asks again at the job's first progress report, and it stops at once."""
+    repo = tmp_path_factory.mktemp("one-worker") / "repo"
+    shutil.copytree(model_repository, repo)  # the exports are reused: only the configs are rewritten
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
+    assert build_cli.main([*args, "--max-concurrent-requests", "1"]) == 0
+    with TritonServer(repo) as server, running_gateway(GatewayConfig(triton_url=server.grpc_url)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a")
+        first, first_out = _txt2img(api)
+        _wait_for(lambda: api.get_progress()["state"]["sampling_step"] >= 2)
+        second, second_out = _txt2img(api)
+        _wait_for(lambda: _waiting_for_a_worker(server) == 1)  # the second request, held in execute
+        assert api.interrupt() == {}
+        first.join(timeout=120)
+        second.join(timeout=120)
+    for out in (first_out, second_out):
+        assert "error" not in out, out.get("error")
+        [warning] = [w for w in out["result"].info["warnings"] if w.startswith("interrupted after step")]
+        assert int(warning.split()[3]) < 10  # far short of LONG: both stopped early
+
+
+def _waiting_for_a_worker(server: TritonServer) -> float:
+    text = requests.get(server.metrics_url, timeout=10).text
+    found = re.search(r'^sd_requests_waiting\{model="pipeline_stream"\} (\S+)$', text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
