@@ -266,7 +266,12 @@ def test_service_hpa_pdb_and_adapter_rule(rendered: dict[str, Path]) -> None:
     config = yaml.safe_load(one(objects(rendered["adapter-rules"]), "ConfigMap")["data"]["config.yaml"])
     rules = {rule["name"]["as"]: rule for rule in config["rules"]}
     assert set(rules) == set(metrics), "each HPA metric has its adapter rule"
-    both = r'model=~"pipeline\|pipeline_stream"'  # streaming clients' load counts too
+    # Streaming clients' load counts too, and every checkpoint's (NAME_pipeline...); pipeline_control's not.
+    both = re.escape('model=~"(.+_)?pipeline(_stream)?"')
+    pattern = re.compile(r"(.+_)?pipeline(_stream)?")
+    served = ["pipeline", "pipeline_stream", "anime_pipeline", "anime_pipeline_stream"]
+    assert all(pattern.fullmatch(m) for m in served)
+    assert not any(pattern.fullmatch(m) for m in ("pipeline_control", "unet", "anime_unet"))
     query = rules["sd_triton_queue_time_per_request_us"]["metricsQuery"]
     for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
         assert re.search(rf"rate\({series}\{{<<\.LabelMatchers>>,{both}\}}\[1m\]\)", query), series
