@@ -47,7 +47,9 @@ def _generate(server: TritonServer, stream: bool = False, **request):
     client = StableDiffusionClient(server.grpc_url)
     # on_progress sends the request to the decoupled `pipeline_stream`, which Triton never caches
     on_progress = (lambda status, preview: None) if stream else None
-    return client.generate(PROMPT, width=64, height=64, on_progress=on_progress, **request)
+    # 128 px: each UNet call must take longer than the other requests' per-step Python work (one GIL in the
+    # pipeline process), or their calls settle into a convoy, each ending before the next one is sent.
+    return client.generate(PROMPT, width=128, height=128, on_progress=on_progress, **request)
 
 
 def test_concurrent_requests_share_unet_runs_and_match_their_solo_images(server):
