@@ -130,6 +130,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a request still waiting for a worker after this long is refused with UNAVAILABLE (0: wait "
         "forever; a request's own shorter timeout wins; default %(default)s)",
     )
+    serving.add_argument(
+        "--unet-batch-delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="how long a UNet call may wait for calls of other requests to share its run: more throughput "
+        "under load for up to this much latency per step (default %(default)s: only calls that queue while "
+        "the UNet is busy share a run)",
+    )
     parser.add_argument(
         "--model-name",
         help="name reported in info and infotext (default: the checkpoint's folder or file stem)",
@@ -173,6 +182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--max-queue-size must be at least 0, got {args.max_queue_size}")
     if not 0 <= args.queue_timeout < float("inf"):
         parser.error(f"--queue-timeout must be a number of seconds >= 0, got {args.queue_timeout}")
+    if not 0 <= args.unet_batch_delay <= 1000:
+        parser.error(f"--unet-batch-delay must be 0 to 1000 milliseconds, got {args.unet_batch_delay}")
     return args
 
 
@@ -272,7 +283,9 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                     f"max abs diff vs fp32 torch {exported.max_abs_diff:.2e}"
                 )
                 if args.target == "onnx":
-                    repository.write_onnx_runtime_model(repo, spec, args.profile, args.prefix)
+                    repository.write_onnx_runtime_model(
+                        repo, spec, args.profile, args.prefix, args.unet_batch_delay
+                    )
                     continue
                 bar.set_description(f"{spec.name}: TensorRT build")
                 built = tensorrt_engine.build_engine(
@@ -285,7 +298,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                     timing_cache=args.timing_cache,
                 )
                 bar.write(f"{spec.name}: TensorRT plan {'up to date, kept' if built.reused else 'built'}")
-                repository.write_tensorrt_model(repo, spec, args.profile, args.prefix)
+                repository.write_tensorrt_model(repo, spec, args.profile, args.prefix, args.unet_batch_delay)
             except (onnx_export.ExportError, tensorrt_engine.EngineBuildError) as e:
                 print(f"build-engines: {e}", file=sys.stderr)
                 return 1

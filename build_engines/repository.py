@@ -63,19 +63,25 @@ def _tensor(
     return message
 
 
-def onnx_runtime_engine_config(spec: EngineSpec, profile: Profile, prefix: str = "") -> mc.ModelConfig:
+def onnx_runtime_engine_config(
+    spec: EngineSpec, profile: Profile, prefix: str = "", unet_batch_delay_ms: float = 0.0
+) -> mc.ModelConfig:
     """A python-backend model running the engine's ONNX file on ONNX Runtime (CPU)."""
     config = mc.ModelConfig(name=triton_model(prefix, spec.name), backend="python")
-    return _engine_config(config, spec, profile, gpu=False)
+    return _engine_config(config, spec, profile, False, unet_batch_delay_ms)
 
 
-def tensorrt_engine_config(spec: EngineSpec, profile: Profile, prefix: str = "") -> mc.ModelConfig:
+def tensorrt_engine_config(
+    spec: EngineSpec, profile: Profile, prefix: str = "", unet_batch_delay_ms: float = 0.0
+) -> mc.ModelConfig:
     """A `tensorrt_plan` model."""
     config = mc.ModelConfig(name=triton_model(prefix, spec.name), platform="tensorrt_plan")
-    return _engine_config(config, spec, profile, gpu=True)
+    return _engine_config(config, spec, profile, True, unet_batch_delay_ms)
 
 
-def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, gpu: bool) -> mc.ModelConfig:
+def _engine_config(
+    config: mc.ModelConfig, spec: EngineSpec, profile: Profile, gpu: bool, unet_batch_delay_ms: float
+) -> mc.ModelConfig:
     """The batch axis is Triton's (max_batch_size > 0), so the UNet's dynamic batcher can merge calls
     from concurrent requests (at different steps: the timestep is per sample) into one engine run.
     Triton only merges calls whose other dims agree (same size, same prompt length)."""
@@ -90,9 +96,12 @@ def _engine_config(config: mc.ModelConfig, spec: EngineSpec, profile: Profile, g
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=1)  # one copy of the weights
     if spec.name == UNET:
-        # Triton's defaults: no preferred sizes and no delay. Calls that queue while the UNet runs go into
-        # its next run together (the largest batch the queue holds); an idle server adds no wait to a call.
-        config.dynamic_batching.SetInParent()
+        # No preferred sizes. Calls that queue while the UNet runs go into its next run together (the
+        # largest batch the queue holds). With no delay (the default) an idle server adds no wait to a call;
+        # a delay holds a lone call up to that long for others to join it, so that concurrent requests meet
+        # even when each one's per-step work is as long as a UNet run (small images, a busy CPU).
+        config.dynamic_batching.SetInParent()  # present even when every field keeps its default
+        config.dynamic_batching.max_queue_delay_microseconds = round(unet_batch_delay_ms * 1000)
     return config
 
 
@@ -203,18 +212,22 @@ def onnx_dir(repository: Path, engine: str, target: str, prefix: str = "") -> Pa
     return engine_dir(repository, engine, prefix) / ("1" if target == "onnx" else "onnx")
 
 
-def write_onnx_runtime_model(repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "") -> None:
+def write_onnx_runtime_model(
+    repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "", unet_batch_delay_ms: float = 0.0
+) -> None:
     """config.pbtxt and model.py of an ONNX Runtime engine model (its model.onnx is exported there)."""
     model_dir = engine_dir(repository, spec.name, prefix)
-    write_config(model_dir, onnx_runtime_engine_config(spec, profile, prefix))
+    write_config(model_dir, onnx_runtime_engine_config(spec, profile, prefix, unet_batch_delay_ms))
     _remove(model_dir / "1", "model.plan", "model.plan.json")
     shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
 
 
-def write_tensorrt_model(repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "") -> None:
+def write_tensorrt_model(
+    repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "", unet_batch_delay_ms: float = 0.0
+) -> None:
     """config.pbtxt of a TensorRT engine model (its model.plan is built there)."""
     model_dir = engine_dir(repository, spec.name, prefix)
-    write_config(model_dir, tensorrt_engine_config(spec, profile, prefix))
+    write_config(model_dir, tensorrt_engine_config(spec, profile, prefix, unet_batch_delay_ms))
     _remove(model_dir / "1", "model.py", "model.onnx", "model.onnx.json", "model.onnx.data")
 
 

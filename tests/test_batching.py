@@ -12,6 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from build_engines import cli as build_cli
+from build_engines import repository
 from client import StableDiffusionClient
 from tests.conftest import PROFILE_ARGS
 from tests.triton_server import TritonServer
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.integration
 
 PROMPT = "a lighthouse in a storm"
 CONCURRENT = 4
+BATCH_DELAY_MS = 20
 # Different step counts and schedulers: the requests are at different timesteps when their UNet calls meet.
 REQUESTS = [
     {"seed": 11, "steps": 8, "scheduler": "Euler a"},
@@ -33,8 +35,14 @@ REQUESTS = [
 def server(model_repository: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = tmp_path_factory.mktemp("batching") / "repo"
     shutil.copytree(model_repository, repo)  # the exports are reused: only the configs are rewritten
-    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
-    assert build_cli.main([*args, "--max-concurrent-requests", str(CONCURRENT), "--response-cache"]) == 0
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS, "--response-cache"]
+    # A batch window: on a busy 2-core machine the requests' per-step Python work (one GIL in the pipeline
+    # process) can outlast a tiny UNet run, so that with no window their calls settle into a convoy, each
+    # sent just after the one before has run, and never meet.
+    serving = ["--max-concurrent-requests", str(CONCURRENT), "--unet-batch-delay", str(BATCH_DELAY_MS)]
+    assert build_cli.main([*args, *serving]) == 0
+    unet = repository.read_config(repo / "unet").dynamic_batching
+    assert unet.max_queue_delay_microseconds == BATCH_DELAY_MS * 1000
     with TritonServer(repo, extra_args=["--cache-config=local,size=67108864"]) as running:
         yield running
 
@@ -47,8 +55,6 @@ def _generate(server: TritonServer, stream: bool = False, **request):
     client = StableDiffusionClient(server.grpc_url)
     # on_progress sends the request to the decoupled `pipeline_stream`, which Triton never caches
     on_progress = (lambda status, preview: None) if stream else None
-    # 128 px: each UNet call must take longer than the other requests' per-step Python work (one GIL in the
-    # pipeline process), or their calls settle into a convoy, each ending before the next one is sent.
     return client.generate(PROMPT, width=128, height=128, on_progress=on_progress, **request)
 
 

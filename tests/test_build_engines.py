@@ -254,6 +254,19 @@ def test_prefix_must_be_a_safe_model_name(tiny_checkpoint, tmp_path, capsys, pre
     assert not (tmp_path / "repo").exists()
 
 
+def test_unet_batch_delay_is_the_unet_batchers_window(tiny_checkpoint, tmp_path, capsys):
+    specs = engine_specs(onnx_export.read_geometry(tiny_checkpoint))
+    unet = repository.onnx_runtime_engine_config(specs["unet"], Profile(), unet_batch_delay_ms=12.5)
+    assert unet.dynamic_batching.max_queue_delay_microseconds == 12500
+    vae = repository.onnx_runtime_engine_config(specs["vae_decoder"], Profile(), unet_batch_delay_ms=12.5)
+    assert not vae.HasField("dynamic_batching")  # the VAE and text encoder calls are one per request
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "repo")]
+    with pytest.raises(SystemExit) as exited:
+        build_cli.main([*args, "--unet-batch-delay", "-1"])
+    assert exited.value.code == 2
+    assert "--unet-batch-delay must be 0 to 1000 milliseconds, got -1.0" in capsys.readouterr().err
+
+
 def test_prefixed_configs_name_their_models(tiny_checkpoint):
     geometry = onnx_export.read_geometry(tiny_checkpoint)
     unet = engine_specs(geometry)["unet"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,9 +25,11 @@ import uvicorn
 import webuiapi
 from PIL import Image, ImageDraw
 
+from build_engines import cli as build_cli
 from client import StableDiffusionClient
 from services.gateway.app import GatewayConfig, create_app
 from services.serve import free_ports
+from tests.conftest import PROFILE_ARGS
 from tests.triton_server import PROJECT_ROOT, TritonServer
 
 pytestmark = pytest.mark.integration
@@ -36,8 +39,16 @@ AUTH = ("alice", "s3cret:pass")  # a colon in the password: only the first one s
 
 
 @pytest.fixture(scope="module")
-def triton(model_repository: Path) -> Iterator[TritonServer]:
-    with TritonServer(model_repository) as server:
+def triton(
+    model_repository: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    repo = tmp_path_factory.mktemp("gateway") / "repo"
+    shutil.copytree(model_repository, repo)  # the exports are reused: only the configs are rewritten
+    # A UNet batch window, so that the concurrent requests' calls meet however busy the machine is (the
+    # requests' per-step Python work can outlast a tiny UNet run, and their calls settle into a convoy).
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
+    assert build_cli.main([*args, "--unet-batch-delay", "20"]) == 0
+    with TritonServer(repo) as server:
         yield server
 
 
@@ -467,8 +478,6 @@ def test_concurrent_requests_meet_in_the_unet_batcher(gateway: str, triton: Trit
 
     def post(seed: int) -> None:
         barrier.wait()
-        # 192 px: each UNet call must outlast the other requests' per-step Python work (streaming progress
-        # included), or their calls settle into a convoy, each ending before the next one is sent.
         body = {"prompt": "a ship", "seed": seed, "steps": 12, "width": 192, "height": 192}
         statuses.append(requests.post(f"{gateway}/sdapi/v1/txt2img", json=body, timeout=120).status_code)
 
