@@ -3,17 +3,21 @@
 Tests and benchmarks need a checkpoint but cannot download one. This writes v1-4's layout (UNet, VAE, CLIP
 text encoder, the real CLIP tokenizer, v1-4's PNDM scheduler) from a fixed seed: by default a tiny model that
 keeps v1-4's block structure (3 UNet downsamplings, VAE factor 8) and runs in milliseconds on CPU, or with
-``--full-size`` v1-4's own architecture for benchmarks.
+``--full-size`` v1-4's own architecture for benchmarks. `sd-tiny-lora` writes random LoRA files for such a
+checkpoint (A1111/kohya or diffusers/PEFT layout).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from build_engines.clip_vocab import (
     END_OF_TEXT,
@@ -22,6 +26,9 @@ from build_engines.clip_vocab import (
     find_clip_bpe_file,
     write_clip_vocab_files,
 )
+
+if TYPE_CHECKING:
+    from python_backend.lora import Target
 
 OPEN_CLIP_HINT = (
     "the CLIP tokenizer vocabulary (bpe_simple_vocab_16e6.txt.gz) comes from the open-clip-torch package, "
@@ -228,6 +235,124 @@ def write_single_file_checkpoint(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_file), metadata=metadata)
     return out_file
+
+
+LORA_LAYOUTS = ("kohya", "peft")
+
+
+def lora_targets(shapes: Mapping[Target, tuple[int, ...]], conv: bool = True) -> list[Target]:
+    """What kohya-ss sd-scripts trains on SD 1.x: the UNet's Transformer2DModels (attention, feed-forward,
+    proj_in/out) and the text encoder's attention and MLP; with `conv` (LoCon, kohya's --conv_dim) also
+    the ResnetBlock2D, Downsample2D and Upsample2D layers (3x3 convs, time_emb_proj, conv_shortcut)."""
+    chosen = []
+    for target in sorted(shapes):
+        if target.component == "text_encoder":
+            keep = ".self_attn." in target.path or ".mlp." in target.path
+        else:
+            keep = ".attentions." in target.path or (
+                conv and any(f".{kind}." in target.path for kind in ("resnets", "downsamplers", "upsamplers"))
+            )
+        if keep:
+            chosen.append(target)
+    return chosen
+
+
+def write_tiny_lora(
+    out_file: Path,
+    checkpoint: Path,
+    layout: str = "kohya",
+    rank: int = 4,
+    seed: int = 0,
+    conv: bool = True,
+    output_name: str | None = None,
+) -> Path:
+    """A random LoRA for the diffusers checkpoint folder `checkpoint` (any size), as one .safetensors file.
+
+    `layout` "kohya": A1111/kohya keys (`lora_unet_...lora_down.weight`, `.alpha`; LoCon convs with 3x3 down
+    and 1x1 up) with kohya's two settings: Linear and 1x1 layers rank `rank`, alpha rank/2; 3x3 convs rank
+    rank/2, alpha 1 (one alpha per kind: diffusers 0.42 drops per-layer alphas of attention projections that
+    differ from the file's most common alpha, and tests compare with it). "peft": diffusers' keys
+    (`unet.<path>.lora_A.weight`, `text_encoder.text_model.<path>...`) without alphas (scale 1).
+    `output_name` goes into the metadata as ss_output_name (A1111's alias). The same arguments give identical
+    tensors, hence A1111's hash (safetensors writes the metadata's keys in random order). Each ΔW is about
+    half the size of its layer's random weights: enough to change images visibly, not enough to wash them
+    out."""
+    from safetensors.numpy import save_file
+
+    from python_backend.lora import TEXT_MODEL_PREFIX, shapes_from_checkpoint
+
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"layout must be one of {LORA_LAYOUTS}, got {layout!r}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    shapes = shapes_from_checkpoint(checkpoint)
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray] = {}
+    for target in lora_targets(shapes, conv):
+        out_features, in_features, *kernel = shapes[target]
+        fan_in = in_features * math.prod(kernel)
+        # kohya's --network_dim/--network_alpha for Linear and 1x1 layers, --conv_dim/--conv_alpha for 3x3.
+        conv3x3 = len(kernel) == 2 and kernel != [1, 1]
+        r = max(1, rank // 2) if conv3x3 else rank
+        alpha = 1.0 if conv3x3 else rank / 2
+        scale = alpha / r if layout == "kohya" else 1.0
+        # diffusers' default init draws weights of std ≈ 1/sqrt(3·fan_in); these ΔW have std 0.3/sqrt(fan_in).
+        down = rng.standard_normal((r, in_features, *kernel)) / math.sqrt(fan_in)
+        up = rng.standard_normal((out_features, r)) * (0.3 / math.sqrt(r) / scale)
+        if kernel:
+            up = up[:, :, None, None]  # kohya and PEFT store a conv's up as a 1x1 conv
+        if layout == "kohya":
+            prefix = "lora_unet_" if target.component == "unet" else "lora_te_" + TEXT_MODEL_PREFIX
+            name = (prefix + target.path).replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = np.array(alpha)
+        else:
+            path = target.path if target.component == "unet" else TEXT_MODEL_PREFIX + target.path
+            tensors[f"{target.component}.{path}.lora_A.weight"] = down
+            tensors[f"{target.component}.{path}.lora_B.weight"] = up
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank)}
+    if output_name is not None:
+        metadata["ss_output_name"] = output_name
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(out_file), metadata=metadata)
+    return out_file
+
+
+def lora_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sd-tiny-lora",
+        description="Write a random-weight LoRA .safetensors file for a diffusers checkpoint folder (e.g. "
+        "one from sd-tiny-checkpoint) in A1111/kohya or diffusers/PEFT key layout, for tests and benchmarks.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="diffusers checkpoint folder the LoRA is for")
+    parser.add_argument("out_file", type=Path, help="the .safetensors file to write (overwritten)")
+    parser.add_argument(
+        "--layout",
+        choices=LORA_LAYOUTS,
+        default="kohya",
+        help="kohya: A1111/kohya keys (lora_unet_*, lora_te_*, with alphas); peft: diffusers keys (unet.*, "
+        "text_encoder.*, lora_A/lora_B, no alphas) (default: kohya)",
+    )
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed; one seed gives identical tensors")
+    parser.add_argument(
+        "--no-conv", action="store_true", help="plain LoRA: leave out LoCon's ResNet/down/upsampler layers"
+    )
+    parser.add_argument("--alias", help="ss_output_name metadata (A1111 shows and writes this name)")
+    args = parser.parse_args(argv)
+    if args.out_file.suffix != ".safetensors":
+        parser.error(f"the LoRA file must end in .safetensors, got {args.out_file}")
+    if args.rank < 1:
+        parser.error(f"--rank must be >= 1, got {args.rank}")
+    try:
+        write_tiny_lora(
+            args.out_file, args.checkpoint, args.layout, args.rank, args.seed, not args.no_conv, args.alias
+        )
+    except FileNotFoundError as e:
+        sys.exit(f"sd-tiny-lora: {e}")
+    print(f"wrote {args.out_file.resolve()} ({args.out_file.stat().st_size:,} bytes)")
 
 
 def checkpoint_files(out_dir: Path) -> list[Path]:
