@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +41,7 @@ RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "503"})
 # The pipeline's answer when a request's timeout passed while generating (Triton 2.51 has no
 # DEADLINE_EXCEEDED code, so it answers CANCELLED with this prefix).
 SERVER_TIMEOUT_PREFIX = "timeout:"
+STREAM_ERROR_WAIT_S = 2.0  # for the callback's error after a stream broke before its request went out
 
 
 class GenerationError(Exception):
@@ -634,7 +635,18 @@ class StableDiffusionClient:
                 headers={"triton_grpc_error": "true"},
             )
             try:
-                self._client.async_stream_infer(stream_model(self.model_name), inputs, **self._timeout())
+                try:
+                    self._client.async_stream_infer(stream_model(self.model_name), inputs, **self._timeout())
+                except InferenceServerException:
+                    # A stream that broke before the request went out (no server there, or it went away)
+                    # says only "no longer in valid state"; why, with its status (UNAVAILABLE: worth a
+                    # retry), comes through the callback.
+                    finished = True
+                    with suppress(queue.Empty):
+                        _, error = responses.get(timeout=STREAM_ERROR_WAIT_S)
+                        if error is not None:
+                            raise error from None
+                    raise
                 while True:
                     try:
                         result, error = responses.get(timeout=self.timeout_s)

@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +386,18 @@ def test_cli_without_server(
         f"sd-client: error: cannot reach the Triton server at {url} over {protocol}"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_streaming_without_server_is_unavailable_and_retried(free_port: int) -> None:
+    # The stream breaks before its request goes out; tritonclient says only "no longer in valid state",
+    # and the status comes through the stream's callback: UNAVAILABLE, which the client retries.
+    client = StableDiffusionClient(f"127.0.0.1:{free_port}", retries=1)
+    started = time.monotonic()
+    with pytest.raises(GenerationError) as refused:
+        client.generate("a cat", on_progress=lambda status, preview: None)
+    assert refused.value.status == "UNAVAILABLE" and refused.value.is_retryable
+    assert "cannot reach the Triton server" in str(refused.value)
+    assert time.monotonic() - started >= 0.4  # one retry, after its backoff
 
 
 def test_cli_without_server_subprocess_has_no_traceback(free_port: int, tmp_path: Path) -> None:

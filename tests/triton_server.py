@@ -251,4 +251,10 @@ class TritonServer:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        died = self.process is not None and self.process.poll() is not None
+        repaired = any(marker in self.log() for marker in ("restarting tritonserver", "process died"))
+        if died or repaired:
+            # Shown with the failures of the tests that ran on it (pytest prints a failed test's output).
+            what = "exited" if died else "repaired its server"
+            print(f"sd-serve {what}; its output ends with:\n{self._tail()}")
         self.stop()
