@@ -1,6 +1,6 @@
 """LoRA files, as A1111 users have them, compiled into the low-rank form the engines' LoRA branches take.
 
-Contract: /work/notes/lora-contract.md (issue 15). A file is read once into per-layer (down, up, scale)
+See docs/lora.md for the design. A file is read once into per-layer (down, up, scale)
 triples (`read_lora`), checked against the target model's weight shapes; a request's LoRA set becomes one
 `LowRank` per targeted layer (`compile_set`), several files concatenated along the rank axis with their
 multipliers and alpha/rank scales folded into `up`. ΔW = multiplier × alpha / rank × up @ down, the formula
@@ -448,6 +448,16 @@ def _low_rank(
     return np.ascontiguousarray(down, np.float32), np.ascontiguousarray(up, np.float32)
 
 
+def _component_of(key: str) -> str | None:
+    """The component a key of either layout belongs to (None: neither's, refused later)."""
+    if key.startswith("lora_unet_"):
+        return UNET
+    if key.startswith("lora_te_"):
+        return TEXT_ENCODER
+    head = key.partition(".")[0]
+    return head if head in COMPONENTS else None
+
+
 def _alpha(path: Path, group: Mapping[str, Any]) -> float | None:
     alpha = group.get("alpha")
     if alpha is None:
@@ -459,13 +469,19 @@ def _alpha(path: Path, group: Mapping[str, Any]) -> float | None:
     return float(alpha.reshape(()))
 
 
-def read_lora(path: str | Path, shapes: Mapping[Target, Shape]) -> LoraFile:
+def read_lora(
+    path: str | Path, shapes: Mapping[Target, Shape], components: Iterable[str] = COMPONENTS
+) -> LoraFile:
     """Read a .safetensors LoRA for the model whose Linear/Conv2d weight shapes are `shapes` (see
-    `target_shapes`, `shapes_from_checkpoint`). Raises LoraError naming the file and what is wrong."""
+    `target_shapes`, `shapes_from_checkpoint`). Raises LoraError naming the file and what is wrong.
+    Only the layers of `components` are read and checked (an engine process reads its own component's;
+    the pipeline has checked the whole file)."""
     path = Path(path)
     tensors, metadata, data = _load(path)
     if not tensors:
         raise LoraError(f"LoRA {path}: the file holds no tensors")
+    skipped = set(COMPONENTS) - set(components)
+    tensors = {k: v for k, v in tensors.items() if _component_of(k) not in skipped}
     for key in tensors:
         _unsupported(path, key)
 

@@ -223,6 +223,8 @@ DRAIN_FILE_ENV = "SD_SERVE_DRAIN_FILE"
 # Where the pipeline models and `pipeline_control` share which jobs run and which are to stop
 # (python_backend.jobs); sd-serve gives each server its own.
 JOBS_DIR_ENV = "SD_JOBS_DIR"
+# Set by sd-serve --lora-dir: the folder of LoRA files the pipelines and engine models read.
+LORA_DIR_ENV = "SD_LORA_DIR"
 
 
 @dataclass(frozen=True)

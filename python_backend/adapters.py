@@ -1,0 +1,180 @@
+"""LoRA sets inside an engine process: named per request, compiled once, kept in an LRU by bytes, and fed
+per sample to the engine's low-rank branch (build_engines/lora_branch.py).
+
+A request's set travels with each of its engine calls as one string per batch row (`LORA_INPUT`: JSON,
+"" for none), so that Triton's dynamic batcher can put rows of different sets, and rows with none, into
+one engine run. The engine process compiles a set the first time it sees it (python_backend/lora.py) and
+keeps it while memory allows. A compiled set is never modified, only dropped from the cache, so a run
+that holds one is never changed under; a set dropped between two steps of a request is compiled again
+from the same file version, to the same arrays.
+
+No torch and no onnxruntime here: numpy only, shared by the Triton engine models and the in-process
+engines of tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from python_backend import lora
+
+LORA_INPUT = "lora"  # the engine models' per-row input: the row's LoRA set (`encode_set`), "" for none
+DOWN_SUFFIX = ".lora_down"  # branch graph inputs: f"{path}{DOWN_SUFFIX}" [N, R, in, *kernel]
+UP_SUFFIX = ".lora_up"  # ... and f"{path}{UP_SUFFIX}" [N, out, R]
+DEFAULT_CACHE_BYTES = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA of a set, for one component: which file (and which version of it), at what multiplier."""
+
+    file: str  # relative to the LoRA folder
+    version: str  # `file_version` when the pipeline checked the file: a file replaced since is refused
+    multiplier: float
+
+
+def file_version(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def encode_set(uses: Sequence[LoraUse]) -> str:
+    """The canonical text of a set: equal sets, equal strings (the cache key)."""
+    if not uses:
+        return ""
+    return json.dumps([[u.file, u.version, u.multiplier] for u in uses], separators=(",", ":"))
+
+
+def decode_set(text: str) -> tuple[LoraUse, ...]:
+    """ValueError for anything `encode_set` does not write."""
+    if not text:
+        return ()
+    try:
+        items = json.loads(text)
+        uses = tuple(LoraUse(str(f), str(v), float(m)) for f, v, m in items)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{LORA_INPUT}: not a LoRA set: {text[:80]!r}") from e
+    if not all(math.isfinite(u.multiplier) for u in uses):
+        raise ValueError(f"{LORA_INPUT}: a multiplier is not a finite number: {text[:80]!r}")
+    return uses
+
+
+@dataclass(frozen=True)
+class BranchTarget:
+    """One layer's low-rank branch in an engine graph, from the graph's input shapes."""
+
+    path: str
+    in_shape: tuple[int, ...]  # (in, *kernel): down is [N, R, *in_shape]
+    out: int  # up is [N, out, R]
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        return (self.out, *self.in_shape)
+
+
+def branch_targets(inputs: Iterable[tuple[str, Sequence[int | str | None]]]) -> dict[str, BranchTarget]:
+    """The branch targets of a graph, from its (input name, shape) pairs; other inputs are ignored."""
+    shapes = dict(inputs)
+    targets = {}
+    for name, shape in shapes.items():
+        if name.endswith(DOWN_SUFFIX):
+            path = name.removesuffix(DOWN_SUFFIX)
+            up = shapes[path + UP_SUFFIX]
+            in_shape = tuple(int(d) for d in shape[2:])  # type: ignore[arg-type]  # static in the export
+            targets[path] = BranchTarget(path, in_shape, int(up[1]))  # type: ignore[arg-type]
+    return targets
+
+
+class AdapterStore:
+    """The compiled LoRA sets of one component ("unet" or "text_encoder") of one engine process.
+
+    `root` is the LoRA folder (sd-serve --lora-dir); `shapes` the base weight shape of every branch target,
+    against which each file is checked. At most `max_bytes` of compiled sets are kept, least recently used
+    dropped first; a set larger than that alone is compiled for the call and not kept.
+    """
+
+    def __init__(
+        self,
+        root: Path | None,
+        component: str,
+        targets: Mapping[str, BranchTarget],
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.root = root
+        self.component = component
+        self.targets = targets
+        self.max_bytes = max_bytes
+        self._sets: OrderedDict[str, dict[str, lora.LowRank]] = OrderedDict()
+        self._bytes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return sum(self._bytes.values())
+
+    def compiled(self, key: str) -> Mapping[str, lora.LowRank]:
+        """The set `key` (`encode_set`) names, compiled: target path → LowRank. LoraError (a ValueError)
+        when a file is missing, changed since the pipeline checked it, or does not fit this model."""
+        if not key:
+            return {}
+        with self._lock:
+            if key in self._sets:
+                self._sets.move_to_end(key)
+                return self._sets[key]
+        compiled = self._compile(decode_set(key))
+        size = sum(low.down.nbytes + low.up.nbytes for low in compiled.values())
+        with self._lock:
+            if size <= self.max_bytes:
+                self._sets[key], self._bytes[key] = compiled, size
+                while sum(self._bytes.values()) > self.max_bytes:
+                    oldest, _ = self._sets.popitem(last=False)
+                    del self._bytes[oldest]
+        return compiled
+
+    def _compile(self, uses: Sequence[LoraUse]) -> dict[str, lora.LowRank]:
+        if self.root is None:
+            raise lora.LoraError("this server has no LoRA folder (start it with sd-serve --lora-dir DIR)")
+        shapes = {lora.Target(self.component, t.path): t.base_shape for t in self.targets.values()}
+        entries = []
+        for use in uses:
+            path = (self.root / use.file).resolve()
+            if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+                raise lora.LoraError(f"{use.file}: no such LoRA file in the LoRA folder")
+            if file_version(path) != use.version:
+                raise lora.LoraError(f"{use.file}: the file changed while the request was running; retry it")
+            entries.append((lora.read_lora(path, shapes, [self.component]), use.multiplier, use.multiplier))
+        return {
+            target.path: low
+            for target, low in lora.compile_set(entries).items()
+            if target.component == self.component
+        }
+
+
+def branch_feeds(
+    targets: Mapping[str, BranchTarget], rows: Sequence[Mapping[str, lora.LowRank]]
+) -> dict[str, np.ndarray]:
+    """The branch inputs of one engine run: row n's LoRA factors at index n, zero-padded to the largest rank
+    among the rows (a zero row adds nothing); rank 0 where no row has the layer."""
+    feeds = {}
+    n = len(rows)
+    for path, target in targets.items():
+        rank = max((row[path].down.shape[0] for row in rows if path in row), default=0)
+        down = np.zeros((n, rank, *target.in_shape), np.float32)
+        up = np.zeros((n, target.out, rank), np.float32)
+        for i, row in enumerate(rows):
+            if path in row:
+                r = row[path].down.shape[0]
+                down[i, :r] = row[path].down
+                up[i, :, :r] = row[path].up
+        feeds[path + DOWN_SUFFIX] = down
+        feeds[path + UP_SUFFIX] = up
+    return feeds

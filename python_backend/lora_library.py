@@ -1,0 +1,134 @@
+"""The server's LoRA folder (sd-serve --lora-dir) as A1111 sees its models/Lora folder: files found by
+name (the file stem) or alias (the file's `ss_output_name` metadata), the folder scanned again when a
+prompt names a LoRA it does not know, so files added while the server runs are found without a restart.
+
+A1111's rules (extensions-builtin/Lora/networks.py, `list_available_networks` and `load_networks`): every
+file is known by its stem and by its alias; an alias two files share is "forbidden" and such a name finds
+the file by stem only. Only `.safetensors` files: A1111 also loads pickled `.pt`/`.ckpt` LoRAs, which a
+server should not unpickle.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from python_backend import lora
+from python_backend.adapters import file_version
+from python_backend.shapes import LORA_DIR_ENV
+
+SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    name: str  # the file stem
+    alias: str  # ss_output_name, else the name
+    file: str  # relative to the folder
+    metadata: dict[str, str] = field(repr=False)
+
+
+class LoraLibrary:
+    """`root`: the folder, or None for a server started without one (every LoRA tag is then an error).
+    `shapes`: the model's LoRA targets (the engines' branch layers), against which a file is checked."""
+
+    def __init__(self, root: Path | None, shapes: Mapping[lora.Target, lora.Shape]) -> None:
+        self.root = root
+        self.shapes = shapes
+        self._by_name: dict[str, LoraEntry] = {}
+        self._by_alias: dict[str, LoraEntry] = {}
+        self._forbidden: set[str] = set()
+        self._checked: dict[tuple[str, str], tuple[bool, str]] = {}  # (file, version) → (ok, hash or why)
+        self._lock = threading.Lock()
+        self.refresh()
+
+    @classmethod
+    def from_environment(cls, shapes: Mapping[lora.Target, lora.Shape]) -> LoraLibrary:
+        folder = os.environ.get(LORA_DIR_ENV)
+        return cls(Path(folder) if folder else None, shapes)
+
+    def refresh(self) -> None:
+        """Scan the folder again (A1111's "Refresh" and /sdapi/v1/refresh-loras)."""
+        by_name: dict[str, LoraEntry] = {}
+        by_alias: dict[str, LoraEntry] = {}
+        forbidden: set[str] = set()
+        if self.root is not None and self.root.is_dir():
+            for path in sorted(self.root.rglob(f"*{SUFFIX}")):
+                entry = _entry(self.root, path)
+                by_name[entry.name] = entry
+                if entry.alias in by_alias:
+                    forbidden.add(entry.alias.lower())
+                by_alias[entry.name] = entry
+                by_alias[entry.alias] = entry
+        with self._lock:
+            self._by_name, self._by_alias, self._forbidden = by_name, by_alias, forbidden
+
+    def entries(self) -> list[LoraEntry]:
+        with self._lock:
+            return list(self._by_name.values())
+
+    def find(self, name: str) -> LoraEntry:
+        """The file a prompt's `<lora:NAME:...>` names; the folder is scanned again once if it is not known.
+        LoraError when no file has that name or alias."""
+        for attempt in range(2):
+            with self._lock:
+                table = self._by_name if name.lower() in self._forbidden else self._by_alias
+                entry = table.get(name)
+            if entry is not None:
+                return entry
+            if attempt == 0:
+                self.refresh()
+        where = "this server has no LoRA folder (start it with sd-serve --lora-dir DIR)"
+        if self.root is not None:
+            where = (
+                f"no {SUFFIX} file in the LoRA folder has that name or alias (GET /sdapi/v1/loras lists them)"
+            )
+        raise lora.LoraError(f"unknown LoRA {name!r}: {where}")
+
+    def check(self, entry: LoraEntry) -> tuple[str, str]:
+        """(version, short hash) of the entry's file, read and checked against the model once per file
+        version (the engines read it again; this process keeps only the verdict). The version goes into
+        `LoraUse`; the short hash is A1111's `Lora hashes` value. LoraError when the file cannot be used."""
+        assert self.root is not None
+        path = self.root / entry.file
+        try:
+            version = file_version(path)
+        except OSError:
+            raise lora.LoraError(f"LoRA {entry.file}: the file is gone from the LoRA folder") from None
+        with self._lock:
+            verdict = self._checked.get((entry.file, version))
+        if verdict is None:
+            try:
+                verdict = (True, lora.read_lora(path, self.shapes).shorthash)
+            except lora.LoraError as e:
+                verdict = (False, str(e))
+            with self._lock:
+                self._checked[(entry.file, version)] = verdict
+        ok, text = verdict
+        if not ok:
+            raise lora.LoraError(text)
+        return version, text
+
+    def listing(self) -> list[dict[str, Any]]:
+        """As A1111's GET /sdapi/v1/loras: name, alias, path, metadata."""
+        root = self.root or Path()  # no folder, no entries
+        return [
+            {"name": e.name, "alias": e.alias, "path": str(root / e.file), "metadata": e.metadata}
+            for e in self.entries()
+        ]
+
+
+def _entry(root: Path, path: Path) -> LoraEntry:
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception:  # not a safetensors file: listed, and refused with the reason when a prompt names it
+        metadata = {}
+    name = path.stem
+    return LoraEntry(name, metadata.get("ss_output_name") or name, str(path.relative_to(root)), metadata)
