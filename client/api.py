@@ -34,6 +34,7 @@ HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_s
 ImageInput = bytes | str | Path | Image.Image
 
 CONTROL_MODEL = "pipeline_control"  # stops a running generation early (interrupt / skip)
+LORA_LIBRARY_MODEL = "lora_library"  # the server's LoRA files (sd-serve --lora-dir)
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
 # Overloaded, stopping, or an engine being restarted: worth retrying (HTTP 503 is Triton's UNAVAILABLE).
@@ -234,9 +235,10 @@ def _sampler_params(label: str | None) -> dict[str, Any]:
     return {"Sampler": label}
 
 
-def _ti_hashes(embeddings: Mapping[str, str] | None) -> str | None:
-    """A1111's "TI hashes": the embeddings a prompt used, `name: hash, ...` (quoted when written)."""
-    return ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) if embeddings else None
+def _hash_list(hashes: Mapping[str, str] | None) -> str | None:
+    """A1111's "Lora hashes" and "TI hashes": the LoRAs or embeddings a prompt used, `name: hash, ...`
+    (quoted when written)."""
+    return ", ".join(f"{name}: {digest}" for name, digest in hashes.items()) if hashes else None
 
 
 def _inpainting_params(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,7 +295,8 @@ class GenerationResult:
                     "Model": info.get("model"),
                     "VAE hash": info.get("vae_hash") or None,
                     "VAE": info.get("vae") or None,
-                    "TI hashes": _ti_hashes(info.get("embeddings")),
+                    "Lora hashes": _hash_list(info.get("loras")),
+                    "TI hashes": _hash_list(info.get("embeddings")),
                     "Variation seed": None if subseeds is None else subseeds[i],
                     "Variation seed strength": _format_float(info.get("subseed_strength")),
                     # img2img's strength or the hires fix's second pass one: A1111 writes either here.
@@ -601,6 +604,18 @@ class StableDiffusionClient:
         with self._errors():
             result = self._client.infer(CONTROL_MODEL, inputs, **self._call_kwargs)
         return bool(result.as_numpy("found")[0])
+
+    def loras(self, refresh: bool = False) -> list[dict[str, Any]]:
+        """The LoRA files prompts can name (`<lora:NAME:MULT>`), as A1111's GET /sdapi/v1/loras lists them:
+        `{"name", "alias", "path", "metadata"}` each; `refresh` scans the server's LoRA folder again first.
+        Empty for a server without a LoRA folder or whose repository predates LoRA support."""
+        inputs = triton_inputs(self._triton, [("refresh", np.array([refresh]))])
+        with self._errors():
+            if not self._client.is_model_ready(LORA_LIBRARY_MODEL, **self._call_kwargs):
+                return []
+            result = self._client.infer(LORA_LIBRARY_MODEL, inputs, **self._call_kwargs)
+        listing: list[dict[str, Any]] = json.loads(result.as_numpy("loras").reshape(-1)[0])
+        return listing
 
     def _timeout(self) -> dict[str, int]:
         """Triton's per-request timeout (microseconds): it bounds the request's wait in the server's

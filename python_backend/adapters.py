@@ -30,6 +30,9 @@ LORA_INPUT = "lora"  # the engine models' per-row input: the row's LoRA set (`en
 DOWN_SUFFIX = ".lora_down"  # branch graph inputs: f"{path}{DOWN_SUFFIX}" [N, R, in, *kernel]
 UP_SUFFIX = ".lora_up"  # ... and f"{path}{UP_SUFFIX}" [N, out, R]
 DEFAULT_CACHE_BYTES = 2 * 2**30
+LORA_CACHE_ENV = "SD_LORA_CACHE_BYTES"  # sd-serve --lora-cache-mb: the compiled sets one engine process keeps
+# engine → the component whose LoRA layers it applies
+COMPONENT_OF = {"unet": lora.UNET, "text_encoder": lora.TEXT_ENCODER}
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,24 @@ class AdapterStore:
             for target, low in lora.compile_set(entries).items()
             if target.component == self.component
         }
+
+
+class BranchFeeder:
+    """The branch inputs of an engine's runs, from each row's set key. Consecutive runs of the same rows
+    (the steps of one request, or of the same requests batched again) reuse the last feeds."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+        self._last: tuple[tuple[str, ...], dict[str, np.ndarray]] | None = None
+
+    def feeds(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        rows = tuple(keys)
+        last = self._last
+        if last is not None and last[0] == rows:
+            return last[1]
+        feeds = branch_feeds(self.store.targets, [self.store.compiled(key) for key in rows])
+        self._last = (rows, feeds)
+        return feeds
 
 
 def branch_feeds(

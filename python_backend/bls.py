@@ -8,11 +8,14 @@ engines the same code passes CPU tensors without copies.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
+import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
+from python_backend.adapters import LORA_INPUT
 from python_backend.engines import EngineError, Engines, EngineUnavailable
 from python_backend.shapes import ModelGeometry, engine_specs, triton_model
 
@@ -29,22 +32,29 @@ class BlsEngines(Engines):
     """`prefix`: the checkpoint's build-engines --prefix. The core names engines canonically (`unet`); their
     Triton models are `triton_model(prefix, engine)`, so checkpoints sharing a server never mix engines."""
 
-    def __init__(self, geometry: ModelGeometry, device: str, prefix: str = "") -> None:
+    def __init__(
+        self, geometry: ModelGeometry, device: str, prefix: str = "", lora_engines: Iterable[str] = ()
+    ) -> None:
         self.device = torch.device(device)
+        self._lora_engines = frozenset(lora_engines)  # the engines with LoRA branches: they take `lora`
         self._outputs = {
             name: [t.name for t in spec.outputs] for name, spec in engine_specs(geometry).items()
         }
         self._models = {name: triton_model(prefix, name) for name in self._outputs}
 
-    def run(self, engine: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:
         outputs = self._outputs[engine]
+        tensors = [
+            pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(t.contiguous())) for name, t in inputs.items()
+        ]
+        if engine in self._lora_engines:
+            # Every call carries it, "" included: Triton batches only requests with the same inputs.
+            rows = next(iter(inputs.values())).shape[0]
+            tensors.append(pb_utils.Tensor(LORA_INPUT, np.full((rows, 1), lora.encode(), dtype=np.object_)))
+        elif lora:
+            raise EngineError(f"{self._models[engine]}: this engine has no LoRA branches")
         request = pb_utils.InferenceRequest(
-            model_name=self._models[engine],
-            requested_output_names=outputs,
-            inputs=[
-                pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(t.contiguous()))
-                for name, t in inputs.items()
-            ],
+            model_name=self._models[engine], requested_output_names=outputs, inputs=tensors
         )
         response = request.exec()
         if response.has_error():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from python_backend import adapters
 from python_backend.shapes import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelGeometry, engine_specs
 
 
@@ -26,23 +27,26 @@ class EngineUnavailable(EngineError):
 
 
 class Engines(ABC):
+    """`lora`: the request's LoRA set for that engine (python_backend.adapters.encode_set; "" for none),
+    which the text encoder and UNet engines of a LoRA-capable repository take with every call."""
+
     device = torch.device("cpu")
 
     @abstractmethod
-    def run(self, engine: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:
         """Run one engine model on named inputs; return its named outputs."""
 
-    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, lora: str = "") -> torch.Tensor:
         """CLIP embeddings of [B, 77] token ids; clip_skip as A1111's (1 = the last layer)."""
         skip = torch.full((input_ids.shape[0], 1), clip_skip, dtype=torch.int32, device=self.device)
         inputs = {"input_ids": input_ids.to(torch.int32), "clip_skip": skip}
-        return self.run(TEXT_ENCODER, inputs)["last_hidden_state"]
+        return self.run(TEXT_ENCODER, inputs, lora)["last_hidden_state"]
 
     def predict_noise(
-        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, lora: str = ""
     ) -> torch.Tensor:
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings}
-        return self.run(UNET, inputs)["noise_pred"]
+        return self.run(UNET, inputs, lora)["noise_pred"]
 
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return self.run(VAE_DECODER, {"latent": latent})["image"]
@@ -56,11 +60,16 @@ class OnnxRuntimeEngines(Engines):
     """In-process ONNX Runtime sessions (CPU) over `<repository>/<engine>/1/model.onnx`.
 
     `device` is where the core keeps its tensors; a CUDA device there exercises the GPU path of the
-    core with these CPU engines.
+    core with these CPU engines. `lora_dir`: the LoRA folder, for engines with LoRA branches.
     """
 
     def __init__(
-        self, repository: Path, geometry: ModelGeometry, threads: int = 0, device: str = "cpu"
+        self,
+        repository: Path,
+        geometry: ModelGeometry,
+        threads: int = 0,
+        device: str = "cpu",
+        lora_dir: Path | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -74,9 +83,21 @@ class OnnxRuntimeEngines(Engines):
             )
             for name in engine_specs(geometry)
         }
+        self._feeders = {}
+        for name, session in self._sessions.items():
+            targets = adapters.branch_targets((i.name, i.shape) for i in session.get_inputs())
+            if targets:
+                store = adapters.AdapterStore(lora_dir, adapters.COMPONENT_OF[name], targets)
+                self._feeders[name] = adapters.BranchFeeder(store)
 
-    def run(self, engine: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:
         session = self._sessions[engine]
         names = [o.name for o in session.get_outputs()]
-        arrays = session.run(names, {name: t.cpu().numpy() for name, t in inputs.items()})
+        feeds = {name: t.cpu().numpy() for name, t in inputs.items()}
+        if engine in self._feeders:
+            rows = next(iter(feeds.values())).shape[0]
+            feeds.update(self._feeders[engine].feeds([lora] * rows))
+        elif lora:
+            raise EngineError(f"{engine}: this engine has no LoRA branches")
+        arrays = session.run(names, feeds)
         return {name: torch.from_numpy(a).to(self.device) for name, a in zip(names, arrays, strict=True)}

@@ -1,6 +1,6 @@
 """LoRA files, as A1111 users have them, compiled into the low-rank form the engines' LoRA branches take.
 
-See docs/lora.md for the design. A file is read once into per-layer (down, up, scale)
+The design: docs/lora.md. A file is read once into per-layer (down, up, scale)
 triples (`read_lora`), checked against the target model's weight shapes; a request's LoRA set becomes one
 `LowRank` per targeted layer (`compile_set`), several files concatenated along the rank axis with their
 multipliers and alpha/rank scales folded into `up`. ΔW = multiplier × alpha / rank × up @ down, the formula

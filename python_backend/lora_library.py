@@ -20,7 +20,8 @@ from typing import Any
 from safetensors import safe_open
 
 from python_backend import lora
-from python_backend.adapters import file_version
+from python_backend.adapters import LoraUse, encode_set, file_version
+from python_backend.extra_networks import LoraTag
 from python_backend.shapes import LORA_DIR_ENV
 
 SUFFIX = ".safetensors"
@@ -74,13 +75,13 @@ class LoraLibrary:
             return list(self._by_name.values())
 
     def find(self, name: str) -> LoraEntry:
-        """The file a prompt's `<lora:NAME:...>` names; the folder is scanned again once if it is not known.
-        LoraError when no file has that name or alias."""
+        """The file a prompt's `<lora:NAME:...>` names; the folder is scanned again once if it is not known
+        (or its file is gone). LoraError when no file has that name or alias."""
         for attempt in range(2):
             with self._lock:
                 table = self._by_name if name.lower() in self._forbidden else self._by_alias
                 entry = table.get(name)
-            if entry is not None:
+            if entry is not None and self.root is not None and (self.root / entry.file).is_file():
                 return entry
             if attempt == 0:
                 self.refresh()
@@ -132,3 +133,40 @@ def _entry(root: Path, path: Path) -> LoraEntry:
         metadata = {}
     name = path.stem
     return LoraEntry(name, metadata.get("ss_output_name") or name, str(path.relative_to(root)), metadata)
+
+
+@dataclass(frozen=True)
+class AppliedLoras:
+    """A request's LoRA tags, resolved: the set each engine applies (python_backend.adapters.encode_set)
+    and A1111's `Lora hashes` (the name as the prompt wrote it → the file's short hash)."""
+
+    text_encoder: str = ""
+    unet: str = ""
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def apply_tags(library: LoraLibrary | None, tags: list[LoraTag]) -> AppliedLoras:
+    """LoraError naming the tag when a file cannot be found or used. `library` None: the engines have no
+    LoRA branches. A component whose multiplier is 0 leaves that file out of its engine's set."""
+    if not tags:
+        return AppliedLoras()
+    if library is None:
+        raise lora.LoraError(
+            f"{tags[0].tag}: this model's engines were built without LoRA support; rebuild the repository "
+            "with this version of build-engines"
+        )
+    text_encoder: list[LoraUse] = []
+    unet: list[LoraUse] = []
+    hashes: dict[str, str] = {}
+    for tag in tags:
+        try:
+            entry = library.find(tag.name)
+            version, short_hash = library.check(entry)
+        except lora.LoraError as e:
+            raise lora.LoraError(f"{tag.tag}: {e}") from None
+        for uses, multiplier in ((text_encoder, tag.te_multiplier), (unet, tag.unet_multiplier)):
+            if multiplier != 0:
+                uses.append(LoraUse(entry.file, version, multiplier))
+        # A1111 strips what would break its `name: hash, ...` list.
+        hashes.setdefault(tag.name.replace(":", "").replace(",", ""), short_hash)
+    return AppliedLoras(encode_set(text_encoder), encode_set(unet), hashes)

@@ -24,14 +24,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from python_backend import images, prompts, schedulers
+from python_backend import extra_networks, images, lora, prompts, schedulers
 from python_backend.engines import Engines
+from python_backend.lora_library import AppliedLoras, LoraLibrary, apply_tags
 from python_backend.request import GenerationRequest, InvalidInput
 from python_backend.shapes import PIPELINE_MANIFEST, VAE_SCALE, PipelineManifest, Profile
 
 TOKENIZER_DIR = "tokenizer"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 EMBEDDINGS_FILE = "embeddings.json"  # textual inversions the text encoder knows (build-engines --embeddings)
+# The engines' LoRA branch layers and their base weight shapes, {component: {path: shape}}: written by
+# build-engines when the text encoder and UNet have LoRA branches.
+LORA_TARGETS_FILE = "lora_targets.json"
 
 
 @dataclass(frozen=True)
@@ -42,16 +46,28 @@ class PipelineAssets:
     scheduler_config: dict[str, Any]
     manifest: PipelineManifest
     embeddings: prompts.EmbeddingIndex | None = None
+    loras: LoraLibrary | None = None  # None: the engines have no LoRA branches
 
     @classmethod
-    def load(cls, folder: Path) -> PipelineAssets:
+    def load(cls, folder: Path, lora_dir: Path | None = None) -> PipelineAssets:
+        """`lora_dir`: the LoRA folder (sd-serve --lora-dir), for a repository whose engines take LoRAs."""
         table = folder / EMBEDDINGS_FILE
         embeddings = json.loads(table.read_text()) if table.exists() else None
+        targets = folder / LORA_TARGETS_FILE
+        loras = None
+        if targets.exists():
+            shapes = {
+                lora.Target(component, path): tuple(shape)
+                for component, layers in json.loads(targets.read_text()).items()
+                for path, shape in layers.items()
+            }
+            loras = LoraLibrary(lora_dir, shapes)
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(folder / TOKENIZER_DIR),
             scheduler_config=json.loads((folder / SCHEDULER_CONFIG).read_text()),
             manifest=PipelineManifest.read(folder / PIPELINE_MANIFEST),
             embeddings=None if embeddings is None else prompts.EmbeddingIndex.from_table(embeddings),
+            loras=loras,
         )
 
     @property
@@ -155,6 +171,7 @@ def generate(
         or assets.default_scheduler
     )
     inputs = prepare_image_inputs(request, assets.manifest.profile)
+    prompt_text, loras = _loras(assets, request.prompt)
     first_seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
     seeds = [first_seed + i for i in range(request.num_images)]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -165,13 +182,15 @@ def generate(
 
     # 2. Encode the prompt; the unconditional (negative) half goes first, as in diffusers. A1111's
     # syntax: (emphasis:1.2) weights, and prompts of several 77-token chunks, encoded chunk by chunk.
+    # The prompt's LoRAs apply to both halves, as A1111's merged weights do.
     device = engines.device
+    texts = {"negative_prompt": request.negative_prompt, "prompt": prompt_text}
     fields = ["negative_prompt", "prompt"] if guided else ["prompt"]
-    chunks = [_chunks(assets, getattr(request, f), f) for f in fields]
+    chunks = [_chunks(assets, texts[f], f) for f in fields]
     if guided:
         chunks = list(prompts.pad_to_same_length(*chunks))
     ids = torch.from_numpy(np.concatenate([c.ids for c in chunks])).to(device)
-    encoded = engines.encode_text(ids, request.clip_skip)
+    encoded = engines.encode_text(ids, request.clip_skip, loras.text_encoder)
     per_prompt = encoded.split([c.count for c in chunks])
     weighted = [
         prompts.apply_weights(e, torch.from_numpy(c.weights).to(device))
@@ -302,7 +321,8 @@ def generate(
             if conditioning is not None:
                 model_input = torch.cat([model_input, conditioning], dim=1)
             timestep = torch.full((model_input.shape[0], 1), float(t), dtype=torch.float32, device=device)
-            noise_pred = engines.predict_noise(model_input.contiguous(), timestep, text_embeddings)
+            model_input = model_input.contiguous()
+            noise_pred = engines.predict_noise(model_input, timestep, text_embeddings, loras.unet)
             if guided:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + request.guidance_scale * (cond - uncond)
@@ -372,6 +392,8 @@ def generate(
     used = {e.name: e.hash for c in chunks for e in c.embeddings}
     if used:  # A1111's "TI hashes"
         info.update(embeddings=dict(sorted(used.items())))
+    if loras.hashes:  # A1111's "Lora hashes"
+        info.update(loras=loras.hashes)
     if assets.manifest.vae_name:  # a VAE other than the checkpoint's (build-engines --vae)
         info.update(vae=assets.manifest.vae_name, vae_hash=assets.manifest.vae_hash)
     if inputs is not None:
@@ -442,6 +464,16 @@ def _paste_back(inputs: ImageInputs, generated: Image.Image) -> Image.Image:
 # A transformers tokenizer sets its backend's truncation/padding state on every call: one call at a time
 # (requests are generated in several threads of one process).
 _TOKENIZER_LOCK = threading.Lock()
+
+
+def _loras(assets: PipelineAssets, prompt: str) -> tuple[str, AppliedLoras]:
+    """The prompt without its `<lora:...>` tags, and the LoRAs they ask for. Only the prompt's: A1111 reads
+    no tags in the negative prompt (there a tag is text)."""
+    try:
+        text, tags = extra_networks.parse_extra_networks(prompt)
+        return text, apply_tags(assets.loras, tags)
+    except ValueError as e:  # LoraError is one
+        raise InvalidInput("prompt", str(e)) from None
 
 
 def _chunks(assets: PipelineAssets, text: str, field: str) -> prompts.PromptChunks:

@@ -37,7 +37,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from python_backend.shapes import DRAIN_FILE_ENV, JOBS_DIR_ENV
+from python_backend.adapters import DEFAULT_CACHE_BYTES, LORA_CACHE_ENV
+from python_backend.shapes import DRAIN_FILE_ENV, JOBS_DIR_ENV, LORA_DIR_ENV
 from services import supervisor
 
 if TYPE_CHECKING:
@@ -307,6 +308,17 @@ class ServeOptions:
     log_verbose: int = 0
     cuda_memory_pool_bytes: int | None = None  # on GPU 0; None: Triton's default (64 MB)
     extra_args: tuple[str, ...] = ()  # passed to tritonserver as given, after ours
+    lora_dir: Path | None = None  # the LoRA files prompts name with <lora:NAME:MULT>
+    lora_cache_bytes: int | None = None  # compiled LoRA sets each engine process keeps; None: the default
+
+    def environment(self) -> dict[str, str]:
+        """What tritonserver's model processes read from their environment."""
+        env = {}
+        if self.lora_dir is not None:
+            env[LORA_DIR_ENV] = str(self.lora_dir)
+        if self.lora_cache_bytes is not None:
+            env[LORA_CACHE_ENV] = str(self.lora_cache_bytes)
+        return env
 
     def triton_args(self) -> list[str]:
         pool = self.cuda_memory_pool_bytes
@@ -621,7 +633,7 @@ def serve(
     try:
         supervisor.become_subreaper()
         command = command or prepare_tritonserver()
-        env = {**(command.env or os.environ), DRAIN_FILE_ENV: str(drain_file)}
+        env = {**(command.env or os.environ), **options.environment(), DRAIN_FILE_ENV: str(drain_file)}
         env.setdefault(JOBS_DIR_ENV, str(drain_dir / "jobs"))  # this server's jobs only (interrupt/skip)
         command = TritonCommand(command.executable, command.args, env)
         while True:
@@ -739,6 +751,13 @@ def _mib(text: str) -> int:
     return mib
 
 
+def _megabytes(text: str) -> int:
+    mib = int(text)
+    if mib < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {mib}")
+    return mib
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -781,12 +800,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default: sized from the repository's profile when it has TensorRT plans, else Triton's 64 MB)",
     )
     parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="the LoRA files (.safetensors, searched recursively) that prompts name with <lora:NAME:MULT>; "
+        "files added later are found without a restart",
+    )
+    parser.add_argument(
+        "--lora-cache-mb",
+        type=_megabytes,
+        metavar="MB",
+        help="memory each LoRA-applying engine process (text encoder, UNet) keeps for compiled LoRA sets, "
+        f"least recently used dropped first (default {DEFAULT_CACHE_BYTES // MIB})",
+    )
+    parser.add_argument(
         "--skip-engine-check",
         action="store_true",
         help="start Triton even if the TensorRT engines' sidecars say they were built for another "
         "TensorRT or GPU",
     )
     args = parser.parse_args(argv[:split])
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        parser.error(f"--lora-dir {args.lora_dir} is not a folder")
     extra_args = tuple(argv[split + 1 :])
     repository = args.model_repository.absolute()
     pool_in_extra = any(a.split("=", 1)[0] == CUDA_POOL_FLAG for a in extra_args)
@@ -815,6 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_verbose=args.log_verbose,
             cuda_memory_pool_bytes=None if pool_mib is None else pool_mib * MIB,
             extra_args=extra_args,
+            lora_dir=None if args.lora_dir is None else args.lora_dir.absolute(),
+            lora_cache_bytes=None if args.lora_cache_mb is None else args.lora_cache_mb * MIB,
         )
         supervision = Supervision(grace_period_s=args.grace_period, max_restarts=args.max_restarts)
         return serve(options, ready_timeout=args.ready_timeout, supervision=supervision)

@@ -257,6 +257,13 @@ class _State:
         chosen = (c for name in (current, self.config.model_name) for c in served if c.pipeline == name)
         return served, next(chosen, served[0])
 
+    def loras(self, refresh: bool) -> list[dict[str, Any]]:
+        try:
+            with self.client(self.config.model_name) as client:
+                return client.loras(refresh)
+        except GenerationError as exc:
+            raise _error_for(exc) from exc
+
     def _ask_triton(self) -> list[translate.Checkpoint]:
         """One per pipeline model Triton has loaded (their configs name the checkpoint)."""
         try:
@@ -458,7 +465,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict[str, Any]]:
-        return []
+        """The LoRA files prompts can name with <lora:NAME:MULT> (sd-serve --lora-dir)."""
+        return state.loras(refresh=False)
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras() -> None:
+        """Scans the server's LoRA folder again (prompts naming a new file find it without this)."""
+        state.loras(refresh=True)
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, Any]:

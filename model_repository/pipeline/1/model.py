@@ -35,7 +35,7 @@ from python_backend.request import (
     InvalidInput,
     request_from_inputs,
 )
-from python_backend.shapes import DRAIN_FILE_ENV
+from python_backend.shapes import DRAIN_FILE_ENV, LORA_DIR_ENV, TEXT_ENCODER, UNET
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -47,9 +47,12 @@ class DeadlineExceeded(Cancelled):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.assets = PipelineAssets.load(Path(args["model_repository"]) / args["model_version"])
+        lora_dir = os.environ.get(LORA_DIR_ENV)  # sd-serve --lora-dir
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.assets = PipelineAssets.load(folder, Path(lora_dir) if lora_dir else None)
         manifest = self.assets.manifest
-        self.engines = BlsEngines(manifest.geometry, manifest.device, manifest.prefix)
+        lora_engines = (TEXT_ENCODER, UNET) if self.assets.loras is not None else ()
+        self.engines = BlsEngines(manifest.geometry, manifest.device, manifest.prefix, lora_engines)
         self.logger = pb_utils.Logger
         self.metrics = PipelineMetrics(pb_utils, config["name"])
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
