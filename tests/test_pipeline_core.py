@@ -66,7 +66,7 @@ def test_guidance_one_skips_the_unconditional_half(engines, assets, tiny_checkpo
     calls = []
 
     class Recording(type(engines)):
-        def run(self, engine, inputs):
+        def run(self, engine, inputs, lora=""):
             calls.append((engine, {k: v.shape for k, v in inputs.items()}))
             return engines.run(engine, inputs)
 
@@ -158,7 +158,7 @@ def test_the_largest_request_fits_every_engine_config(engines, assets, model_rep
     rows: dict[str, set[int]] = {name: set() for name in ENGINE_NAMES}
 
     class Recording(type(engines)):
-        def run(self, engine, inputs):
+        def run(self, engine, inputs, lora=""):
             rows[engine].update(t.shape[0] for t in inputs.values())
             return engines.run(engine, inputs)
 
