@@ -20,6 +20,7 @@ from build_engines.repository import PIPELINE_CONTROL, ServingOptions
 from build_engines.single_file import SingleFileError
 from python_backend.shapes import (
     ENGINE_NAMES,
+    LORA_LIBRARY,
     PIPELINE,
     TEXT_ENCODER,
     UNET,
@@ -224,7 +225,8 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
     """Build into a stage beside --output and move it in only once everything is built."""
     pipeline = triton_model(args.prefix, PIPELINE)
     engines = [triton_model(args.prefix, engine) for engine in ENGINE_NAMES]
-    stage = repository.Stage(args.output, [*engines, pipeline, stream_model(pipeline), PIPELINE_CONTROL])
+    models = [*engines, pipeline, stream_model(pipeline), PIPELINE_CONTROL, LORA_LIBRARY]
+    stage = repository.Stage(args.output, models)
     try:
         code = build_into(stage.path, args, prepared)
         if code == 0:

@@ -25,10 +25,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.onnx_export import EXTERNAL_DATA
 from python_backend import schedulers
-from python_backend.pipeline import EMBEDDINGS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
+from python_backend.adapters import LORA_INPUT
+from python_backend.pipeline import EMBEDDINGS_FILE, LORA_TARGETS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
     BATCH_AXES,
+    LORA_LIBRARY,
     PIPELINE,
     PIPELINE_MANIFEST,
     UNET,
@@ -64,11 +66,21 @@ def _tensor(
 
 
 def onnx_runtime_engine_config(
-    spec: EngineSpec, profile: Profile, prefix: str = "", unet_batch_delay_ms: float = 0.0
+    spec: EngineSpec,
+    profile: Profile,
+    prefix: str = "",
+    unet_batch_delay_ms: float = 0.0,
+    lora_component: str | None = None,
 ) -> mc.ModelConfig:
-    """A python-backend model running the engine's ONNX file on ONNX Runtime (CPU)."""
+    """A python-backend model running the engine's ONNX file on ONNX Runtime (CPU). `lora_component`: the
+    graph has LoRA branches for that component's layers; the model then takes each row's LoRA set
+    (`lora`, optional: a client calling the engine directly may leave it out)."""
     config = mc.ModelConfig(name=triton_model(prefix, spec.name), backend="python")
-    return _engine_config(config, spec, profile, False, unet_batch_delay_ms)
+    config = _engine_config(config, spec, profile, False, unet_batch_delay_ms)
+    if lora_component is not None:
+        _tensor(config.input.add(), LORA_INPUT, np.object_, (1,)).optional = True
+        config.parameters["lora_component"].string_value = lora_component
+    return config
 
 
 def tensorrt_engine_config(
@@ -192,6 +204,15 @@ def control_config() -> mc.ModelConfig:
     return config
 
 
+def lora_library_config() -> mc.ModelConfig:
+    """`lora_library`: the server's LoRA files (refresh: scan the folder again first), as JSON."""
+    config = mc.ModelConfig(name=LORA_LIBRARY, backend="python", max_batch_size=0)
+    _tensor(config.input.add(), "refresh", np.bool_, (1,)).optional = True
+    _tensor(config.output.add(), "loras", np.object_, (1,))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    return config
+
+
 def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -213,11 +234,17 @@ def onnx_dir(repository: Path, engine: str, target: str, prefix: str = "") -> Pa
 
 
 def write_onnx_runtime_model(
-    repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "", unet_batch_delay_ms: float = 0.0
+    repository: Path,
+    spec: EngineSpec,
+    profile: Profile,
+    prefix: str = "",
+    unet_batch_delay_ms: float = 0.0,
+    lora_component: str | None = None,
 ) -> None:
     """config.pbtxt and model.py of an ONNX Runtime engine model (its model.onnx is exported there)."""
     model_dir = engine_dir(repository, spec.name, prefix)
-    write_config(model_dir, onnx_runtime_engine_config(spec, profile, prefix, unet_batch_delay_ms))
+    config = onnx_runtime_engine_config(spec, profile, prefix, unet_batch_delay_ms, lora_component)
+    write_config(model_dir, config)
     _remove(model_dir / "1", "model.plan", "model.plan.json")
     shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
 
@@ -243,10 +270,13 @@ def write_pipeline_model(
     manifest: PipelineManifest,
     serving: ServingOptions = ServingOptions(),
     token_table: dict[str, Any] | None = None,
+    lora_targets: dict[str, dict[str, list[int]]] | None = None,
 ) -> None:
     """The pipeline models (`pipeline` and the streaming `pipeline_stream`, prefixed by the manifest's
-    prefix) with what they need from the checkpoint: tokenizer, scheduler config, manifest; and
-    `pipeline_control`, which stops the jobs of every checkpoint's pipelines (one per repository)."""
+    prefix) with what they need from the checkpoint: tokenizer, scheduler config, manifest, and the engines'
+    LoRA branch layers (`lora_targets`, {component: {path: base weight shape}}) when they have them; and the
+    models one per repository: `pipeline_control`, which stops the jobs of every checkpoint's pipelines, and
+    `lora_library`, which lists the server's LoRA files."""
     scheduler_config = json.loads((checkpoint / SCHEDULER_CONFIG).read_text())
     default = schedulers.choice_for_class(scheduler_config["_class_name"])
     for streaming in (False, True):
@@ -264,10 +294,13 @@ def write_pipeline_model(
         (version / EMBEDDINGS_FILE).unlink(missing_ok=True)
         if token_table is not None:  # textual inversions the text encoder was built with
             (version / EMBEDDINGS_FILE).write_text(json.dumps(token_table, indent=1, sort_keys=True) + "\n")
-    control = repository / PIPELINE_CONTROL
-    (control / "1").mkdir(parents=True, exist_ok=True)
-    write_config(control, control_config())
-    shutil.copyfile(SOURCES / PIPELINE_CONTROL / "1" / "model.py", control / "1" / "model.py")
+        (version / LORA_TARGETS_FILE).unlink(missing_ok=True)
+        if lora_targets is not None:
+            (version / LORA_TARGETS_FILE).write_text(json.dumps(lora_targets) + "\n")
+    for name, config in ((PIPELINE_CONTROL, control_config()), (LORA_LIBRARY, lora_library_config())):
+        (repository / name / "1").mkdir(parents=True, exist_ok=True)
+        write_config(repository / name, config)
+        shutil.copyfile(SOURCES / name / "1" / "model.py", repository / name / "1" / "model.py")
 
 
 class Stage:

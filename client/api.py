@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.infotext import INPAINTING_FILL_LABELS, format_infotext, save_png
 from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS, GenerationRequest
-from python_backend.shapes import PIPELINE, stream_model
+from python_backend.shapes import LORA_LIBRARY, PIPELINE, stream_model
 
 # Options of the hires fix, each refused without `enable_hr` (the server would ignore it).
 HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
@@ -34,7 +34,6 @@ HIRES_OPTIONS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_s
 ImageInput = bytes | str | Path | Image.Image
 
 CONTROL_MODEL = "pipeline_control"  # stops a running generation early (interrupt / skip)
-LORA_LIBRARY_MODEL = "lora_library"  # the server's LoRA files (sd-serve --lora-dir)
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 INVALID_ARGUMENT_STATUSES = frozenset({"INVALID_ARGUMENT", "400"})
 # Overloaded, stopping, or an engine being restarted: worth retrying (HTTP 503 is Triton's UNAVAILABLE).
@@ -611,9 +610,9 @@ class StableDiffusionClient:
         Empty for a server without a LoRA folder or whose repository predates LoRA support."""
         inputs = triton_inputs(self._triton, [("refresh", np.array([refresh]))])
         with self._errors():
-            if not self._client.is_model_ready(LORA_LIBRARY_MODEL, **self._call_kwargs):
+            if not self._client.is_model_ready(LORA_LIBRARY, **self._call_kwargs):
                 return []
-            result = self._client.infer(LORA_LIBRARY_MODEL, inputs, **self._call_kwargs)
+            result = self._client.infer(LORA_LIBRARY, inputs, **self._call_kwargs)
         listing: list[dict[str, Any]] = json.loads(result.as_numpy("loras").reshape(-1)[0])
         return listing
 

@@ -1,6 +1,6 @@
 """`sd-client`: generate images (from text or an image, or inpaint one) with a Triton pipeline model
-(`--model`, default `pipeline`), sweep parameters into X/Y/Z grids, list its schedulers, or list the
-pipeline models (one per checkpoint) the server hosts.
+(`--model`, default `pipeline`), sweep parameters into X/Y/Z grids, list its schedulers, list the
+pipeline models (one per checkpoint) the server hosts, or list the LoRA files prompts can name.
 
 Exit codes: 0 success, 1 server or I/O failure (including no server at the URL), 2 invalid arguments
 (rejected by argparse, by our checks of input files and axes, or by the server).
@@ -232,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the pipeline models the server hosts, one per checkpoint",
         description="List each pipeline model (a --model value) with the checkpoint it serves.",
     )
+    loras = commands.add_parser(
+        "loras",
+        parents=[connection],
+        help="list the LoRA files prompts can name with <lora:NAME:MULTIPLIER>",
+        description="List the LoRA files in the server's LoRA folder (sd-serve --lora-dir): each one's name "
+        "(the file stem), its alias (from the file's metadata) and its path. A prompt may use either name.",
+    )
+    loras.add_argument("--refresh", action="store_true", help="scan the server's LoRA folder again first")
     return parser
 
 
@@ -380,6 +388,12 @@ def format_model_table(pipelines: dict[str, dict[str, str]]) -> str:
     return "\n".join(f"{m:<{widths[0]}}  {c:<{widths[1]}}  {h}".rstrip() for m, c, h in rows)
 
 
+def format_lora_table(loras: list[dict[str, Any]]) -> str:
+    rows = [("NAME", "ALIAS", "PATH")] + [(e["name"], e["alias"], e["path"]) for e in loras]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{n:<{widths[0]}}  {a:<{widths[1]}}  {p}".rstrip() for n, a, p in rows)
+
+
 def format_scheduler_table(schedulers: list[dict[str, Any]]) -> str:
     rows = [("NAME", "A1111", "")] + [
         (s["name"], s.get("a1111", ""), "(default)" if s.get("default") else "") for s in schedulers
@@ -444,7 +458,7 @@ def save_and_report(result: GenerationResult, out_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        request = request_kwargs(args) if args.command not in ("schedulers", "models") else {}
+        request = request_kwargs(args) if args.command not in ("schedulers", "models", "loras") else {}
         with StableDiffusionClient(
             args.url, args.protocol, args.model, timeout_s=args.timeout, retries=args.retries
         ) as client:
@@ -452,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(format_scheduler_table(client.schedulers()))
             elif args.command == "models":
                 print(format_model_table(client.pipelines()))
+            elif args.command == "loras":
+                print(format_lora_table(client.loras(args.refresh)))
             elif args.command == "grid":
                 _grid(client, args, request)
             else:

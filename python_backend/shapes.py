@@ -217,6 +217,7 @@ def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry) -> in
 
 
 PIPELINE_MANIFEST = "pipeline.json"
+LORA_LIBRARY = "lora_library"  # the model listing the server's LoRA files (python_backend.lora_library)
 # Set by sd-serve in tritonserver's environment: the pipeline models refuse new requests while the file it
 # names exists (services/serve.py's graceful stop).
 DRAIN_FILE_ENV = "SD_SERVE_DRAIN_FILE"
