@@ -1,0 +1,195 @@
+"""LoRA per request through a real tritonserver (sd-serve --lora-dir): images match diffusers' pipeline with
+the same LoRAs fused, requests with different LoRA sets (and none) share UNet runs and still give the image
+each gives alone, nothing leaks into a later request, and bad tags or files are INVALID_ARGUMENT naming
+them."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from safetensors.numpy import save_file
+
+from build_engines import cli as build_cli
+from build_engines.tiny_checkpoint import write_tiny_lora
+from client import GenerationError, StableDiffusionClient
+from python_backend.extra_networks import parse_extra_networks
+from tests.conftest import PROFILE_ARGS
+from tests.parity import TOLERANCE, max_pixel_diff
+from tests.triton_server import TritonServer
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "a lighthouse in a storm"
+SIZE, STEPS, SEED = 64, 4, 7
+SCHEDULER = ("Euler", "EulerDiscreteScheduler")  # A1111's name, diffusers' class
+CONCURRENT = 4
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lora-dir")
+    write_tiny_lora(folder / "ink.safetensors", tiny_checkpoint, "kohya", seed=1)  # LoCon convs too
+    write_tiny_lora(folder / "paper.safetensors", tiny_checkpoint, "peft", seed=2, output_name="paper_style")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(
+    model_repository: Path, tiny_checkpoint: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    repo = tmp_path_factory.mktemp("lora-serving") / "repo"
+    shutil.copytree(model_repository, repo)  # the exports are reused: only the configs are rewritten
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
+    # A batch window, so that the concurrent requests' UNet calls meet however busy the machine is.
+    serving = ["--max-concurrent-requests", str(CONCURRENT), "--unet-batch-delay", "20"]
+    assert build_cli.main([*args, *serving]) == 0
+    with TritonServer(repo, serve_args=["--lora-dir", str(lora_dir)]) as running:
+        yield running
+
+
+def _generate(server: TritonServer, prompt: str, seed: int = SEED) -> tuple[np.ndarray, Any]:
+    result = StableDiffusionClient(server.grpc_url).generate(
+        prompt, width=SIZE, height=SIZE, steps=STEPS, scheduler=SCHEDULER[0], seed=seed
+    )
+    return np.asarray(result.images[0]), result
+
+
+def _fused_reference(checkpoint: Path, lora_dir: Path, prompt: str, files: dict[str, tuple[float, float]]):
+    """diffusers' StableDiffusionPipeline with the LoRAs loaded and fused (te and unet weights apart), on the
+    prompt without its tags; its own pipeline object (fusing changes the weights)."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, SCHEDULER[1]).from_config(pipe.scheduler.config)
+    names = []
+    for i, file in enumerate(files):
+        names.append(f"lora{i}")
+        pipe.load_lora_weights(str(lora_dir / file), adapter_name=names[-1])
+    weights = [{"text_encoder": te, "unet": unet} for te, unet in files.values()]
+    pipe.set_adapters(names, adapter_weights=weights)
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()  # keeps the fused weights
+    images = pipe(
+        parse_extra_networks(prompt)[0],
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        width=SIZE,
+        height=SIZE,
+        generator=[torch.Generator("cpu").manual_seed(SEED)],
+        output_type="np",
+    ).images
+    return (images[0] * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("tags", "files"),
+    [
+        ("<lora:ink:1>", {"ink.safetensors": (1.0, 1.0)}),
+        # two LoRAs, one by its alias, with separate text-encoder and UNet multipliers
+        (
+            "<lora:ink:0.6> <lora:paper_style:-0.4:0.9>",
+            {"ink.safetensors": (0.6, 0.6), "paper.safetensors": (-0.4, 0.9)},
+        ),
+    ],
+)
+def test_served_loras_match_diffusers_with_them_fused(server, tiny_checkpoint, lora_dir, tags, files):
+    plain, _ = _generate(server, PROMPT)
+    served, result = _generate(server, f"{PROMPT} {tags}")
+    reference = _fused_reference(tiny_checkpoint, lora_dir, f"{PROMPT} {tags}", files)
+    assert max_pixel_diff(served, reference) <= TOLERANCE
+    assert max_pixel_diff(served, plain) > 20  # the LoRAs changed the image
+    names = [t.name for t in parse_extra_networks(tags)[1]]
+    assert list(result.info["loras"]) == names and all(len(h) == 12 for h in result.info["loras"].values())
+    hashes = ", ".join(f"{n}: {h}" for n, h in result.info["loras"].items())
+    assert f'Lora hashes: "{hashes}"' in result.infotexts()[0]
+    assert result.info["prompt"] == f"{PROMPT} {tags}"  # the infotext keeps the tags, as A1111's
+
+
+def test_mixed_lora_sets_share_unet_runs_and_give_their_solo_images(server):
+    prompts = [
+        PROMPT,
+        f"{PROMPT} <lora:ink:1>",
+        f"{PROMPT} <lora:ink:1><lora:paper:0.8>",
+        f"{PROMPT} <lora:paper:0.5>",
+    ]
+    solo = [_generate(server, p)[0] for p in prompts]
+    assert len({img.tobytes() for img in solo}) == len(prompts)
+
+    def unet():
+        return (
+            grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("unet").model_stats[0]
+        )
+
+    before = unet()
+    results: list[np.ndarray | None] = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = _generate(server, prompts[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    after = unet()
+    calls = after.inference_stats.success.count - before.inference_stats.success.count
+    runs = after.execution_count - before.execution_count
+    assert calls == len(prompts) * STEPS
+    assert runs < calls, (runs, calls)  # runs carried rows of different LoRA sets
+    for i, image in enumerate(results):
+        assert image is not None, f"request {i} did not finish"
+        assert max_pixel_diff(image, solo[i]) <= 1, prompts[i]
+
+
+def test_a_request_without_lora_after_one_with_gives_the_plain_image(server):
+    plain, _ = _generate(server, PROMPT, seed=11)
+    with_lora, _ = _generate(server, f"{PROMPT} <lora:ink:1.5>", seed=11)
+    again, result = _generate(server, PROMPT, seed=11)
+    assert max_pixel_diff(with_lora, plain) > 20
+    assert np.array_equal(again, plain) and "loras" not in result.info
+
+
+def test_a_file_added_while_serving_is_found_and_listed(server, lora_dir):
+    client = StableDiffusionClient(server.grpc_url)
+    assert {(e["name"], e["alias"]) for e in client.loras()} >= {("ink", "ink"), ("paper", "paper_style")}
+    shutil.copy(lora_dir / "ink.safetensors", lora_dir / "ink_copy.safetensors")
+    try:
+        copied, _ = _generate(server, f"{PROMPT} <lora:ink_copy:1>")
+        original, _ = _generate(server, f"{PROMPT} <lora:ink:1>")
+        assert np.array_equal(copied, original)
+        assert "ink_copy" in {e["name"] for e in client.loras(refresh=True)}
+    finally:
+        (lora_dir / "ink_copy.safetensors").unlink()
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ("<lora:nothing:1>", "<lora:nothing:1>: unknown LoRA 'nothing'"),
+        ("<lora:ink:abc>", "<lora:ink:abc>' with a multiplier that is not a finite number"),
+        ("<lora:ink:nan>", "not a finite number"),
+        ("<lora:broken:1>", "broken.safetensors"),
+        ("<lora:sdxl:1>", "SDXL"),
+        ("<hypernet:x:1>", "only <lora:...> extra networks are supported"),
+    ],
+)
+def test_bad_lora_tags_and_files_are_invalid_arguments_naming_them(server, lora_dir, tag, message):
+    (lora_dir / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    sdxl = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((4, 32), np.float32)}
+    save_file(sdxl, str(lora_dir / "sdxl.safetensors"))
+    client = StableDiffusionClient(server.grpc_url, retries=0)
+    with pytest.raises(GenerationError) as refused:
+        client.generate(f"{PROMPT} {tag}", width=SIZE, height=SIZE, steps=STEPS)
+    assert refused.value.is_invalid_argument, refused.value
+    assert str(refused.value).startswith("prompt: ") and message in str(refused.value)
+    assert client.is_ready()
