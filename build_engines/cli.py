@@ -10,20 +10,24 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from build_engines import embeddings, inputs, onnx_export, repository, tensorrt_engine
+from build_engines import embeddings, inputs, lora_branch, onnx_export, repository, tensorrt_engine
 from build_engines.digests import digest_folder
 from build_engines.repository import PIPELINE_CONTROL, ServingOptions
 from build_engines.single_file import SingleFileError
+from python_backend import adapters
+from python_backend.ort_sessions import LORA_GRAPH
 from python_backend.shapes import (
     ENGINE_NAMES,
     LORA_LIBRARY,
     PIPELINE,
     TEXT_ENCODER,
     UNET,
+    ModelGeometry,
     PipelineManifest,
     Profile,
     engine_specs,
@@ -50,6 +54,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="textual-inversion embeddings (A1111's embeddings/ folder: .pt, .bin, .safetensors), each "
         "usable in prompts by its file name",
+    )
+    parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="also export the text encoder and UNet with LoRA branches, so that prompts can use "
+        "<lora:NAME:MULT> (sd-serve --lora-dir) and requests with different LoRAs still share UNet runs; "
+        "the UNet keeps its plain graph for runs without LoRA, at the cost of a second copy of its weights "
+        "in memory (onnx target only)",
     )
     parser.add_argument(
         "--vae",
@@ -179,6 +191,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_concurrent_requests = args.max_batch
     if args.max_concurrent_requests < 1:
         parser.error(f"--max-concurrent-requests must be at least 1, got {args.max_concurrent_requests}")
+    if args.lora and args.target != "onnx":
+        parser.error("--lora: the TensorRT target does not apply LoRAs yet; build with --target onnx")
     if args.max_queue_size < 0:
         parser.error(f"--max-queue-size must be at least 0, got {args.max_queue_size}")
     if not 0 <= args.queue_timeout < float("inf"):
@@ -265,6 +279,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
     )
 
     specs = engine_specs(geometry)
+    lora_targets: dict[str, dict[str, list[int]]] = {}  # --lora: {component: {layer: base weight shape}}
     with tqdm(specs.values(), unit="engine", file=sys.stdout) as bar:
         for spec in bar:
             bar.set_description(f"{spec.name}: {precision[spec.name]} ONNX export + check")
@@ -272,23 +287,34 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
             if component not in digests:
                 digests[component] = digest_folder(checkpoint / component)
             try:
-                exported = onnx_export.export_engine(
-                    spec,
-                    partial(loader.module, spec.name),
-                    digests[component],
-                    repository.onnx_dir(repo, spec.name, args.target, args.prefix),
-                    precision[spec.name],
-                )
-                state = "up to date, kept" if exported.reused else "exported"
-                bar.write(
-                    f"{spec.name}: {precision[spec.name]} ONNX {state}; "
-                    f"max abs diff vs fp32 torch {exported.max_abs_diff:.2e}"
-                )
+                out_dir = repository.onnx_dir(repo, spec.name, args.target, args.prefix)
+                lora = args.lora and spec.name in lora_branch.ENGINE_OF.values()
+                if lora and spec.name == TEXT_ENCODER:  # its graph is the branch graph (ort_sessions.py)
+                    lora_targets.update(_export_branch(loader, spec.name, geometry, digests, out_dir, bar))
+                    exported = None
+                else:
+                    exported = onnx_export.export_engine(
+                        spec,
+                        partial(loader.module, spec.name),
+                        digests[component],
+                        out_dir,
+                        precision[spec.name],
+                    )
+                    state = "up to date, kept" if exported.reused else "exported"
+                    bar.write(
+                        f"{spec.name}: {precision[spec.name]} ONNX {state}; "
+                        f"max abs diff vs fp32 torch {exported.max_abs_diff:.2e}"
+                    )
+                if lora and spec.name == UNET:  # beside the plain graph, for runs with LoRA rows
+                    lora_dir = out_dir / LORA_GRAPH.parent
+                    lora_targets.update(_export_branch(loader, spec.name, geometry, digests, lora_dir, bar))
                 if args.target == "onnx":
+                    component_name = adapters.COMPONENT_OF[spec.name] if lora else None
                     repository.write_onnx_runtime_model(
-                        repo, spec, args.profile, args.prefix, args.unet_batch_delay
+                        repo, spec, args.profile, args.prefix, args.unet_batch_delay, component_name
                     )
                     continue
+                assert exported is not None
                 bar.set_description(f"{spec.name}: TensorRT build")
                 built = tensorrt_engine.build_engine(
                     exported.path,
@@ -323,8 +349,27 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
     if inversions:
         token_table = embeddings.token_table(inversions, vocab_size(checkpoint), tokenizer(checkpoint))
         print(f"embeddings: {', '.join(e.name for e in inversions)}")
-    repository.write_pipeline_model(repo, checkpoint, manifest, serving, token_table)
+    repository.write_pipeline_model(repo, checkpoint, manifest, serving, token_table, lora_targets or None)
     return 0
+
+
+def _export_branch(
+    loader: onnx_export.ModuleLoader,
+    engine: str,
+    geometry: ModelGeometry,
+    digests: dict[str, str],
+    out_dir: Path,
+    bar: Any,
+) -> dict[str, dict[str, list[int]]]:
+    """Export `engine` with LoRA branches into out_dir; its branch layers, {component: {path: shape}}."""
+    component = adapters.COMPONENT_OF[engine]
+    model = lora_branch.BranchedModel(loader.module(engine), component)
+    exported = lora_branch.export_branch(model, geometry, digests[onnx_export.COMPONENT_OF[engine]], out_dir)
+    state = "up to date, kept" if exported.reused else "exported"
+    bar.write(
+        f"{engine}: fp32 ONNX with LoRA branches {state}; max abs diff vs torch {exported.max_abs_diff:.2e}"
+    )
+    return {component: {t.path: list(t.weight_shape) for t in model.targets}}
 
 
 if __name__ == "__main__":

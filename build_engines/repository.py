@@ -245,6 +245,8 @@ def write_onnx_runtime_model(
     model_dir = engine_dir(repository, spec.name, prefix)
     config = onnx_runtime_engine_config(spec, profile, prefix, unet_batch_delay_ms, lora_component)
     write_config(model_dir, config)
+    if lora_component is None:  # a build without --lora after one with it
+        shutil.rmtree(model_dir / "1" / "lora", ignore_errors=True)
     _remove(model_dir / "1", "model.plan", "model.plan.json")
     shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
 
@@ -316,7 +318,7 @@ class Stage:
     # sidecar matches, and otherwise unlink or rename over (never write into: the link is the live file).
     REUSABLE = tuple(
         f"{folder}/{name}"
-        for folder in ("1", "onnx")
+        for folder in ("1", "onnx", "1/lora")  # 1/lora: the UNet's LoRA branch graph (build-engines --lora)
         for name in ("model.onnx", EXTERNAL_DATA, "model.onnx.json", "model.plan", "model.plan.json")
     )
 

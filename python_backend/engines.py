@@ -71,33 +71,23 @@ class OnnxRuntimeEngines(Engines):
         device: str = "cpu",
         lora_dir: Path | None = None,
     ) -> None:
-        import onnxruntime as ort
+        from python_backend.ort_sessions import EngineSessions
 
-        from python_backend.ort_options import session_options
-
-        options = session_options(threads)
         self.device = torch.device(device)
         self._sessions = {
-            name: ort.InferenceSession(
-                str(repository / name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            name: EngineSessions(
+                repository / name / "1", adapters.COMPONENT_OF.get(name), lora_dir, threads=threads
             )
             for name in engine_specs(geometry)
         }
-        self._feeders = {}
-        for name, session in self._sessions.items():
-            targets = adapters.branch_targets((i.name, i.shape) for i in session.get_inputs())
-            if targets:
-                store = adapters.AdapterStore(lora_dir, adapters.COMPONENT_OF[name], targets)
-                self._feeders[name] = adapters.BranchFeeder(store)
 
     def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:
-        session = self._sessions[engine]
-        names = [o.name for o in session.get_outputs()]
+        sessions = self._sessions[engine]
         feeds = {name: t.cpu().numpy() for name, t in inputs.items()}
-        if engine in self._feeders:
-            rows = next(iter(feeds.values())).shape[0]
-            feeds.update(self._feeders[engine].feeds([lora] * rows))
-        elif lora:
-            raise EngineError(f"{engine}: this engine has no LoRA branches")
-        arrays = session.run(names, feeds)
+        rows = next(iter(feeds.values())).shape[0]
+        try:
+            arrays = sessions.run(feeds, [lora] * rows)
+        except ValueError as e:  # a LoRA set this engine cannot apply
+            raise EngineError(f"{engine}: {e}") from None
+        names = sessions.outputs
         return {name: torch.from_numpy(a).to(self.device) for name, a in zip(names, arrays, strict=True)}

@@ -4,10 +4,10 @@ build-engines copies this file into text_encoder/, unet/, vae_decoder/ and vae_e
 `onnx` target: the pip-installed Triton has no onnxruntime backend. Input and output names come
 from the model's config.pbtxt.
 
-A text encoder or UNet built with LoRA branches also takes `lora`, each row's LoRA set
-(python_backend/adapters.py): this process compiles each set once, keeps it within the LoRA cache
-(sd-serve --lora-cache-mb), and feeds each row's factors to the graph's branch inputs, so that rows of
-different sets, and rows with none, share one run.
+A text encoder or UNet built with LoRA branches (build-engines --lora) also takes `lora`, each row's
+LoRA set (python_backend/adapters.py): this process compiles each set once, keeps it within the LoRA
+cache (sd-serve --lora-cache-mb), and feeds each row's factors to the graph's branch inputs, so that
+rows of different sets, and rows with none, share one run (python_backend/ort_sessions.py).
 """
 
 import json
@@ -15,19 +15,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from python_backend.adapters import (
-    DEFAULT_CACHE_BYTES,
-    LORA_CACHE_ENV,
-    LORA_INPUT,
-    AdapterStore,
-    BranchFeeder,
-    branch_targets,
-)
-from python_backend.lora import LoraError
-from python_backend.ort_options import session_options
+from python_backend.adapters import DEFAULT_CACHE_BYTES, LORA_CACHE_ENV, LORA_INPUT
+from python_backend.ort_sessions import EngineSessions
 from python_backend.shapes import LORA_DIR_ENV
 
 
@@ -37,32 +28,27 @@ class TritonPythonModel:
         self.name = config["name"]
         self.inputs = [t["name"] for t in config["input"] if t["name"] != LORA_INPUT]
         self.outputs = [t["name"] for t in config["output"]]
-        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        options = session_options(spinning=False)  # four engine processes share the cores
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.feeder = None
-        targets = branch_targets((i.name, i.shape) for i in self.session.get_inputs())
-        if targets:
-            folder = os.environ.get(LORA_DIR_ENV)
-            cache = os.environ.get(LORA_CACHE_ENV)
-            component = config["parameters"]["lora_component"]["string_value"]
-            store = AdapterStore(
-                Path(folder) if folder else None,
-                component,
-                targets,
-                int(cache) if cache else DEFAULT_CACHE_BYTES,
-            )
-            self.feeder = BranchFeeder(store)
+        component = config["parameters"].get("lora_component", {}).get("string_value")
+        folder, cache = os.environ.get(LORA_DIR_ENV), os.environ.get(LORA_CACHE_ENV)
+        self.sessions = EngineSessions(
+            Path(args["model_repository"]) / args["model_version"],
+            component,
+            Path(folder) if folder else None,
+            int(cache) if cache else DEFAULT_CACHE_BYTES,
+            spinning=False,  # four engine processes share the cores
+        )
+        assert self.sessions.outputs == self.outputs, (self.sessions.outputs, self.outputs)
 
     def execute(self, requests):
         """Triton's dynamic batcher may hand over several requests (same shapes but the batch axis): one
         session run over their concatenation, split back by each request's batch size."""
         responses = [None] * len(requests)
-        rows_of = {}  # request index → its rows' LoRA set keys
+        keys = {}  # request index → its rows' LoRA set keys
         for i, request in enumerate(requests):
             try:
-                rows_of[i] = self._lora_keys(request)
-            except (ValueError, LoraError) as e:  # a set that cannot be compiled fails its request only
+                keys[i] = self._lora_keys(request)
+                self.sessions.check(keys[i])
+            except ValueError as e:  # a set that cannot be compiled fails its own request only
                 responses[i] = _error(f"{self.name}: {e}")
         running = [i for i in range(len(requests)) if responses[i] is None]
         if not running:
@@ -74,9 +60,7 @@ class TritonPythonModel:
         sizes = [len(array) for array in feeds[self.inputs[0]]]
         try:
             batch = {name: np.concatenate(parts) for name, parts in feeds.items()}
-            if self.feeder is not None:
-                batch.update(self.feeder.feeds([key for i in running for key in rows_of[i]]))
-            arrays = self.session.run(self.outputs, batch)
+            arrays = self.sessions.run(batch, [key for i in running for key in keys[i]])
         except Exception as e:  # e.g. a shape outside what the graph accepts: fail these requests only
             for i in running:
                 responses[i] = _error(f"{self.name}: {e}")
@@ -89,17 +73,11 @@ class TritonPythonModel:
         return responses
 
     def _lora_keys(self, request):
-        """Each row's LoRA set key (compiled here, so that a bad set fails before the run)."""
         rows = len(pb_utils.get_input_tensor_by_name(request, self.inputs[0]).as_numpy())
         tensor = pb_utils.get_input_tensor_by_name(request, LORA_INPUT)
         if tensor is None:
             return [""] * rows
-        if self.feeder is None:
-            raise ValueError("this engine has no LoRA branches")
-        keys = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
-        for key in set(keys):
-            self.feeder.store.compiled(key)
-        return keys
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
 
 
 def _error(message):
