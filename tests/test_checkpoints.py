@@ -54,11 +54,12 @@ PROMPT = "a lighthouse"
 
 
 def _files(repo: Path) -> dict[str, str]:
-    """Every file of the repository (relative path) with the sha256 of its contents."""
+    """Every file of the repository (relative path) with the sha256 of its contents; not the bytecode a
+    server that ran the models left (a build writes the model folders afresh)."""
     return {
         str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(repo.rglob("*"))
-        if p.is_file()
+        if p.is_file() and "__pycache__" not in p.parts
     }
 
 

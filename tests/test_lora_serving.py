@@ -49,7 +49,7 @@ def server(
     args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
     # A batch window, so that the concurrent requests' UNet calls meet however busy the machine is.
     serving = ["--max-concurrent-requests", str(CONCURRENT), "--unet-batch-delay", "20"]
-    assert build_cli.main([*args, *serving]) == 0
+    assert build_cli.main([*args, *serving, "--lora"]) == 0
     with TritonServer(repo, serve_args=["--lora-dir", str(lora_dir)]) as running:
         yield running
 
