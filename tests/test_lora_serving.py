@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 import torch
 import tritonclient.grpc as grpcclient
 from safetensors.numpy import save_file
@@ -193,3 +194,35 @@ def test_bad_lora_tags_and_files_are_invalid_arguments_naming_them(server, lora_
     assert refused.value.is_invalid_argument, refused.value
     assert str(refused.value).startswith("prompt: ") and message in str(refused.value)
     assert client.is_ready()
+
+
+def test_the_gateway_lists_loras_and_applies_tags_as_a1111(server, lora_dir):
+    import webuiapi
+
+    from services.gateway.app import GatewayConfig
+    from tests.test_gateway import running_gateway
+
+    with running_gateway(GatewayConfig(triton_url=server.grpc_url)) as gateway:
+        listed = requests.get(f"{gateway}/sdapi/v1/loras", timeout=30).json()
+        paper = next(e for e in listed if e["name"] == "paper")
+        assert paper["alias"] == "paper_style" and paper["path"] == str(lora_dir / "paper.safetensors")
+        assert paper["metadata"]["ss_output_name"] == "paper_style"
+        assert requests.post(f"{gateway}/sdapi/v1/refresh-loras", timeout=30).status_code == 200
+        host, port = gateway.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+        result = api.txt2img(
+            prompt=f"{PROMPT} <lora:paper_style:0.7>",
+            width=SIZE,
+            height=SIZE,
+            steps=STEPS,
+            seed=SEED,
+            sampler_name=SCHEDULER[0],
+            cfg_scale=7.5,
+        )
+        direct, _ = _generate(server, f"{PROMPT} <lora:paper_style:0.7>")
+        assert np.array_equal(np.asarray(result.image.convert("RGB")), direct)
+        assert 'Lora hashes: "paper_style: ' in result.info["infotexts"][0]
+        bad = requests.post(
+            f"{gateway}/sdapi/v1/txt2img", json={"prompt": "<lora:missing:1>", "width": SIZE, "height": SIZE}
+        )
+        assert bad.status_code == 422 and "unknown LoRA 'missing'" in bad.text
