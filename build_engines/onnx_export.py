@@ -272,8 +272,11 @@ def export_engine(
     return ExportResult(target, diff, reused=False)
 
 
-def _torch_export(spec: EngineSpec, model: nn.Module, path: Path) -> None:
-    inputs = sample_inputs(spec, TRACE_SIZES)
+def _torch_export(
+    spec: EngineSpec, model: nn.Module, path: Path, sizes: dict[str, int] | None = None
+) -> None:
+    # sizes: trace sizes of axes TRACE_SIZES lacks (build_engines.lora_branch: a rank axis per target).
+    inputs = sample_inputs(spec, {**TRACE_SIZES, **(sizes or {})})
     args = tuple(torch.from_numpy(inputs[t.name]) for t in spec.inputs)
     names = [t.name for t in (*spec.inputs, *spec.outputs)]
     dynamic_axes = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
