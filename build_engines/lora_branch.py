@@ -30,13 +30,13 @@ from torch import nn
 
 from build_engines.onnx_export import (
     CHECK_SIZES,
-    EXPORT_FORMAT,
     MAX_ABS_DIFF,
-    OPSET,
     ExportError,
     ExportResult,
     _save_checked,
     _torch_export,
+    export_key,
+    kept_export,
     sample_inputs,
 )
 from python_backend.shapes import TEXT_ENCODER, UNET, EngineSpec, ModelGeometry, TensorSpec, engine_specs
@@ -282,18 +282,10 @@ def export_branch(
     engine = ENGINE_OF[model.component]
     spec = branch_spec(engine_specs(geometry)[engine], model.targets)
     target, sidecar = out_dir / "model.onnx", out_dir / "model.onnx.json"
-    key = {
-        "source_sha256": source_digest,
-        "opset": OPSET,
-        "export_format": EXPORT_FORMAT,
-        "branch_format": BRANCH_FORMAT,
-        "torch": torch.__version__.split("+")[0],
-        "dims": {t.name: list(t.dims) for t in (*spec.inputs, *spec.outputs)},
-    }
-    if target.exists() and sidecar.exists():
-        recorded = json.loads(sidecar.read_text())
-        if recorded.get("key") == key:
-            return ExportResult(target, recorded["max_abs_diff"], reused=True)
+    key = export_key(spec, source_digest, branch_format=BRANCH_FORMAT)
+    kept = kept_export(out_dir, key)
+    if kept is not None:
+        return kept
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("model.onnx*"):

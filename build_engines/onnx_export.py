@@ -239,19 +239,10 @@ def export_engine(
     """
     target = out_dir / "model.onnx"
     sidecar = out_dir / "model.onnx.json"
-    key = {
-        "source_sha256": source_digest,
-        "precision": precision,
-        "opset": OPSET,
-        "export_format": EXPORT_FORMAT,
-        "torch": torch.__version__.split("+")[0],
-        # The graph declares these dims (axis names included), which the configs and profiles are built from.
-        "dims": {t.name: list(t.dims) for t in (*spec.inputs, *spec.outputs)},
-    }
-    if target.exists() and sidecar.exists():
-        recorded = json.loads(sidecar.read_text())
-        if recorded.get("key") == key:
-            return ExportResult(target, recorded["max_abs_diff"], reused=True)
+    key = export_key(spec, source_digest, precision=precision)
+    kept = kept_export(out_dir, key)
+    if kept is not None:
+        return kept
 
     model = module()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +261,29 @@ def export_engine(
         )
     sidecar.write_text(json.dumps({"key": key, "max_abs_diff": diff}, indent=2) + "\n")
     return ExportResult(target, diff, reused=False)
+
+
+def export_key(spec: EngineSpec, source_digest: str, **settings: Any) -> dict[str, Any]:
+    """What an export is made from, recorded in its sidecar: a later build with the same key keeps it."""
+    return {
+        "source_sha256": source_digest,
+        **settings,
+        "opset": OPSET,
+        "export_format": EXPORT_FORMAT,
+        "torch": torch.__version__.split("+")[0],
+        # The graph declares these dims (axis names included), which the configs and profiles are built from.
+        "dims": {t.name: list(t.dims) for t in (*spec.inputs, *spec.outputs)},
+    }
+
+
+def kept_export(out_dir: Path, key: dict[str, Any]) -> ExportResult | None:
+    """out_dir's model.onnx when its sidecar records `key`, else None."""
+    target, sidecar = out_dir / "model.onnx", out_dir / "model.onnx.json"
+    if target.exists() and sidecar.exists():
+        recorded = json.loads(sidecar.read_text())
+        if recorded.get("key") == key:
+            return ExportResult(target, recorded["max_abs_diff"], reused=True)
+    return None
 
 
 def _torch_export(
