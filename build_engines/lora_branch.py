@@ -48,7 +48,8 @@ BRANCH_FORMAT = 1  # bump when the branch's graph changes, so cached branch expo
 # adds the ResNet blocks (3x3 convs, the 1x1 shortcut, time_emb_proj) and the down/upsampler convs.
 TARGET_PARENTS = {
     "unet": ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"),
-    "text_encoder": ("CLIPAttention", "CLIPMLP"),
+    # transformers 4 names the attention class by its implementation; kohya lists those names too.
+    "text_encoder": ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"),
 }
 # The engine each component's branch graph is exported for, and that engine's batch axis.
 ENGINE_OF = {"unet": UNET, "text_encoder": TEXT_ENCODER}
