@@ -8,7 +8,10 @@ threads (each its own gRPC channel) until `duration` seconds have passed, then s
 SIGTERM as an orchestrator would. Valid requests draw size, steps, scheduler, guidance and image count
 at random; malformed ones (every `1/malformed`-th on average) are each a different kind of bad input.
 A share `interrupts` of the valid ones carry a job id and are stopped through `pipeline_control` after a
-random delay: they must still answer with their images (interrupted, or done before the stop).
+random delay: they must still answer with their images (interrupted, or done before the stop). With
+`--lora-dir` (a repository built with `build-engines --lora`), a share `loras` of the valid prompts carry
+one or two `<lora:...>` tags of that folder's files at random multipliers, so that the engines' LoRA caches
+and mixed-set batches are soaked too.
 
 It fails (exit 1) on any of: a valid request that did not succeed, a malformed one not answered
 INVALID_ARGUMENT, an interrupted one answering anything but its images, a job left marked running,
@@ -36,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,8 @@ MALFORMED: tuple[tuple[str, dict[str, Any]], ...] = (
     ("negative seed", {"seed": -5}),
     ("image that is not an image", {"image": b"not a png at all"}),
     ("job id that is not a file name", {"job_id": "../../etc/passwd"}),
+    ("unknown LoRA", {"prompt": "a cat <lora:no-such-lora:1>"}),
+    ("LoRA multiplier not a number", {"prompt": "a cat <lora:any:abc>"}),
 )
 INPUT_TYPES = REQUEST_INPUTS | CONTROL_INPUTS
 
@@ -80,6 +85,8 @@ class SoakSettings:
     memory_every_s: float = 5.0
     grace_period_s: float = 60.0
     seed: int = 0
+    lora_dir: Path | None = None  # sd-serve --lora-dir; its files' stems are drawn for <lora:...> tags
+    loras: float = 0.3  # share of valid prompts with LoRA tags (with lora_dir)
 
 
 @dataclass
@@ -100,9 +107,13 @@ class SoakResult:
         return not self.failures
 
 
-def valid_request(rng: random.Random, s: SoakSettings) -> dict[str, Any]:
+def valid_request(rng: random.Random, s: SoakSettings, loras: Sequence[str] = ()) -> dict[str, Any]:
+    prompt = rng.choice(["a red bicycle", "(a cat:1.2) on a [sofa]", "a lighthouse, BREAK, night"])
+    if loras and rng.random() < s.loras:
+        chosen = rng.sample(loras, rng.randint(1, min(2, len(loras))))
+        prompt += "".join(f" <lora:{name}:{rng.choice([-0.5, 0.4, 1.0])}>" for name in chosen)
     return {
-        "prompt": rng.choice(["a red bicycle", "(a cat:1.2) on a [sofa]", "a lighthouse, BREAK, night"]),
+        "prompt": prompt,
         "negative_prompt": rng.choice(["", "blurry"]),
         "width": rng.choice(s.sizes),
         "height": rng.choice(s.sizes),
@@ -208,9 +219,11 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
     s = settings
     result = SoakResult({k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()})
     jobs_dir = Path(tempfile.mkdtemp(prefix="soak-jobs-"))
+    loras = sorted(p.stem for p in s.lora_dir.rglob("*.safetensors")) if s.lora_dir else []
+    lora_args = [f"--lora-dir={s.lora_dir}"] if s.lora_dir else []
     server = TritonServer(
         s.repository,
-        serve_args=[f"--grace-period={s.grace_period_s}"],
+        serve_args=[f"--grace-period={s.grace_period_s}", *lora_args],
         env={**os.environ, JOBS_DIR_ENV: str(jobs_dir)},  # the run's job files, to check for leftovers
     ).start()
     seen_pids: set[int] = set()
@@ -226,7 +239,7 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
         rng = random.Random(s.seed * 1000 + index)
         with grpc.InferenceServerClient(server.grpc_url) as client:
             while time.monotonic() < end:
-                inputs = valid_request(rng, s)
+                inputs = valid_request(rng, s, loras)
                 kind = "valid"
                 t0 = time.monotonic()
                 if rng.random() < s.malformed:
@@ -364,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="64,96,128", help="image sides to draw from (default %(default)s)")
     parser.add_argument("--max-steps", type=int, default=SoakSettings.max_steps)
     parser.add_argument("--warmup", type=float, default=SoakSettings.warmup_s, metavar="SECONDS")
+    parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="LoRA files for sd-serve --lora-dir; a share of prompts name them (the repository built with "
+        "--lora)",
+    )
+    parser.add_argument("--loras", type=float, default=SoakSettings.loras, metavar="SHARE")
     parser.add_argument("--out", type=Path, help="write the report here (Markdown; JSON beside it)")
     args = parser.parse_args(argv)
     settings = SoakSettings(
@@ -375,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes=tuple(int(size) for size in args.sizes.split(",")),
         max_steps=args.max_steps,
         warmup_s=args.warmup,
+        lora_dir=args.lora_dir,
+        loras=args.loras,
     )
     result = run(settings)
     text = report(result)
