@@ -226,3 +226,28 @@ def test_the_gateway_lists_loras_and_applies_tags_as_a1111(server, lora_dir):
             f"{gateway}/sdapi/v1/txt2img", json={"prompt": "<lora:missing:1>", "width": SIZE, "height": SIZE}
         )
         assert bad.status_code == 422 and "unknown LoRA 'missing'" in bad.text
+
+
+def test_a_killed_unet_process_comes_back_and_applies_loras_again(server):
+    """kill -9 of the UNet's stub (the OOM killer's way) loses its compiled LoRA sets; once sd-serve has
+    reloaded it, the same LoRA request compiles them again and gives the same image."""
+    import os
+    import signal
+    import time
+
+    from tests.test_reliability import RECOVERY_S, stub_of
+
+    prompt = f"{PROMPT} <lora:ink:0.8><lora:paper:0.3>"
+    before, _ = _generate(server, prompt)
+    os.kill(stub_of(server, "unet").pid, signal.SIGKILL)
+    killed = time.monotonic()
+    while time.monotonic() - killed < RECOVERY_S:
+        try:
+            after, _ = _generate(server, prompt)
+            break
+        except GenerationError as e:
+            assert e.is_retryable, e  # UNAVAILABLE while the UNet is reloaded, nothing else
+            time.sleep(0.5)
+    else:
+        pytest.fail(f"no LoRA request succeeded {RECOVERY_S} s after killing the UNet:\n{server.log()}")
+    assert np.array_equal(after, before)
