@@ -52,19 +52,25 @@ class EngineSessions:
             self.feeder = BranchFeeder(AdapterStore(lora_dir, component, targets, cache_bytes))
 
     def check(self, keys: Sequence[str]) -> None:
-        """Compile the sets `keys` name (cached): LoraError (a ValueError) for one that cannot be."""
+        """Compile the sets `keys` name (cached), before a run: LoraError (a ValueError) for one that cannot
+        be, so that a served batch fails only the request that sent it."""
+        feeder = self._feeder_for(keys)
+        for key in set(keys):
+            if feeder is not None:
+                feeder.store.compiled(key)
+
+    def run(self, feeds: dict[str, np.ndarray], keys: Sequence[str]) -> list[np.ndarray]:
+        """The engine's outputs for `feeds`, row n with the LoRA set keys[n] ("" for none). The feeder
+        compiles (or finds cached) each row's set itself: no separate check on this per-step path."""
+        if self.plain is not None and not any(keys):
+            return self.plain.run(self.outputs, feeds)  # type: ignore[no-any-return]
+        feeder = self._feeder_for(keys)
+        assert self.branched is not None and feeder is not None
+        return self.branched.run(self.outputs, {**feeds, **feeder.feeds(keys)})  # type: ignore[no-any-return]
+
+    def _feeder_for(self, keys: Sequence[str]) -> BranchFeeder | None:
         if any(keys) and self.feeder is None:
             raise ValueError(
                 "this engine has no LoRA branches (build the repository with build-engines --lora)"
             )
-        for key in set(keys):
-            if self.feeder is not None:
-                self.feeder.store.compiled(key)
-
-    def run(self, feeds: dict[str, np.ndarray], keys: Sequence[str]) -> list[np.ndarray]:
-        """The engine's outputs for `feeds`, row n with the LoRA set keys[n] ("" for none)."""
-        if self.plain is not None and not any(keys):
-            return self.plain.run(self.outputs, feeds)  # type: ignore[no-any-return]
-        self.check(keys)
-        assert self.branched is not None and self.feeder is not None
-        return self.branched.run(self.outputs, {**feeds, **self.feeder.feeds(keys)})  # type: ignore[no-any-return]
+        return self.feeder
