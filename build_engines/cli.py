@@ -8,6 +8,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from python_backend.shapes import (
     PIPELINE,
     TEXT_ENCODER,
     UNET,
+    EngineSpec,
     ModelGeometry,
     PipelineManifest,
     Profile,
@@ -34,6 +36,7 @@ from python_backend.shapes import (
     stream_model,
     triton_model,
 )
+from python_backend.trt_sessions import LORA_PLAN
 from services.serve import default_cache_dir
 
 # --prefix: it becomes part of Triton model names and folder names, so nothing a path or URL treats specially.
@@ -61,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also export the text encoder and UNet with LoRA branches, so that prompts can use "
         "<lora:NAME:MULT> (sd-serve --lora-dir) and requests with different LoRAs still share UNet runs; "
         "the UNet keeps its plain graph for runs without LoRA, at the cost of a second copy of its weights "
-        "in memory (onnx target only)",
+        "in memory; on the tensorrt target the text encoder and UNet are then hosted by a python model",
     )
     parser.add_argument(
         "--vae",
@@ -114,6 +117,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     trt.add_argument(
         "--refittable", action="store_true", help="build refittable engines (weights can be swapped)"
+    )
+    trt.add_argument(
+        "--lora-max-rank",
+        type=int,
+        default=lora_branch.DEFAULT_MAX_RANK,
+        help="with --lora: the largest total rank of a request's LoRAs at one layer (the ranks of several "
+        "LoRAs add up) that the plans accept (default %(default)s); a larger set is refused",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument(
@@ -191,8 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_concurrent_requests = args.max_batch
     if args.max_concurrent_requests < 1:
         parser.error(f"--max-concurrent-requests must be at least 1, got {args.max_concurrent_requests}")
-    if args.lora and args.target != "onnx":
-        parser.error("--lora: the TensorRT target does not apply LoRAs yet; build with --target onnx")
+    if args.lora_max_rank < 1:
+        parser.error(f"--lora-max-rank must be at least 1, got {args.lora_max_rank}")
     if args.max_queue_size < 0:
         parser.error(f"--max-queue-size must be at least 0, got {args.max_queue_size}")
     if not 0 <= args.queue_timeout < float("inf"):
@@ -289,10 +299,12 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
             try:
                 out_dir = repository.onnx_dir(repo, spec.name, args.target, args.prefix)
                 lora = args.lora and spec.name in lora_branch.ENGINE_OF.values()
-                if lora and spec.name == TEXT_ENCODER:  # its graph is the branch graph (ort_sessions.py)
-                    lora_targets.update(_export_branch(loader, spec.name, geometry, digests, out_dir, bar))
-                    exported = None
-                else:
+                component_name = adapters.COMPONENT_OF[spec.name] if lora else None
+                # (ONNX file, engine spec, plan folder) of each graph: the text encoder with --lora has only
+                # its branch graph; the UNet keeps its plain graph and has the branch graph beside it.
+                graphs: list[tuple[Path, EngineSpec, Path]] = []
+                version = repository.engine_dir(repo, spec.name, args.prefix) / "1"
+                if not (lora and spec.name == TEXT_ENCODER):
                     exported = onnx_export.export_engine(
                         spec,
                         partial(loader.module, spec.name),
@@ -305,28 +317,39 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                         f"{spec.name}: {precision[spec.name]} ONNX {state}; "
                         f"max abs diff vs fp32 torch {exported.max_abs_diff:.2e}"
                     )
-                if lora and spec.name == UNET:  # beside the plain graph, for runs with LoRA rows
-                    lora_dir = out_dir / LORA_GRAPH.parent
-                    lora_targets.update(_export_branch(loader, spec.name, geometry, digests, lora_dir, bar))
+                    graphs.append((exported.path, spec, version))
+                if lora:
+                    branch_dir = out_dir if spec.name == TEXT_ENCODER else out_dir / LORA_GRAPH.parent
+                    branch = _export_branch(
+                        loader, spec.name, geometry, digests, branch_dir, precision[spec.name], bar
+                    )
+                    lora_targets.update(branch.targets)
+                    plan_dir = version if spec.name == TEXT_ENCODER else version / LORA_PLAN.parent
+                    graphs.append((branch.path, branch.spec, plan_dir))
                 if args.target == "onnx":
-                    component_name = adapters.COMPONENT_OF[spec.name] if lora else None
                     repository.write_onnx_runtime_model(
                         repo, spec, args.profile, args.prefix, args.unet_batch_delay, component_name
                     )
                     continue
-                assert exported is not None
-                bar.set_description(f"{spec.name}: TensorRT build")
-                built = tensorrt_engine.build_engine(
-                    exported.path,
-                    spec,
-                    tensorrt_engine.profile_shapes(spec, args.profile),
-                    repository.engine_dir(repo, spec.name, args.prefix) / "1",
-                    precision=precision[spec.name],
-                    options=options,
-                    timing_cache=args.timing_cache,
+                for onnx_path, graph_spec, plan_dir in graphs:
+                    bar.set_description(f"{spec.name}: TensorRT build")
+                    rank_axes = lora_branch.rank_axes(graph_spec, args.lora_max_rank)
+                    built = tensorrt_engine.build_engine(
+                        onnx_path,
+                        graph_spec,
+                        tensorrt_engine.profile_shapes(graph_spec, args.profile, rank_axes),
+                        plan_dir,
+                        precision=precision[spec.name],
+                        options=options,
+                        timing_cache=args.timing_cache,
+                    )
+                    kind = " with LoRA branches" if rank_axes else ""
+                    bar.write(
+                        f"{spec.name}: TensorRT plan{kind} {'up to date, kept' if built.reused else 'built'}"
+                    )
+                repository.write_tensorrt_model(
+                    repo, spec, args.profile, args.prefix, args.unet_batch_delay, component_name
                 )
-                bar.write(f"{spec.name}: TensorRT plan {'up to date, kept' if built.reused else 'built'}")
-                repository.write_tensorrt_model(repo, spec, args.profile, args.prefix, args.unet_batch_delay)
             except (onnx_export.ExportError, tensorrt_engine.EngineBuildError) as e:
                 print(f"build-engines: {e}", file=sys.stderr)
                 return 1
@@ -341,6 +364,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
         vae_name=prepared.vae_name,
         vae_hash=prepared.vae_hash,
         prefix=args.prefix,
+        lora_max_rank=args.lora_max_rank if args.lora and args.target == "tensorrt" else 0,
     )
     serving = repository.ServingOptions(
         args.max_concurrent_requests, args.max_queue_size, args.queue_timeout, args.response_cache
@@ -353,23 +377,35 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
     return 0
 
 
+@dataclass(frozen=True)
+class ExportedBranch:
+    path: Path  # the ONNX file
+    spec: EngineSpec  # the engine's spec plus the branch inputs
+    targets: dict[str, dict[str, list[int]]]  # {component: {layer path: base weight shape}}
+
+
 def _export_branch(
     loader: onnx_export.ModuleLoader,
     engine: str,
     geometry: ModelGeometry,
     digests: dict[str, str],
     out_dir: Path,
+    precision: str,
     bar: Any,
-) -> dict[str, dict[str, list[int]]]:
-    """Export `engine` with LoRA branches into out_dir; its branch layers, {component: {path: shape}}."""
+) -> ExportedBranch:
+    """Export `engine` with LoRA branches into out_dir."""
     component = adapters.COMPONENT_OF[engine]
     model = lora_branch.BranchedModel(loader.module(engine), component)
-    exported = lora_branch.export_branch(model, geometry, digests[onnx_export.COMPONENT_OF[engine]], out_dir)
+    digest = digests[onnx_export.COMPONENT_OF[engine]]
+    exported = lora_branch.export_branch(model, geometry, digest, out_dir, precision)
     state = "up to date, kept" if exported.reused else "exported"
     bar.write(
-        f"{engine}: fp32 ONNX with LoRA branches {state}; max abs diff vs torch {exported.max_abs_diff:.2e}"
+        f"{engine}: {precision} ONNX with LoRA branches {state}; max abs diff vs fp32 torch "
+        f"{exported.max_abs_diff:.2e}"
     )
-    return {component: {t.path: list(t.weight_shape) for t in model.targets}}
+    spec = lora_branch.branch_spec(engine_specs(geometry)[engine], model.targets)
+    targets = {component: {t.path: list(t.weight_shape) for t in model.targets}}
+    return ExportedBranch(exported.path, spec, targets)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,16 @@ from build_engines.onnx_export import (
     MAX_ABS_DIFF,
     ExportError,
     ExportResult,
+    _Fp16,
     _save_checked,
     _torch_export,
     export_key,
     kept_export,
     sample_inputs,
 )
+from python_backend.adapters import DOWN_SUFFIX
 from python_backend.shapes import TEXT_ENCODER, UNET, EngineSpec, ModelGeometry, TensorSpec, engine_specs
+from python_backend.trt_sessions import MIN_RANK
 
 BRANCH_FORMAT = 1  # bump when the branch's graph changes, so cached branch exports are redone
 
@@ -57,6 +60,11 @@ BATCH_AXIS = {UNET: "guided_batch", TEXT_ENCODER: "text_rows"}
 # Rank of every target when tracing, and when checking the export (distinct, so that R is proven dynamic).
 TRACE_RANK = 2
 CHECK_RANK = 3
+# TensorRT plans bound each layer's rank (build-engines --lora-max-rank): the ranks of a request's LoRAs add
+# up at a layer, and 128 takes two rank-64 LoRAs or four of rank 32, the common sizes. Plans are tuned for
+# one LoRA of rank 32.
+DEFAULT_MAX_RANK = 128
+OPT_RANK = 32
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,13 @@ def branch_spec(spec: EngineSpec, targets: Sequence[BranchTarget]) -> EngineSpec
     return EngineSpec(spec.name, (*spec.inputs, *extra), spec.outputs)
 
 
+def rank_axes(spec: EngineSpec, max_rank: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each rank axis of `spec` (none for a graph without branches), for a TensorRT
+    profile: from MIN_RANK, as the runtime never feeds empty factors (python_backend/trt_sessions.py)."""
+    axes = {str(t.dims[1]) for t in spec.inputs if t.name.endswith(DOWN_SUFFIX)}
+    return dict.fromkeys(sorted(axes), (MIN_RANK, min(OPT_RANK, max_rank), max_rank))
+
+
 def random_factors(
     targets: Sequence[BranchTarget],
     ranks: Sequence[int],
@@ -271,11 +286,12 @@ def delta_weight(down: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 def export_branch(
-    model: BranchedModel, geometry: ModelGeometry, source_digest: str, out_dir: Path
+    model: BranchedModel, geometry: ModelGeometry, source_digest: str, out_dir: Path, precision: str = "fp32"
 ) -> ExportResult:
     """Write out_dir/model.onnx: the engine's graph (build_engines.onnx_export's export of the UNet or text
-    encoder, same conventions) with a branch on every target, unless an up-to-date one is there; check it
-    against torch at R = 0 and at R = CHECK_RANK.
+    encoder, same conventions, `precision` included: fp16 computes in fp16 behind fp32 inputs, factors
+    too) with a branch on every target, unless an up-to-date one is there; check it against fp32 torch at
+    R = 0 and at R = CHECK_RANK.
 
     A target at R = 0 still runs its branch, on empty factors: a product of zeros added to the base op's
     output. Putting each branch under an ONNX If on R > 0 was measured and gained nothing on ONNX Runtime
@@ -283,7 +299,9 @@ def export_branch(
     engine = ENGINE_OF[model.component]
     spec = branch_spec(engine_specs(geometry)[engine], model.targets)
     target, sidecar = out_dir / "model.onnx", out_dir / "model.onnx.json"
-    key = export_key(spec, source_digest, branch_format=BRANCH_FORMAT)
+    # fp32 keys predate the precision setting: leaving it out keeps their exports
+    settings = {"precision": precision} if precision != "fp32" else {}
+    key = export_key(spec, source_digest, branch_format=BRANCH_FORMAT, **settings)
     kept = kept_export(out_dir, key)
     if kept is not None:
         return kept
@@ -293,11 +311,15 @@ def export_branch(
         stale.unlink()
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         raw = Path(tmp) / "model.onnx"
-        _torch_export(spec, model, raw, sizes={t.rank_axis: TRACE_RANK for t in model.targets})
+        exported = _Fp16(model, [t.name for t in spec.inputs]) if precision == "fp16" else model
+        _torch_export(spec, exported, raw, sizes={t.rank_axis: TRACE_RANK for t in model.targets})
         _save_checked(spec, raw, target)
     diff = check_branch(spec, model, target, ranks=(0, CHECK_RANK))
-    if diff > MAX_ABS_DIFF["fp32"]:
-        raise ExportError(f"{engine} LoRA branch: ONNX Runtime differs from torch by {diff:.2e}")
+    if diff > MAX_ABS_DIFF[precision]:
+        raise ExportError(
+            f"{engine} LoRA branch: {precision} ONNX Runtime differs from fp32 torch by {diff:.2e} "
+            f"(limit {MAX_ABS_DIFF[precision]:.0e})"
+        )
     sidecar.write_text(json.dumps({"key": key, "max_abs_diff": diff}, indent=2) + "\n")
     return ExportResult(target, diff, reused=False)
 

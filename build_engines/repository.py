@@ -65,18 +65,20 @@ def _tensor(
     return message
 
 
-def onnx_runtime_engine_config(
+def python_engine_config(
     spec: EngineSpec,
     profile: Profile,
     prefix: str = "",
     unet_batch_delay_ms: float = 0.0,
     lora_component: str | None = None,
+    gpu: bool = False,
 ) -> mc.ModelConfig:
-    """A python-backend model running the engine's ONNX file on ONNX Runtime (CPU). `lora_component`: the
-    graph has LoRA branches for that component's layers; the model then takes each row's LoRA set
-    (`lora`, optional: a client calling the engine directly may leave it out)."""
+    """A python-backend model hosting the engine (model_repository/engine): its ONNX file on ONNX Runtime
+    (CPU), or with `gpu` its TensorRT plan. `lora_component`: the graph has LoRA branches for that
+    component's layers; the model then takes each row's LoRA set (`lora`, optional: a client calling the
+    engine directly may leave it out)."""
     config = mc.ModelConfig(name=triton_model(prefix, spec.name), backend="python")
-    config = _engine_config(config, spec, profile, False, unet_batch_delay_ms)
+    config = _engine_config(config, spec, profile, gpu, unet_batch_delay_ms)
     if lora_component is not None:
         _tensor(config.input.add(), LORA_INPUT, np.object_, (1,)).optional = True
         config.parameters["lora_component"].string_value = lora_component
@@ -243,21 +245,37 @@ def write_onnx_runtime_model(
 ) -> None:
     """config.pbtxt and model.py of an ONNX Runtime engine model (its model.onnx is exported there)."""
     model_dir = engine_dir(repository, spec.name, prefix)
-    config = onnx_runtime_engine_config(spec, profile, prefix, unet_batch_delay_ms, lora_component)
+    config = python_engine_config(spec, profile, prefix, unet_batch_delay_ms, lora_component)
     write_config(model_dir, config)
     if lora_component is None:  # a build without --lora after one with it
         shutil.rmtree(model_dir / "1" / "lora", ignore_errors=True)
     _remove(model_dir / "1", "model.plan", "model.plan.json")
-    shutil.copyfile(SOURCES / "onnx_runtime" / "1" / "model.py", model_dir / "1" / "model.py")
+    shutil.copyfile(SOURCES / "engine" / "1" / "model.py", model_dir / "1" / "model.py")
 
 
 def write_tensorrt_model(
-    repository: Path, spec: EngineSpec, profile: Profile, prefix: str = "", unet_batch_delay_ms: float = 0.0
+    repository: Path,
+    spec: EngineSpec,
+    profile: Profile,
+    prefix: str = "",
+    unet_batch_delay_ms: float = 0.0,
+    lora_component: str | None = None,
 ) -> None:
-    """config.pbtxt of a TensorRT engine model (its model.plan is built there)."""
+    """config.pbtxt of a TensorRT engine model (its model.plan is built there): Triton's tensorrt backend
+    runs it, unless it has LoRA branches (`lora_component`): then our python model hosts it on the GPU
+    (python_backend/trt_sessions.py), as Triton's backend cannot feed each row its LoRA factors."""
     model_dir = engine_dir(repository, spec.name, prefix)
-    write_config(model_dir, tensorrt_engine_config(spec, profile, prefix, unet_batch_delay_ms))
-    _remove(model_dir / "1", "model.py", "model.onnx", "model.onnx.json", "model.onnx.data")
+    _remove(model_dir / "1", "model.onnx", "model.onnx.json", "model.onnx.data")
+    if lora_component is None:
+        write_config(model_dir, tensorrt_engine_config(spec, profile, prefix, unet_batch_delay_ms))
+        shutil.rmtree(
+            model_dir / "1" / "lora", ignore_errors=True
+        )  # a build without --lora after one with it
+        _remove(model_dir / "1", "model.py")
+        return
+    config = python_engine_config(spec, profile, prefix, unet_batch_delay_ms, lora_component, gpu=True)
+    write_config(model_dir, config)
+    shutil.copyfile(SOURCES / "engine" / "1" / "model.py", model_dir / "1" / "model.py")
 
 
 def _remove(folder: Path, *names: str) -> None:
@@ -318,7 +336,8 @@ class Stage:
     # sidecar matches, and otherwise unlink or rename over (never write into: the link is the live file).
     REUSABLE = tuple(
         f"{folder}/{name}"
-        for folder in ("1", "onnx", "1/lora")  # 1/lora: the UNet's LoRA branch graph (build-engines --lora)
+        # 1/lora, onnx/lora: the UNet's LoRA branch graph and plan (build-engines --lora)
+        for folder in ("1", "onnx", "1/lora", "onnx/lora")
         for name in ("model.onnx", EXTERNAL_DATA, "model.onnx.json", "model.plan", "model.plan.json")
     )
 

@@ -65,9 +65,12 @@ class EngineBuildError(RuntimeError):
 # --- Shapes -------------------------------------------------------------------------------------------
 
 
-def profile_shapes(spec: EngineSpec, profile: Profile) -> dict[str, ShapeRange]:
-    """(min, opt, max) shape of each engine input over the profile's sizes and batches."""
-    ranges = profile.axis_ranges()
+def profile_shapes(
+    spec: EngineSpec, profile: Profile, extra_axes: dict[str, tuple[int, int, int]] | None = None
+) -> dict[str, ShapeRange]:
+    """(min, opt, max) shape of each engine input over the profile's sizes and batches; `extra_axes`: the
+    ranges of axes the profile does not know (a LoRA branch graph's rank axes)."""
+    ranges = {**profile.axis_ranges(), **(extra_axes or {})}
     shapes = {}
     for tensor in spec.inputs:
         unknown = [d for d in tensor.dims if isinstance(d, str) and d not in ranges]

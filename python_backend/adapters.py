@@ -9,7 +9,9 @@ that holds one is never changed under; a set dropped between two steps of a requ
 from the same file version, to the same arrays.
 
 No torch and no onnxruntime here: numpy only, shared by the Triton engine models and the in-process
-engines of tests and benchmarks.
+engines of tests and benchmarks. An engine on the GPU (python_backend/trt_runtime.py) keeps its compiled sets
+on the device: it gives the store a `place` function and the feeder a `zeros` one, and arrays of its own
+(anything with numpy's shape, nbytes and slice assignment) flow through the same code.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +36,9 @@ DEFAULT_CACHE_BYTES = 2 * 2**30
 LORA_CACHE_ENV = "SD_LORA_CACHE_BYTES"  # sd-serve --lora-cache-mb: the compiled sets one engine process keeps
 # engine → the component whose LoRA layers it applies
 COMPONENT_OF = {"unet": lora.UNET, "text_encoder": lora.TEXT_ENCODER}
+MAX_RANK_HINT = "build the engines with a larger build-engines --lora-max-rank, or use fewer or smaller LoRAs"
+
+Run = Callable[[dict[str, Any]], list[Any]]  # one graph's run: feeds by input name → outputs in order
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,9 @@ class AdapterStore:
 
     `root` is the LoRA folder (sd-serve --lora-dir); `shapes` the base weight shape of every branch target,
     against which each file is checked. At most `max_bytes` of compiled sets are kept, least recently used
-    dropped first; a set larger than that alone is compiled for the call and not kept.
+    dropped first; a set larger than that alone is compiled for the call and not kept. `max_rank`: the
+    largest rank a set may have at any layer (a TensorRT engine's profile bounds it), None for any.
+    `place` puts each compiled factor where the engine reads it (a GPU engine: on the device), once per set.
     """
 
     def __init__(
@@ -110,11 +118,15 @@ class AdapterStore:
         component: str,
         targets: Mapping[str, BranchTarget],
         max_bytes: int = DEFAULT_CACHE_BYTES,
+        max_rank: int | None = None,
+        place: Callable[[np.ndarray], Any] | None = None,
     ) -> None:
         self.root = root
         self.component = component
         self.targets = targets
         self.max_bytes = max_bytes
+        self.max_rank = max_rank
+        self.place = place
         self._sets: OrderedDict[str, dict[str, lora.LowRank]] = OrderedDict()
         self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -155,42 +167,70 @@ class AdapterStore:
             if file_version(path) != use.version:
                 raise lora.LoraError(f"{use.file}: the file changed while the request was running; retry it")
             entries.append((lora.read_lora(path, shapes, [self.component]), use.multiplier, use.multiplier))
-        return {
+        compiled = {
             target.path: low
             for target, low in lora.compile_set(entries).items()
             if target.component == self.component
         }
+        for layer, low in compiled.items():
+            rank = low.down.shape[0]
+            if self.max_rank is not None and rank > self.max_rank:
+                files = ", ".join(use.file for use in uses)
+                raise lora.LoraError(
+                    f"{files}: rank {rank} at {layer}, more than this engine's maximum {self.max_rank}; "
+                    f"{MAX_RANK_HINT}"
+                )
+        if self.place is None:
+            return compiled
+        place = self.place
+        return {path: lora.LowRank(place(low.down), place(low.up)) for path, low in compiled.items()}
 
 
 class BranchFeeder:
     """The branch inputs of an engine's runs, from each row's set key. Consecutive runs of the same rows
-    (the steps of one request, or of the same requests batched again) reuse the last feeds."""
+    (the steps of one request, or of the same requests batched again) reuse the last feeds.
 
-    def __init__(self, store: AdapterStore) -> None:
+    `zeros(shape)` makes a float32 array of zeros where the engine reads its inputs (numpy by default);
+    every target gets at least `min_rank` (a TensorRT profile has no empty tensors: zeros add nothing)."""
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        zeros: Callable[[tuple[int, ...]], Any] | None = None,
+        min_rank: int = 0,
+    ) -> None:
         self.store = store
-        self._last: tuple[tuple[str, ...], dict[str, np.ndarray]] | None = None
+        self.zeros = zeros or (lambda shape: np.zeros(shape, np.float32))
+        self.min_rank = min_rank
+        self._last: tuple[tuple[str, ...], dict[str, Any]] | None = None
 
-    def feeds(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    def feeds(self, keys: Sequence[str]) -> dict[str, Any]:
         rows = tuple(keys)
         last = self._last
         if last is not None and last[0] == rows:
             return last[1]
-        feeds = branch_feeds(self.store.targets, [self.store.compiled(key) for key in rows])
+        compiled = [self.store.compiled(key) for key in rows]
+        feeds = branch_feeds(self.store.targets, compiled, self.zeros, self.min_rank)
         self._last = (rows, feeds)
         return feeds
 
 
 def branch_feeds(
-    targets: Mapping[str, BranchTarget], rows: Sequence[Mapping[str, lora.LowRank]]
-) -> dict[str, np.ndarray]:
+    targets: Mapping[str, BranchTarget],
+    rows: Sequence[Mapping[str, lora.LowRank]],
+    zeros: Callable[[tuple[int, ...]], Any] | None = None,
+    min_rank: int = 0,
+) -> dict[str, Any]:
     """The branch inputs of one engine run: row n's LoRA factors at index n, zero-padded to the largest rank
-    among the rows (a zero row adds nothing); rank 0 where no row has the layer."""
+    among the rows (a zero row adds nothing); `min_rank` (default 0) where no row has the layer."""
+    zeros = zeros or (lambda shape: np.zeros(shape, np.float32))
     feeds = {}
     n = len(rows)
     for path, target in targets.items():
         rank = max((row[path].down.shape[0] for row in rows if path in row), default=0)
-        down = np.zeros((n, rank, *target.in_shape), np.float32)
-        up = np.zeros((n, target.out, rank), np.float32)
+        rank = max(rank, min_rank)
+        down = zeros((n, rank, *target.in_shape))
+        up = zeros((n, target.out, rank))
         for i, row in enumerate(rows):
             if path in row:
                 r = row[path].down.shape[0]
@@ -199,3 +239,38 @@ def branch_feeds(
         feeds[path + DOWN_SUFFIX] = down
         feeds[path + UP_SUFFIX] = up
     return feeds
+
+
+class LoraEngine:
+    """One engine's runs with a LoRA set per batch row, on any runtime: `plain` runs the graph without
+    branches (None when the engine has only the branch graph), `branched` the graph with them, fed each
+    row's factors by `feeder` (both None for an engine without LoRA). Subclasses open the runtime's graphs."""
+
+    outputs: list[str]
+    plain: Run | None
+    branched: Run | None = None
+    feeder: BranchFeeder | None = None
+
+    def check(self, keys: Sequence[str]) -> None:
+        """Compile the sets `keys` name (cached), before a run: LoraError (a ValueError) for one that cannot
+        be, so that a served batch fails only the request that sent it."""
+        feeder = self._feeder_for(keys)
+        for key in set(keys):
+            if feeder is not None:
+                feeder.store.compiled(key)
+
+    def run(self, feeds: dict[str, Any], keys: Sequence[str]) -> list[Any]:
+        """The engine's outputs for `feeds`, row n with the LoRA set keys[n] ("" for none). The feeder
+        compiles (or finds cached) each row's set itself: no separate check on this per-step path."""
+        if self.plain is not None and not any(keys):
+            return self.plain(feeds)
+        feeder = self._feeder_for(keys)
+        assert self.branched is not None and feeder is not None
+        return self.branched({**feeds, **feeder.feeds(keys)})
+
+    def _feeder_for(self, keys: Sequence[str]) -> BranchFeeder | None:
+        if any(keys) and self.feeder is None:
+            raise ValueError(
+                "this engine has no LoRA branches (build the repository with build-engines --lora)"
+            )
+        return self.feeder

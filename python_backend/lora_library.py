@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from safetensors import safe_open
 
 from python_backend import lora
-from python_backend.adapters import LoraUse, encode_set, file_version
+from python_backend.adapters import MAX_RANK_HINT, LoraUse, encode_set, file_version
 from python_backend.extra_networks import LoraTag
 from python_backend.shapes import LORA_DIR_ENV
 
@@ -37,15 +38,21 @@ class LoraEntry:
 
 class LoraLibrary:
     """`root`: the folder, or None for a server started without one (every LoRA tag is then an error).
-    `shapes`: the model's LoRA targets (the engines' branch layers), against which a file is checked."""
+    `shapes`: the model's LoRA targets (the engines' branch layers), against which a file is checked.
+    `max_rank`: the largest rank a request's LoRAs may add up to at one layer (TensorRT engines bound it:
+    build-engines --lora-max-rank), 0 for any."""
 
-    def __init__(self, root: Path | None, shapes: Mapping[lora.Target, lora.Shape]) -> None:
+    def __init__(
+        self, root: Path | None, shapes: Mapping[lora.Target, lora.Shape], max_rank: int = 0
+    ) -> None:
         self.root = root
         self.shapes = shapes
+        self.max_rank = max_rank
         self._by_name: dict[str, LoraEntry] = {}
         self._by_alias: dict[str, LoraEntry] = {}
         self._forbidden: set[str] = set()
-        self._checked: dict[tuple[str, str], tuple[bool, str]] = {}  # (file, version) → (ok, hash or why)
+        # (file, version) → (ok, short hash or why, rank per layer)
+        self._checked: dict[tuple[str, str], tuple[bool, str, dict[lora.Target, int]]] = {}
         self._lock = threading.Lock()
         self.refresh()
 
@@ -106,15 +113,35 @@ class LoraLibrary:
             verdict = self._checked.get((entry.file, version))
         if verdict is None:
             try:
-                verdict = (True, lora.read_lora(path, self.shapes).shorthash)
+                read = lora.read_lora(path, self.shapes)
+                ranks = {target: module.down.shape[0] for target, module in read.modules.items()}
+                verdict = (True, read.shorthash, ranks)
             except lora.LoraError as e:
-                verdict = (False, str(e))
+                verdict = (False, str(e), {})
             with self._lock:
                 self._checked[(entry.file, version)] = verdict
-        ok, text = verdict
+        ok, text, _ = verdict
         if not ok:
             raise lora.LoraError(text)
         return version, text
+
+    def check_ranks(self, component: str, uses: list[LoraUse]) -> None:
+        """LoraError when `uses` (checked files) add up to more than `max_rank` at a layer of `component`:
+        the engines would refuse the set."""
+        if not self.max_rank:
+            return
+        totals: Counter[lora.Target] = Counter()
+        with self._lock:
+            for use in uses:
+                ranks = self._checked[(use.file, use.version)][2]
+                totals.update({target: r for target, r in ranks.items() if target.component == component})
+        if totals:
+            layer, rank = totals.most_common(1)[0]
+            if rank > self.max_rank:
+                raise lora.LoraError(
+                    f"these LoRAs add up to rank {rank} at {component} layer {layer.path}, more than the "
+                    f"engines' maximum {self.max_rank}; {MAX_RANK_HINT}"
+                )
 
     def listing(self) -> list[dict[str, Any]]:
         """As A1111's GET /sdapi/v1/loras: name, alias, path, metadata."""
@@ -169,4 +196,9 @@ def apply_tags(library: LoraLibrary | None, tags: list[LoraTag]) -> AppliedLoras
                 uses.append(LoraUse(entry.file, version, multiplier))
         # A1111 strips what would break its `name: hash, ...` list.
         hashes.setdefault(tag.name.replace(":", "").replace(",", ""), short_hash)
+    try:
+        library.check_ranks(lora.TEXT_ENCODER, text_encoder)
+        library.check_ranks(lora.UNET, unet)
+    except lora.LoraError as e:
+        raise lora.LoraError(f"{' '.join(tag.tag for tag in tags)}: {e}") from None
     return AppliedLoras(encode_set(text_encoder), encode_set(unet), hashes)

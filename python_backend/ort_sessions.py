@@ -1,5 +1,5 @@
 """One engine's ONNX Runtime sessions, with or without LoRA branches: one source for the served engine models
-(model_repository/onnx_runtime) and the in-process engines (python_backend.engines.OnnxRuntimeEngines).
+(model_repository/engine) and the in-process engines (python_backend.engines.OnnxRuntimeEngines).
 
 An engine folder holds `model.onnx`, and for a LoRA-capable text encoder or UNet (build-engines --lora) the
 graph with LoRA branches: the text encoder's `model.onnx` is that graph itself (it runs once per request, its
@@ -10,19 +10,24 @@ full-size UNet call about 3% at 512 px, more than a request without LoRA should 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
-from python_backend.adapters import DEFAULT_CACHE_BYTES, AdapterStore, BranchFeeder, branch_targets
+from python_backend.adapters import (
+    DEFAULT_CACHE_BYTES,
+    AdapterStore,
+    BranchFeeder,
+    LoraEngine,
+    Run,
+    branch_targets,
+)
 from python_backend.ort_options import session_options
 
 LORA_GRAPH = Path("lora") / "model.onnx"  # the UNet's branch graph, beside its plain model.onnx
 
 
-class EngineSessions:
+class EngineSessions(LoraEngine):
     """`folder`: the engine's version folder (where model.onnx is). `component`: the LoRA component its
     branches apply ("unet", "text_encoder"), None for an engine without. `lora_dir`: the LoRA folder."""
 
@@ -37,40 +42,21 @@ class EngineSessions:
     ) -> None:
         options = session_options(threads, spinning)
         providers = ["CPUExecutionProvider"]
-        self.plain = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
-        self.outputs = [o.name for o in self.plain.get_outputs()]
-        self.branched: ort.InferenceSession | None = None
-        self.feeder: BranchFeeder | None = None
+        plain = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
+        self.outputs = [o.name for o in plain.get_outputs()]
+        self.plain = _runner(plain, self.outputs)
         if component is None:
             return
+        branched = None
         if (folder / LORA_GRAPH).exists():
-            self.branched = ort.InferenceSession(str(folder / LORA_GRAPH), options, providers=providers)
-        elif branch_targets((i.name, i.shape) for i in self.plain.get_inputs()):
-            self.branched, self.plain = self.plain, None  # type: ignore[assignment]  # one graph: branches
-        if self.branched is not None:
-            targets = branch_targets((i.name, i.shape) for i in self.branched.get_inputs())
+            branched = ort.InferenceSession(str(folder / LORA_GRAPH), options, providers=providers)
+        elif branch_targets((i.name, i.shape) for i in plain.get_inputs()):
+            branched, self.plain = plain, None  # one graph: branches
+        if branched is not None:
+            targets = branch_targets((i.name, i.shape) for i in branched.get_inputs())
+            self.branched = _runner(branched, self.outputs)
             self.feeder = BranchFeeder(AdapterStore(lora_dir, component, targets, cache_bytes))
 
-    def check(self, keys: Sequence[str]) -> None:
-        """Compile the sets `keys` name (cached), before a run: LoraError (a ValueError) for one that cannot
-        be, so that a served batch fails only the request that sent it."""
-        feeder = self._feeder_for(keys)
-        for key in set(keys):
-            if feeder is not None:
-                feeder.store.compiled(key)
 
-    def run(self, feeds: dict[str, np.ndarray], keys: Sequence[str]) -> list[np.ndarray]:
-        """The engine's outputs for `feeds`, row n with the LoRA set keys[n] ("" for none). The feeder
-        compiles (or finds cached) each row's set itself: no separate check on this per-step path."""
-        if self.plain is not None and not any(keys):
-            return self.plain.run(self.outputs, feeds)  # type: ignore[no-any-return]
-        feeder = self._feeder_for(keys)
-        assert self.branched is not None and feeder is not None
-        return self.branched.run(self.outputs, {**feeds, **feeder.feeds(keys)})  # type: ignore[no-any-return]
-
-    def _feeder_for(self, keys: Sequence[str]) -> BranchFeeder | None:
-        if any(keys) and self.feeder is None:
-            raise ValueError(
-                "this engine has no LoRA branches (build the repository with build-engines --lora)"
-            )
-        return self.feeder
+def _runner(session: ort.InferenceSession, outputs: list[str]) -> Run:
+    return lambda feeds: session.run(outputs, feeds)  # type: ignore[no-any-return]

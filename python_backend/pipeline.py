@@ -54,6 +54,7 @@ class PipelineAssets:
         table = folder / EMBEDDINGS_FILE
         embeddings = json.loads(table.read_text()) if table.exists() else None
         targets = folder / LORA_TARGETS_FILE
+        manifest = PipelineManifest.read(folder / PIPELINE_MANIFEST)
         loras = None
         if targets.exists():
             shapes = {
@@ -61,11 +62,11 @@ class PipelineAssets:
                 for component, layers in json.loads(targets.read_text()).items()
                 for path, shape in layers.items()
             }
-            loras = LoraLibrary(lora_dir, shapes)
+            loras = LoraLibrary(lora_dir, shapes, manifest.lora_max_rank)
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(folder / TOKENIZER_DIR),
             scheduler_config=json.loads((folder / SCHEDULER_CONFIG).read_text()),
-            manifest=PipelineManifest.read(folder / PIPELINE_MANIFEST),
+            manifest=manifest,
             embeddings=None if embeddings is None else prompts.EmbeddingIndex.from_table(embeddings),
             loras=loras,
         )

@@ -240,6 +240,7 @@ class PipelineManifest:
     vae_name: str = ""  # build-engines --vae: its file name (A1111's "VAE"); "" for the checkpoint's own
     vae_hash: str = ""  # ... and its sha256's first 10 hex digits (A1111's "VAE hash")
     prefix: str = ""  # build-engines --prefix: the pipeline calls its engines `triton_model(prefix, engine)`
+    lora_max_rank: int = 0  # TensorRT engines with LoRA branches: the rank per layer they take; 0: any
 
     def write(self, path: Path) -> None:
         data = {
@@ -251,6 +252,7 @@ class PipelineManifest:
             "vae_name": self.vae_name,
             "vae_hash": self.vae_hash,
             "prefix": self.prefix,
+            "lora_max_rank": self.lora_max_rank,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -266,4 +268,5 @@ class PipelineManifest:
             vae_name=data.get("vae_name", ""),
             vae_hash=data.get("vae_hash", ""),
             prefix=data.get("prefix", ""),
+            lora_max_rank=data.get("lora_max_rank", 0),
         )

@@ -162,12 +162,18 @@ class EngineCheckSkipped(Exception):
 
 
 def plan_sidecars(repository: Path) -> list[tuple[str, Path]]:
-    """(model name, sidecar) for each `MODEL/<version>/model.plan.json` in the repository."""
+    """(model name, sidecar) for each `MODEL/<version>/model.plan.json` in the repository, and each LoRA
+    branch plan beside one (`MODEL/<version>/lora/model.plan.json`, build-engines --lora)."""
     found = []
-    for sidecar in sorted(repository.glob(f"*/*/{PLAN_SIDECAR}")):
-        model, version = sidecar.parents[1].name, sidecar.parent.name
+    for sidecar in sorted(repository.glob(f"*/*/{PLAN_SIDECAR}")) + sorted(
+        repository.glob(f"*/*/lora/{PLAN_SIDECAR}")
+    ):
+        branch = sidecar.parent.name == "lora"
+        version_dir = sidecar.parent.parent if branch else sidecar.parent
+        model, version = version_dir.parent.name, version_dir.name
         if version.isdigit():  # Triton ignores other folders (build-engines keeps the ONNX in onnx/)
-            found.append((model if version == "1" else f"{model} version {version}", sidecar))
+            name = model if version == "1" else f"{model} version {version}"
+            found.append((f"{name} (LoRA branches)" if branch else name, sidecar))
     return found
 
 

@@ -256,9 +256,9 @@ def test_prefix_must_be_a_safe_model_name(tiny_checkpoint, tmp_path, capsys, pre
 
 def test_unet_batch_delay_is_the_unet_batchers_window(tiny_checkpoint, tmp_path, capsys):
     specs = engine_specs(onnx_export.read_geometry(tiny_checkpoint))
-    unet = repository.onnx_runtime_engine_config(specs["unet"], Profile(), unet_batch_delay_ms=12.5)
+    unet = repository.python_engine_config(specs["unet"], Profile(), unet_batch_delay_ms=12.5)
     assert unet.dynamic_batching.max_queue_delay_microseconds == 12500
-    vae = repository.onnx_runtime_engine_config(specs["vae_decoder"], Profile(), unet_batch_delay_ms=12.5)
+    vae = repository.python_engine_config(specs["vae_decoder"], Profile(), unet_batch_delay_ms=12.5)
     assert not vae.HasField("dynamic_batching")  # the VAE and text encoder calls are one per request
     args = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "repo")]
     with pytest.raises(SystemExit) as exited:
@@ -270,7 +270,7 @@ def test_unet_batch_delay_is_the_unet_batchers_window(tiny_checkpoint, tmp_path,
 def test_prefixed_configs_name_their_models(tiny_checkpoint):
     geometry = onnx_export.read_geometry(tiny_checkpoint)
     unet = engine_specs(geometry)["unet"]
-    config = repository.onnx_runtime_engine_config(unet, Profile(), prefix="sd15")
+    config = repository.python_engine_config(unet, Profile(), prefix="sd15")
     assert config.name == "sd15_unet" and config.HasField("dynamic_batching")
     manifest = PipelineManifest(Profile(), geometry, "v1-5", prefix="sd15")
     default = schedulers.SCHEDULERS[0]

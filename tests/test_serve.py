@@ -677,3 +677,17 @@ def test_pool_given_to_tritonserver_directly_wins(
     )
     with pytest.raises(SystemExit):
         serve.main([f"--model-repository={tmp_path}", "--cuda-memory-pool-mb", "-1"])
+
+
+def test_engine_check_covers_lora_branch_plans(tmp_path: Path) -> None:
+    """build-engines --lora --target tensorrt puts the UNet's branch plan in unet/1/lora/: checked too."""
+    repository = tensorrt_repository(tmp_path, plan_record("10.8.0.43", H100))
+    branch = repository / "unet" / "1" / "lora"
+    branch.mkdir()
+    (branch / "model.plan").write_bytes(b"plan")
+    (branch / serve.PLAN_SIDECAR).write_text(plan_record("10.3.0.26", A10G).to_json())
+    assert ("unet (LoRA branches)", branch / serve.PLAN_SIDECAR) in serve.plan_sidecars(repository)
+    with pytest.raises(serve.ServeError) as raised:
+        serve.check_engines(repository, tensorrt_version=lambda: "10.8.0", gpu=lambda: H100)
+    [problem] = str(raised.value).splitlines()[1:]
+    assert problem.startswith("  unet (LoRA branches): engine built with TensorRT 10.3.0 for NVIDIA A10G")

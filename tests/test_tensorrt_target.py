@@ -165,29 +165,12 @@ def tensorrt_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
 
 
 def _run_plan(plan: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import tensorrt as trt
     import torch
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive the engine
-    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-    context = engine.create_execution_context()
-    on_gpu = {name: torch.from_numpy(array).cuda() for name, array in inputs.items()}
-    for name, tensor in on_gpu.items():
-        context.set_input_shape(name, tuple(tensor.shape))
-        context.set_tensor_address(name, tensor.data_ptr())
-    outputs = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            outputs[name] = torch.empty(
-                tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda"
-            )
-            context.set_tensor_address(name, outputs[name].data_ptr())
-    torch.cuda.synchronize()  # inputs were copied on torch's stream
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+    from python_backend.trt_sessions import TensorRTPlan
+
+    engine = TensorRTPlan(plan, torch.device("cuda"))
+    return {name: t.cpu().numpy() for name, t in zip(engine.outputs, engine.run(inputs), strict=True)}
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

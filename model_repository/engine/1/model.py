@@ -1,13 +1,16 @@
-"""Triton python model hosting one ONNX engine (model.onnx beside this file) on ONNX Runtime.
+"""Triton python model hosting one engine: an ONNX file (model.onnx beside this file) on ONNX Runtime, or a
+TensorRT plan (model.plan) on the instance's GPU.
 
-build-engines copies this file into text_encoder/, unet/, vae_decoder/ and vae_encoder/ for the
-`onnx` target: the pip-installed Triton has no onnxruntime backend. Input and output names come
+build-engines copies this file into text_encoder/, unet/, vae_decoder/ and vae_encoder/ for the `onnx`
+target (the pip-installed Triton has no onnxruntime backend), and into text_encoder/ and unet/ for a
+`tensorrt` target with LoRA (Triton's tensorrt backend runs a plan as it is). Input and output names come
 from the model's config.pbtxt.
 
 A text encoder or UNet built with LoRA branches (build-engines --lora) also takes `lora`, each row's
 LoRA set (python_backend/adapters.py): this process compiles each set once, keeps it within the LoRA
 cache (sd-serve --lora-cache-mb), and feeds each row's factors to the graph's branch inputs, so that
-rows of different sets, and rows with none, share one run (python_backend/ort_sessions.py).
+rows of different sets, and rows with none, share one run (python_backend/ort_sessions.py,
+python_backend/trt_sessions.py).
 """
 
 import json
@@ -18,7 +21,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.adapters import DEFAULT_CACHE_BYTES, LORA_CACHE_ENV, LORA_INPUT
-from python_backend.ort_sessions import EngineSessions
 from python_backend.shapes import LORA_DIR_ENV
 
 
@@ -30,13 +32,20 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
         component = config["parameters"].get("lora_component", {}).get("string_value")
         folder, cache = os.environ.get(LORA_DIR_ENV), os.environ.get(LORA_CACHE_ENV)
-        self.sessions = EngineSessions(
-            Path(args["model_repository"]) / args["model_version"],
-            component,
-            Path(folder) if folder else None,
-            int(cache) if cache else DEFAULT_CACHE_BYTES,
-            spinning=False,  # four engine processes share the cores
-        )
+        version = Path(args["model_repository"]) / args["model_version"]
+        lora_dir, cache_bytes = Path(folder) if folder else None, int(cache) if cache else DEFAULT_CACHE_BYTES
+        if (version / "model.plan").exists():
+            import torch
+
+            from python_backend.trt_sessions import PlanSessions
+
+            device = torch.device("cuda", int(args["model_instance_device_id"]))
+            self.sessions = PlanSessions(version, device, component, lora_dir, cache_bytes)
+        else:
+            from python_backend.ort_sessions import EngineSessions
+
+            # spinning=False: four engine processes share the cores
+            self.sessions = EngineSessions(version, component, lora_dir, cache_bytes, spinning=False)
         assert self.sessions.outputs == self.outputs, (self.sessions.outputs, self.outputs)
 
     def execute(self, requests):
