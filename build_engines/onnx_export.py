@@ -29,6 +29,7 @@ from python_backend.shapes import (
     VAE_ENCODER,
     EngineSpec,
     ModelGeometry,
+    with_scaled_latents,
 )
 
 OPSET = 17  # LayerNormalization is a single op from 17 on (no fp16 overflow in a decomposed one)
@@ -132,6 +133,8 @@ def read_geometry(checkpoint: Path) -> ModelGeometry:
         text_hidden_size=text["hidden_size"],
         text_layers=text["num_hidden_layers"],
         vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        unet_block_channels=tuple(unet["block_out_channels"]),
+        unet_layers_per_block=unet["layers_per_block"],
     )
 
 
@@ -145,7 +148,7 @@ class ModuleLoader:
         self.extra_tokens = extra_tokens
         self._loaded: dict[str, nn.Module] = {}
 
-    def _component(self, component: str) -> nn.Module:
+    def component(self, component: str) -> nn.Module:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -169,12 +172,13 @@ class ModuleLoader:
             VAE_DECODER: _VaeDecoder,
             VAE_ENCODER: _VaeEncoder,
         }
-        return wrapper[engine](self._component(COMPONENT_OF[engine]))
+        return wrapper[engine](self.component(COMPONENT_OF[engine]))
 
 
 def sample_inputs(spec: EngineSpec, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for `spec` with each dynamic axis set from `sizes`."""
     rng = np.random.default_rng(seed)
+    sizes = with_scaled_latents(sizes)
     out: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in tensor.dims)

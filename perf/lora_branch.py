@@ -143,7 +143,9 @@ def variants(targets: Sequence[Any], base: dict[str, np.ndarray], ranks: Sequenc
     return out
 
 
-def measure(sessions: dict[str, Any], variants: list[Variant], rounds: int) -> dict[str, float]:
+def measure(
+    sessions: dict[str, Any], variants: list[Variant], rounds: int, label: str = "perf.lora_branch"
+) -> dict[str, float]:
     """One warm-up call each, then `rounds` rounds of one timed call per variant, the order rotating by one
     each round (a b c …, b c … a, …) so that none is always first after the pause; SETTLE_S between calls.
     Returns, for each variant, the largest difference of its warm-up output from (a)'s."""
@@ -156,7 +158,7 @@ def measure(sessions: dict[str, Any], variants: list[Variant], rounds: int) -> d
             sessions[v.session].run(["noise_pred"], v.feed)
             v.latencies_s.append(time.perf_counter() - started)
         print(
-            f"perf.lora_branch: round {n + 1}/{rounds}: "
+            f"{label}: round {n + 1}/{rounds}: "
             + ", ".join(f"({v.key}) {v.latencies_s[-1]:.3f} s" for v in variants),
             flush=True,
         )

@@ -75,6 +75,13 @@ class Profile:
             "height": self.height,
             "width": self.width,
             "text_sequence": (seq, seq, seq * self.max_prompt_chunks),
+            # The UNet's feature maps below the latent's size (ControlNet residuals): each down block halves
+            # them, rounding up (a stride-2 convolution with padding 1).
+            **{
+                f"latent_{side}_{factor}": _downscaled(_latent(getattr(self, side)), factor)
+                for side in ("height", "width")
+                for factor in RESIDUAL_SCALES
+            },
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +97,26 @@ def _latent(side: SideRange) -> SideRange:
     return lo, opt, hi
 
 
+RESIDUAL_SCALES = (2, 4, 8)  # SD v1.x UNets have four down blocks: feature maps at 1, 1/2, 1/4, 1/8
+
+
+def _downscaled(side: SideRange, factor: int) -> SideRange:
+    lo, opt, hi = (-(-v // factor) for v in side)
+    return lo, opt, hi
+
+
+def with_scaled_latents(sizes: dict[str, int]) -> dict[str, int]:
+    """`sizes` (axis name → one size) plus the sizes of the UNet's smaller feature maps that follow from its
+    latent sides."""
+    scaled = {
+        f"latent_{side}_{factor}": -(-sizes[f"latent_{side}"] // factor)
+        for side in ("height", "width")
+        if f"latent_{side}" in sizes
+        for factor in RESIDUAL_SCALES
+    }
+    return {**scaled, **sizes}
+
+
 @dataclass(frozen=True)
 class ModelGeometry:
     """Fixed sizes of one checkpoint's components (read from its configs)."""
@@ -99,13 +126,18 @@ class ModelGeometry:
     text_hidden_size: int = 768
     text_layers: int = 12  # CLIP's num_hidden_layers: clip_skip takes 1..text_layers
     vae_scaling_factor: float = 0.18215
+    unet_block_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # the UNet's block_out_channels
+    unet_layers_per_block: int = 2
 
-    def to_dict(self) -> dict[str, float | int]:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unet_block_channels", tuple(self.unet_block_channels))  # JSON gives lists
+
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, float | int]) -> ModelGeometry:
-        return cls(**data)  # type: ignore[arg-type]
+    def from_dict(cls, data: dict[str, Any]) -> ModelGeometry:
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -193,6 +225,66 @@ def engine_specs(geometry: ModelGeometry) -> dict[str, EngineSpec]:
         ),
     ]
     return {spec.name: spec for spec in specs}
+
+
+CONTROLNET = "controlnet"  # a ControlNet engine; each one's Triton model is `controlnet_model(prefix, name)`
+MID_RESIDUAL = "mid_residual"
+
+
+def controlnet_model(prefix: str, name: str) -> str:
+    """The Triton name of the ControlNet engine `name` (build-engines --controlnet NAME=PATH)."""
+    return triton_model(prefix, f"{CONTROLNET}_{name}")
+
+
+def control_residuals(geometry: ModelGeometry) -> tuple[TensorSpec, ...]:
+    """What a ControlNet adds to the UNet, as diffusers' ControlNetModel gives it: one residual per feature
+    map the UNet's down path keeps for its skip connections (its input convolution's, each down block's
+    layers' and downsampler's), then one for the middle block; batch-first like the UNet's inputs."""
+    blocks = geometry.unet_block_channels
+    maps: list[tuple[int, int]] = [(blocks[0], 1)]  # (channels, downscale) of the input convolution's output
+    for i, channels in enumerate(blocks):
+        maps += [(channels, 2**i)] * geometry.unet_layers_per_block
+        if i < len(blocks) - 1:
+            maps.append((channels, 2 ** (i + 1)))  # the downsampler's
+    mid = (blocks[-1], 2 ** (len(blocks) - 1))
+    names = [f"down_residual_{i}" for i in range(len(maps))] + [MID_RESIDUAL]
+    return tuple(
+        TensorSpec(name, np.float32, ("guided_batch", channels, *_scaled_latent_dims(scale)))
+        for name, (channels, scale) in zip(names, [*maps, mid], strict=True)
+    )
+
+
+def _scaled_latent_dims(scale: int) -> tuple[str, str]:
+    if scale == 1:
+        return ("latent_height", "latent_width")
+    if scale not in RESIDUAL_SCALES:
+        raise ValueError(f"a UNet with feature maps at 1/{scale} of the latent is not an SD v1.x UNet")
+    return (f"latent_height_{scale}", f"latent_width_{scale}")
+
+
+def controlnet_spec(geometry: ModelGeometry) -> EngineSpec:
+    """A ControlNet engine: the UNet's latent (4 channels, also for an inpainting UNet), timestep and text,
+    and the control image in pixels ([0, 1], as diffusers' pipeline feeds it) → the residuals, unscaled (the
+    pipeline scales them per row: weight, guidance window, control mode)."""
+    unet = engine_specs(geometry)[UNET]
+    latent = TensorSpec(
+        "sample", np.float32, ("guided_batch", geometry.latent_channels, *_scaled_latent_dims(1))
+    )
+    return EngineSpec(
+        CONTROLNET,
+        inputs=(
+            latent,
+            *unet.inputs[1:],
+            TensorSpec("controlnet_cond", np.float32, ("guided_batch", 3, "height", "width")),
+        ),
+        outputs=control_residuals(geometry),
+    )
+
+
+def controlled_unet_spec(geometry: ModelGeometry) -> EngineSpec:
+    """The UNet with the ControlNet residuals as inputs (added to its skip connections and middle block)."""
+    unet = engine_specs(geometry)[UNET]
+    return EngineSpec(UNET, (*unet.inputs, *control_residuals(geometry)), unet.outputs)
 
 
 def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry) -> int:

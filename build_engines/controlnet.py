@@ -1,0 +1,138 @@
+"""ControlNets as engines (issue 16): each SD v1.x ControlNet becomes its own engine, and the UNet gets a
+graph that takes the residuals a ControlNet gives.
+
+A ControlNet engine maps (latent, timestep, text, control image) to its residuals unscaled: the pipeline
+scales them per batch row (weight, guidance window, control mode) and sums several ControlNets' before the
+UNet call, so that requests with different ControlNets, weights and windows share UNet runs.
+
+`write_tiny_controlnet` makes a random one for tests, as diffusers' own tests do: from the tiny UNet, its zero
+convolutions given random weights (else every residual is zero and nothing is tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from build_engines.digests import digest_folder
+from build_engines.onnx_export import ExportResult, ModuleLoader, _UNet, export_engine
+from python_backend.shapes import ModelGeometry, controlled_unet_spec, controlnet_spec
+
+
+class ControlNetError(ValueError):
+    """A ControlNet that cannot be used with this checkpoint; the message names it and says why."""
+
+
+class _ControlNet(nn.Module):
+    def __init__(self, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(
+            sample, timestep.reshape(-1), encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
+        )
+        return (*down, mid)
+
+
+class _ControlledUNet(_UNet):
+    """The UNet adding the ControlNet residuals (already scaled and summed by the pipeline)."""
+
+    def forward(  # type: ignore[override]
+        self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *residuals: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(  # type: ignore[no-any-return]
+            sample,
+            timestep.reshape(-1),
+            encoder_hidden_states=text,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
+def load_controlnet(path: Path, geometry: ModelGeometry) -> nn.Module:
+    """A diffusers ControlNet folder, checked against the checkpoint's geometry."""
+    from diffusers import ControlNetModel
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ControlNetError(f"{path}: not a diffusers ControlNet folder (no config.json)")
+    config = json.loads(config_file.read_text())
+    expected = {
+        "block_out_channels": list(geometry.unet_block_channels),
+        "layers_per_block": geometry.unet_layers_per_block,
+        "cross_attention_dim": geometry.text_hidden_size,
+        "in_channels": geometry.latent_channels,
+    }
+    wrong = {key: config.get(key) for key, value in expected.items() if config.get(key) != value}
+    if wrong:
+        raise ControlNetError(
+            f"{path}: not a ControlNet for this checkpoint (an SD v1.x one is needed): it has {wrong}, the "
+            f"checkpoint needs { ({k: expected[k] for k in wrong}) }"
+        )
+    model = ControlNetModel.from_pretrained(path).eval()
+    return _ControlNet(model)
+
+
+def export_controlnet(path: Path, geometry: ModelGeometry, out_dir: Path, precision: str) -> ExportResult:
+    """out_dir/model.onnx from the ControlNet folder `path` (kept when up to date)."""
+    spec = controlnet_spec(geometry)
+    return export_engine(
+        spec, lambda: load_controlnet(path, geometry), digest_folder(path), out_dir, precision
+    )
+
+
+def export_controlled_unet(
+    loader: ModuleLoader, geometry: ModelGeometry, source_digest: str, out_dir: Path, precision: str
+) -> ExportResult:
+    """out_dir/model.onnx: the checkpoint's UNet taking ControlNet residuals."""
+    spec = controlled_unet_spec(geometry)
+    return export_engine(
+        spec, lambda: _ControlledUNet(loader.component("unet")), source_digest, out_dir, precision
+    )
+
+
+def write_tiny_controlnet(out_dir: Path, checkpoint: Path, seed: int = 0) -> Path:
+    """A random ControlNet for `checkpoint`'s UNet (a diffusers folder), as diffusers' tests make one."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+    torch.manual_seed(seed)
+    channels = unet.config.block_out_channels[0]
+    # Four stages: the control image is brought down 8x, to the latent's size, as in SD v1.x ControlNets.
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(channels // 2, channels // 2, channels, channels)
+    )
+    zero_convs: list[Any] = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for conv in zero_convs:
+            # Small: residuals of the skip connections' size would swamp a random UNet.
+            nn.init.normal_(conv.weight, std=0.05)
+            nn.init.normal_(conv.bias, std=0.05)
+    controlnet.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sd-tiny-controlnet",
+        description="Write a random ControlNet (diffusers folder) for a checkpoint's UNet, for tests "
+        "and benchmarks.",
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="diffusers checkpoint folder (e.g. sd-tiny-checkpoint's)"
+    )
+    parser.add_argument("out_dir", type=Path, help="ControlNet folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_tiny_controlnet(args.out_dir, args.checkpoint, args.seed)
+    print(args.out_dir.resolve())

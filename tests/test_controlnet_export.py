@@ -1,0 +1,128 @@
+"""ControlNet engines (issue 16), build side: the residuals a ControlNet gives and the UNet takes, as
+diffusers computes them; the tiny random ControlNet; the exports; and perf.controlnet_residuals end to end."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from build_engines import controlnet
+from build_engines.onnx_export import CHECK_SIZES, ModuleLoader, read_geometry, sample_inputs
+from python_backend.shapes import (
+    ModelGeometry,
+    Profile,
+    control_residuals,
+    controlled_unet_spec,
+    controlnet_model,
+    controlnet_spec,
+)
+from tests.triton_server import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_controlnet(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return controlnet.write_tiny_controlnet(
+        tmp_path_factory.mktemp("controlnet") / "canny", tiny_checkpoint, 1
+    )
+
+
+def test_sd_v1_residuals_are_thirteen_maps_down_to_an_eighth():
+    residuals = control_residuals(ModelGeometry())
+    assert [t.name for t in residuals] == [*(f"down_residual_{i}" for i in range(12)), "mid_residual"]
+    channels = [t.dims[1] for t in residuals]
+    assert channels == [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280]
+    assert [t.dims[2] for t in residuals] == [
+        *["latent_height"] * 3,
+        *["latent_height_2"] * 3,
+        *["latent_height_4"] * 3,
+        *["latent_height_8"] * 4,
+    ]
+    # A stride-2 convolution with padding 1 rounds up: a 72 px side is 9 latent cells, then 5, 3, 2.
+    ranges = Profile.square(72, 512, 1024).axis_ranges()
+    assert [ranges[f"latent_height_{f}"][0] for f in (2, 4, 8)] == [5, 3, 2]
+    assert (
+        controlnet_model("", "canny") == "controlnet_canny"
+        and controlnet_model("sd15", "canny") == "sd15_controlnet_canny"
+    )
+
+
+def test_the_tiny_controlnet_gives_the_residuals_the_unet_takes(tiny_checkpoint, tiny_controlnet):
+    """Shapes as the specs say, at sizes other than the trace's; not zero (its zero convolutions are random);
+    the UNet with zero residuals is the plain UNet, and with these it is diffusers' ControlNet step."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    geometry = read_geometry(tiny_checkpoint)
+    inputs = {
+        k: torch.from_numpy(v) for k, v in sample_inputs(controlnet_spec(geometry), CHECK_SIZES).items()
+    }
+    with torch.inference_mode():
+        residuals = controlnet.load_controlnet(tiny_controlnet, geometry)(*inputs.values())
+    expected = sample_inputs(controlled_unet_spec(geometry), CHECK_SIZES)
+    for spec, got in zip(control_residuals(geometry), residuals, strict=True):
+        assert tuple(got.shape) == expected[spec.name].shape
+        assert float(got.abs().mean()) > 1e-3
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint, subfolder="unet").eval()
+    net = ControlNetModel.from_pretrained(tiny_controlnet).eval()
+    sample, timestep, text, cond = inputs.values()
+    with torch.inference_mode():
+        down, mid = net(sample, timestep.reshape(-1), text, cond, return_dict=False)
+        reference = unet(
+            sample,
+            timestep.reshape(-1),
+            text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+        controlled = controlnet._ControlledUNet(ModuleLoader(tiny_checkpoint).component("unet"))
+        got = controlled(sample, timestep, text, *down, mid)
+        zero = controlled(sample, timestep, text, *(torch.zeros_like(r) for r in (*down, mid)))
+        plain = unet(sample, timestep.reshape(-1), text).sample
+    torch.testing.assert_close(got, reference)
+    assert torch.equal(zero, plain)
+
+
+def test_a_controlnet_for_another_architecture_is_refused_naming_it(tiny_controlnet, tmp_path):
+    with pytest.raises(
+        controlnet.ControlNetError, match=r"not a ControlNet for this checkpoint .*block_out_channels"
+    ):
+        controlnet.load_controlnet(tiny_controlnet, ModelGeometry())
+    with pytest.raises(controlnet.ControlNetError, match="not a diffusers ControlNet folder"):
+        controlnet.load_controlnet(tmp_path, ModelGeometry())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_exports_match_torch(tiny_checkpoint, tiny_controlnet, tmp_path, precision):
+    geometry = read_geometry(tiny_checkpoint)
+    net = controlnet.export_controlnet(tiny_controlnet, geometry, tmp_path / "controlnet", precision)
+    unet = controlnet.export_controlled_unet(
+        ModuleLoader(tiny_checkpoint), geometry, "d", tmp_path / "unet", precision
+    )
+    limit = 1e-5 if precision == "fp32" else 5e-3
+    assert net.max_abs_diff <= limit and unet.max_abs_diff <= limit
+    session = ort.InferenceSession(str(net.path))
+    assert [o.name for o in session.get_outputs()] == [t.name for t in control_residuals(geometry)]
+    assert controlnet.export_controlnet(tiny_controlnet, geometry, tmp_path / "controlnet", precision).reused
+
+
+def test_residual_cost_benchmark_reports_every_variant(tiny_checkpoint, tmp_path):
+    out = tmp_path / "report.md"
+    command = [sys.executable, "-m", "perf.controlnet_residuals", "--checkpoint", str(tiny_checkpoint)]
+    options = ["--size", "64", "--rounds", "2", "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    run = subprocess.run([*command, *options], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = out.read_text()
+    for key in "abc":
+        [row] = [line for line in text.splitlines() if line.startswith(f"| ({key}) ")]
+        assert len(row.split("|")[-2].split(",")) == 2
+    assert re.search(r"no-ControlNet cost, median \(b\) ÷ median \(a\) − 1: \*\*[+-]\d+\.\d\d%\*\* \(", text)
+    [diff] = re.findall(r"\(b\)'s output vs \(a\)'s: max abs difference (\S+)", text)
+    assert float(diff) == 0.0  # zero residuals: the plain graph's output
+    assert np.isfinite(float(re.findall(r"residual inputs per call: (\S+) MiB", text)[0]))
