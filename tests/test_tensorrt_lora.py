@@ -342,13 +342,14 @@ def test_a_set_over_the_plans_rank_is_refused_before_it_runs(fake_tensorrt, plan
 
 
 def test_the_pipeline_refuses_tags_over_the_engines_rank(plan_repository, lora_dir):
-    from python_backend.pipeline import PipelineAssets, _loras
+    from python_backend.conditioning import resolve_loras
+    from python_backend.pipeline import PipelineAssets
     from python_backend.request import InvalidInput
 
     assets = PipelineAssets.load(plan_repository / PIPELINE / "1", lora_dir)
-    text, applied = _loras(assets, "a cat <lora:ink:1> <lora:paper:0.5>")
+    text, applied = resolve_loras(assets, "a cat <lora:ink:1> <lora:paper:0.5>")
     assert applied.unet and applied.text_encoder
     with pytest.raises(
         InvalidInput, match=r"<lora:ink:1> <lora:paper:1> <lora:ink:0.5> <lora:paper:0.5>: .*rank 16"
     ):
-        _loras(assets, "a cat <lora:ink:1> <lora:paper:1> <lora:ink:0.5> <lora:paper:0.5>")
+        resolve_loras(assets, "a cat <lora:ink:1> <lora:paper:1> <lora:ink:0.5> <lora:paper:0.5>")
