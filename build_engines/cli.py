@@ -8,7 +8,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,22 +16,33 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from build_engines import embeddings, inputs, lora_branch, onnx_export, repository, tensorrt_engine
+from build_engines import (
+    controlnet,
+    embeddings,
+    inputs,
+    lora_branch,
+    onnx_export,
+    repository,
+    tensorrt_engine,
+)
 from build_engines.digests import digest_folder
 from build_engines.repository import PIPELINE_CONTROL, ServingOptions
 from build_engines.single_file import SingleFileError
 from python_backend import adapters
 from python_backend.ort_sessions import LORA_GRAPH
 from python_backend.shapes import (
+    CONTROLNET,
     ENGINE_NAMES,
     LORA_LIBRARY,
     PIPELINE,
     TEXT_ENCODER,
     UNET,
     EngineSpec,
-    ModelGeometry,
     PipelineManifest,
     Profile,
+    controlled_unet_spec,
+    controlnet_model,
+    controlnet_spec,
     engine_specs,
     stream_model,
     triton_model,
@@ -65,6 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "<lora:NAME:MULT> (sd-serve --lora-dir) and requests with different LoRAs still share UNet runs; "
         "the UNet keeps its plain graph for runs without LoRA, at the cost of a second copy of its weights "
         "in memory; on the tensorrt target the text encoder and UNet are then hosted by a python model",
+    )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="add an SD v1.x ControlNet (a diffusers ControlNet folder) as engine controlnet_NAME, which "
+        "requests name as NAME; repeatable. The UNet then takes the ControlNets' residuals (zeros for "
+        "requests without ControlNet, which still share its runs)",
     )
     parser.add_argument(
         "--vae",
@@ -201,6 +221,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_concurrent_requests = args.max_batch
     if args.max_concurrent_requests < 1:
         parser.error(f"--max-concurrent-requests must be at least 1, got {args.max_concurrent_requests}")
+    args.controlnets = {}
+    for item in args.controlnet:
+        name, sep, path = item.partition("=")
+        if not sep or not PREFIX.fullmatch(name) or not path:
+            parser.error(
+                "--controlnet must be NAME=PATH, NAME letters, digits, '-' and '_' (it names a Triton "
+                f"model), got {item!r}"
+            )
+        if name in args.controlnets:
+            parser.error(f"--controlnet: the name {name!r} is given twice")
+        args.controlnets[name] = Path(path)
     if args.lora_max_rank < 1:
         parser.error(f"--lora-max-rank must be at least 1, got {args.lora_max_rank}")
     if args.max_queue_size < 0:
@@ -249,6 +280,7 @@ def build(args: argparse.Namespace, prepared: inputs.PreparedCheckpoint) -> int:
     """Build into a stage beside --output and move it in only once everything is built."""
     pipeline = triton_model(args.prefix, PIPELINE)
     engines = [triton_model(args.prefix, engine) for engine in ENGINE_NAMES]
+    engines += [controlnet_model(args.prefix, name) for name in args.controlnets]
     models = [*engines, pipeline, stream_model(pipeline), PIPELINE_CONTROL, LORA_LIBRARY]
     stage = repository.Stage(args.output, models)
     try:
@@ -289,13 +321,25 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
     )
 
     specs = engine_specs(geometry)
+    modules: dict[str, Callable[[], torch.nn.Module]] = {name: partial(loader.module, name) for name in specs}
+    for name in specs:
+        component = onnx_export.COMPONENT_OF[name]
+        if component not in digests:
+            digests[component] = digest_folder(checkpoint / component)
+        digests[name] = digests[component]
+    if args.controlnets:  # the UNet takes their residuals; each is an engine of its own
+        specs[UNET] = controlled_unet_spec(geometry)
+        modules[UNET] = partial(controlnet.controlled_unet, loader)
+        for name, path in args.controlnets.items():
+            engine = f"{CONTROLNET}_{name}"
+            specs[engine] = replace(controlnet_spec(geometry), name=engine)
+            modules[engine] = partial(controlnet.load_controlnet, path, geometry)
+            digests[engine] = digest_folder(path)
+            precision[engine] = precision[UNET]
     lora_targets: dict[str, dict[str, list[int]]] = {}  # --lora: {component: {layer: base weight shape}}
     with tqdm(specs.values(), unit="engine", file=sys.stdout) as bar:
         for spec in bar:
             bar.set_description(f"{spec.name}: {precision[spec.name]} ONNX export + check")
-            component = onnx_export.COMPONENT_OF[spec.name]
-            if component not in digests:
-                digests[component] = digest_folder(checkpoint / component)
             try:
                 out_dir = repository.onnx_dir(repo, spec.name, args.target, args.prefix)
                 lora = args.lora and spec.name in lora_branch.ENGINE_OF.values()
@@ -306,11 +350,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                 version = repository.engine_dir(repo, spec.name, args.prefix) / "1"
                 if not (lora and spec.name == TEXT_ENCODER):
                     exported = onnx_export.export_engine(
-                        spec,
-                        partial(loader.module, spec.name),
-                        digests[component],
-                        out_dir,
-                        precision[spec.name],
+                        spec, modules[spec.name], digests[spec.name], out_dir, precision[spec.name]
                     )
                     state = "up to date, kept" if exported.reused else "exported"
                     bar.write(
@@ -321,7 +361,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                 if lora:
                     branch_dir = out_dir if spec.name == TEXT_ENCODER else out_dir / LORA_GRAPH.parent
                     branch = _export_branch(
-                        loader, spec.name, geometry, digests, branch_dir, precision[spec.name], bar
+                        modules[spec.name](), spec, digests[spec.name], branch_dir, precision[spec.name], bar
                     )
                     lora_targets.update(branch.targets)
                     plan_dir = version if spec.name == TEXT_ENCODER else version / LORA_PLAN.parent
@@ -365,6 +405,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
         vae_hash=prepared.vae_hash,
         prefix=args.prefix,
         lora_max_rank=args.lora_max_rank if args.lora and args.target == "tensorrt" else 0,
+        controlnets=tuple(args.controlnets),
     )
     serving = repository.ServingOptions(
         args.max_concurrent_requests, args.max_queue_size, args.queue_timeout, args.response_cache
@@ -385,27 +426,19 @@ class ExportedBranch:
 
 
 def _export_branch(
-    loader: onnx_export.ModuleLoader,
-    engine: str,
-    geometry: ModelGeometry,
-    digests: dict[str, str],
-    out_dir: Path,
-    precision: str,
-    bar: Any,
+    module: torch.nn.Module, spec: EngineSpec, digest: str, out_dir: Path, precision: str, bar: Any
 ) -> ExportedBranch:
-    """Export `engine` with LoRA branches into out_dir."""
-    component = adapters.COMPONENT_OF[engine]
-    model = lora_branch.BranchedModel(loader.module(engine), component)
-    digest = digests[onnx_export.COMPONENT_OF[engine]]
-    exported = lora_branch.export_branch(model, geometry, digest, out_dir, precision)
+    """Export the engine `spec` (its torch `module`) with LoRA branches into out_dir."""
+    component = adapters.COMPONENT_OF[spec.name]
+    model = lora_branch.BranchedModel(module, component)
+    exported = lora_branch.export_branch(model, spec, digest, out_dir, precision)
     state = "up to date, kept" if exported.reused else "exported"
     bar.write(
-        f"{engine}: {precision} ONNX with LoRA branches {state}; max abs diff vs fp32 torch "
+        f"{spec.name}: {precision} ONNX with LoRA branches {state}; max abs diff vs fp32 torch "
         f"{exported.max_abs_diff:.2e}"
     )
-    spec = lora_branch.branch_spec(engine_specs(geometry)[engine], model.targets)
     targets = {component: {t.path: list(t.weight_shape) for t in model.targets}}
-    return ExportedBranch(exported.path, spec, targets)
+    return ExportedBranch(exported.path, lora_branch.branch_spec(spec, model.targets), targets)
 
 
 if __name__ == "__main__":

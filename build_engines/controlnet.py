@@ -90,14 +90,17 @@ def export_controlnet(path: Path, geometry: ModelGeometry, out_dir: Path, precis
     )
 
 
+def controlled_unet(loader: ModuleLoader) -> nn.Module:
+    """The checkpoint's UNet taking ControlNet residuals, as the engine's inputs come."""
+    return _ControlledUNet(loader.component("unet"))
+
+
 def export_controlled_unet(
     loader: ModuleLoader, geometry: ModelGeometry, source_digest: str, out_dir: Path, precision: str
 ) -> ExportResult:
     """out_dir/model.onnx: the checkpoint's UNet taking ControlNet residuals."""
     spec = controlled_unet_spec(geometry)
-    return export_engine(
-        spec, lambda: _ControlledUNet(loader.component("unet")), source_digest, out_dir, precision
-    )
+    return export_engine(spec, lambda: controlled_unet(loader), source_digest, out_dir, precision)
 
 
 def write_tiny_controlnet(out_dir: Path, checkpoint: Path, seed: int = 0) -> Path:

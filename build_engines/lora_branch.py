@@ -41,7 +41,7 @@ from build_engines.onnx_export import (
     sample_inputs,
 )
 from python_backend.adapters import DOWN_SUFFIX
-from python_backend.shapes import TEXT_ENCODER, UNET, EngineSpec, ModelGeometry, TensorSpec, engine_specs
+from python_backend.shapes import TEXT_ENCODER, UNET, EngineSpec, TensorSpec
 from python_backend.trt_sessions import MIN_RANK
 
 BRANCH_FORMAT = 1  # bump when the branch's graph changes, so cached branch exports are redone
@@ -286,18 +286,18 @@ def delta_weight(down: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 def export_branch(
-    model: BranchedModel, geometry: ModelGeometry, source_digest: str, out_dir: Path, precision: str = "fp32"
+    model: BranchedModel, base: EngineSpec, source_digest: str, out_dir: Path, precision: str = "fp32"
 ) -> ExportResult:
-    """Write out_dir/model.onnx: the engine's graph (build_engines.onnx_export's export of the UNet or text
-    encoder, same conventions, `precision` included: fp16 computes in fp16 behind fp32 inputs, factors
+    """Write out_dir/model.onnx: the engine's graph (`base`: build_engines.onnx_export's export of the UNet or
+    text encoder, same conventions, `precision` included: fp16 computes in fp16 behind fp32 inputs, factors
     too) with a branch on every target, unless an up-to-date one is there; check it against fp32 torch at
     R = 0 and at R = CHECK_RANK.
 
     A target at R = 0 still runs its branch, on empty factors: a product of zeros added to the base op's
     output. Putting each branch under an ONNX If on R > 0 was measured and gained nothing on ONNX Runtime
     (the If's other side copies the base output, as costly as the Add it saves; perf/README.md)."""
-    engine = ENGINE_OF[model.component]
-    spec = branch_spec(engine_specs(geometry)[engine], model.targets)
+    engine = base.name
+    spec = branch_spec(base, model.targets)
     target, sidecar = out_dir / "model.onnx", out_dir / "model.onnx.json"
     # fp32 keys predate the precision setting: leaving it out keeps their exports
     settings = {"precision": precision} if precision != "fp32" else {}

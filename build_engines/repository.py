@@ -30,6 +30,7 @@ from python_backend.pipeline import EMBEDDINGS_FILE, LORA_TARGETS_FILE, SCHEDULE
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
     BATCH_AXES,
+    CONTROLNET,
     LORA_LIBRARY,
     PIPELINE,
     PIPELINE_MANIFEST,
@@ -109,7 +110,7 @@ def _engine_config(
         _tensor(config.output.add(), t.name, t.dtype, t.concrete_dims()[1:])
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=1)  # one copy of the weights
-    if spec.name == UNET:
+    if spec.name == UNET or spec.name.startswith(f"{CONTROLNET}_"):  # a ControlNet runs per step too
         # No preferred sizes. Calls that queue while the UNet runs go into its next run together (the
         # largest batch the queue holds). With no delay (the default) an idle server adds no wait to a call;
         # a delay holds a lone call up to that long for others to join it, so that concurrent requests meet

@@ -85,7 +85,7 @@ def export(checkpoint: Path, work_dir: Path) -> tuple[dict[str, Path], list[Any]
     print(f"perf.lora_branch: plain UNet graph {'reused' if plain.reused else 'exported'}", flush=True)
     # The plain export is done with the module first: the branch wraps the same UNet in place.
     model = BranchedModel(loader.module(UNET), "unet")
-    branch = export_branch(model, geometry, digest, work_dir / BRANCH)
+    branch = export_branch(model, engine_specs(geometry)[UNET], digest, work_dir / BRANCH)
     print(
         f"perf.lora_branch: branch UNet graph {'reused' if branch.reused else 'exported'} "
         f"({time.perf_counter() - started:.0f} s, ONNX Runtime vs torch {branch.max_abs_diff:.1e})",

@@ -333,6 +333,8 @@ class PipelineManifest:
     vae_hash: str = ""  # ... and its sha256's first 10 hex digits (A1111's "VAE hash")
     prefix: str = ""  # build-engines --prefix: the pipeline calls its engines `triton_model(prefix, engine)`
     lora_max_rank: int = 0  # TensorRT engines with LoRA branches: the rank per layer they take; 0: any
+    # build-engines --controlnet: the ControlNet engines' names; with any, the UNet takes their residuals
+    controlnets: tuple[str, ...] = ()
 
     def write(self, path: Path) -> None:
         data = {
@@ -345,6 +347,7 @@ class PipelineManifest:
             "vae_hash": self.vae_hash,
             "prefix": self.prefix,
             "lora_max_rank": self.lora_max_rank,
+            "controlnets": list(self.controlnets),
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -361,4 +364,5 @@ class PipelineManifest:
             vae_hash=data.get("vae_hash", ""),
             prefix=data.get("prefix", ""),
             lora_max_rank=data.get("lora_max_rank", 0),
+            controlnets=tuple(data.get("controlnets", ())),
         )

@@ -151,9 +151,9 @@ def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     spec = engine_specs(geometry)[UNET]
     plain = onnx_export.export_engine(spec, lambda: loader.module(UNET), "tiny", out / "plain")
     module = BranchedModel(onnx_export.ModuleLoader(tiny_checkpoint).module(UNET), "unet")
-    branch = export_branch(module, geometry, "tiny", out / "branch")
+    branch = export_branch(module, spec, "tiny", out / "branch")
     assert branch.max_abs_diff < 1e-4 and not branch.reused
-    assert export_branch(module, geometry, "tiny", out / "branch").reused
+    assert export_branch(module, spec, "tiny", out / "branch").reused
     return {
         "plain": ort.InferenceSession(str(plain.path), providers=["CPUExecutionProvider"]),
         "branch": ort.InferenceSession(str(branch.path), providers=["CPUExecutionProvider"]),
