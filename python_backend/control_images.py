@@ -23,7 +23,7 @@ from python_backend.request import InvalidInput
 Image = np.ndarray  # uint8, H x W x 3 RGB
 
 # Preprocessors and resizes upscale by the image's aspect ratio (a 1 x 4096 strip at processor_res 2048 is
-# 8M pixels wide); the extension has no bound, a server needs one. Far above any real map (2048 x 8192).
+# 8M pixels wide); the extension has no bound, a server needs one. Far above any real map (2048 x 16384).
 MAX_WORK_PIXELS = 2**25
 
 
@@ -124,10 +124,6 @@ class Preprocessor:
         return [s for s in (self.resolution, self.threshold_a, self.threshold_b) if s is not None]
 
 
-def _pad64(side: int) -> int:
-    return int(np.ceil(side / 64.0) * 64 - side)
-
-
 def _resize_with_pad(image: Image, resolution: float) -> tuple[Image, int, int]:
     """utils.resize_image_with_pad: shortest side to `resolution`, then edge-padded to multiples of 64.
 
@@ -139,7 +135,7 @@ def _resize_with_pad(image: Image, resolution: float) -> tuple[Image, int, int]:
     height, width = round(raw_h * k), round(raw_w * k)
     _check_work_size(height, width)
     resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
-    padded = np.pad(resized, [[0, _pad64(height)], [0, _pad64(width)], [0, 0]], mode="edge")
+    padded = np.pad(resized, [[0, -height % 64], [0, -width % 64], [0, 0]], mode="edge")
     return padded, height, width
 
 
@@ -188,7 +184,7 @@ def _scribble_xdog(image: Image, resolution: int, level: float, b: float) -> Ima
     fine = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 0.5)
     coarse = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 5.0)
     dog = (255 - np.min(coarse - fine, axis=2)).clip(0, 255).astype(np.uint8)
-    # The extension doubles in uint8, so darkness above 127 wraps around; kept, it is what its maps are.
+    # The extension doubles in uint8, so responses above 127 wrap around (mod 256); kept, to match its maps.
     doubled = (255 - dog) * np.uint8(2)
     return _gray_to_rgb(np.where(doubled > level, 255, 0).astype(np.uint8)[:height, :width])
 
@@ -232,7 +228,8 @@ def _color_grid(image: Image, resolution: int, a: float, b: float) -> Image:
 # Model-free ones from scripts/preprocessor/model_free_preprocessors.py and, for the legacy ones,
 # scripts/preprocessor/legacy/{preprocessor_compiled.py (settings), processor.py (code)}. Left out though
 # weight-free: shuffle (random), recolor_* and tile_colorfix* (the extension also post-processes the
-# generated image or hooks the sampler), reference_* / inpaint* (no control map), binary (gone upstream).
+# generated image or hooks the sampler), reference_* / inpaint* (no control map); binary was
+# removed upstream (a57a8f71).
 PREPROCESSORS = (
     Preprocessor("none", "none", 10, _none),
     Preprocessor(
@@ -528,3 +525,12 @@ def control_map(
         # Replaces processor_res after the range check, as in the extension: it may leave the slider's range.
         resolution = pixel_perfect_resolution(image, width, height, mode)
     return resize_control_map(preprocessor.run(image, resolution, a, b), width, height, mode)
+
+
+def control_tensor(control: Image) -> np.ndarray:
+    """The map as a ControlNet's conditioning input: float32 [3, H, W], RGB in 0..1.
+
+    What diffusers' ControlNet pipelines feed (prepare_image: VaeImageProcessor with do_normalize=False,
+    pixels / 255) and what the extension feeds (get_pytorch_control); batch and CFG copies are the caller's.
+    """
+    return np.ascontiguousarray(control.transpose(2, 0, 1), dtype=np.float32) / 255.0
