@@ -29,6 +29,7 @@ from build_engines.digests import digest_folder
 from build_engines.repository import PIPELINE_CONTROL, ServingOptions
 from build_engines.single_file import SingleFileError
 from python_backend import adapters
+from python_backend.control import DEFAULT_MAX_UNITS
 from python_backend.ort_sessions import LORA_GRAPH
 from python_backend.shapes import (
     CONTROLNET,
@@ -85,6 +86,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add an SD v1.x ControlNet (a diffusers ControlNet folder) as engine controlnet_NAME, which "
         "requests name as NAME; repeatable. The UNet then takes the ControlNets' residuals (zeros for "
         "requests without ControlNet, which still share its runs)",
+    )
+    parser.add_argument(
+        "--controlnet-units",
+        type=int,
+        default=DEFAULT_MAX_UNITS,
+        metavar="N",
+        help="with --controlnet: the most ControlNet units one request may use (default %(default)s)",
     )
     parser.add_argument(
         "--vae",
@@ -232,6 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name in args.controlnets:
             parser.error(f"--controlnet: the name {name!r} is given twice")
         args.controlnets[name] = Path(path)
+    if not 1 <= args.controlnet_units <= 8:
+        parser.error(f"--controlnet-units must be 1 to 8, got {args.controlnet_units}")
     if args.lora_max_rank < 1:
         parser.error(f"--lora-max-rank must be at least 1, got {args.lora_max_rank}")
     if args.max_queue_size < 0:
@@ -406,6 +416,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
         prefix=args.prefix,
         lora_max_rank=args.lora_max_rank if args.lora and args.target == "tensorrt" else 0,
         controlnets=tuple(args.controlnets),
+        controlnet_units=args.controlnet_units if args.controlnets else 0,
     )
     serving = repository.ServingOptions(
         args.max_concurrent_requests, args.max_queue_size, args.queue_timeout, args.response_cache

@@ -26,6 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines.onnx_export import EXTERNAL_DATA
 from python_backend import schedulers
 from python_backend.adapters import LORA_INPUT
+from python_backend.control import unit_inputs
 from python_backend.pipeline import EMBEDDINGS_FILE, LORA_TARGETS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
@@ -150,7 +151,10 @@ def pipeline_config(
     config = mc.ModelConfig(
         name=stream_model(pipeline) if streaming else pipeline, backend="python", max_batch_size=0
     )
-    for name, dtype in (REQUEST_INPUTS | CONTROL_INPUTS | (STREAM_INPUTS if streaming else {})).items():
+    units = unit_inputs(manifest.controlnet_units if manifest else 0)  # ControlNet units' fields
+    for name, dtype in (
+        REQUEST_INPUTS | units | CONTROL_INPUTS | (STREAM_INPUTS if streaming else {})
+    ).items():
         _tensor(config.input.add(), name, dtype, (1,)).optional = name != "prompt"
     _tensor(config.output.add(), "images", np.uint8, (-1, -1, -1, 3))
     _tensor(config.output.add(), "info", np.object_, (1,))

@@ -17,7 +17,7 @@ from torch.utils import dlpack
 
 from python_backend.adapters import LORA_INPUT
 from python_backend.engines import EngineError, Engines, EngineUnavailable
-from python_backend.shapes import ModelGeometry, engine_specs, triton_model
+from python_backend.shapes import CONTROLNET, ModelGeometry, control_residuals, engine_specs, triton_model
 
 # What Triton 2.51 answers a BLS call whose model cannot run now: its stub died ("Stub process 'unet_0_0'
 # is not healthy"), it is unloaded or reloading ("... has no available versions", "... is not ready"),
@@ -33,13 +33,20 @@ class BlsEngines(Engines):
     Triton models are `triton_model(prefix, engine)`, so checkpoints sharing a server never mix engines."""
 
     def __init__(
-        self, geometry: ModelGeometry, device: str, prefix: str = "", lora_engines: Iterable[str] = ()
+        self,
+        geometry: ModelGeometry,
+        device: str,
+        prefix: str = "",
+        lora_engines: Iterable[str] = (),
+        controlnets: Iterable[str] = (),
     ) -> None:
         self.device = torch.device(device)
         self._lora_engines = frozenset(lora_engines)  # the engines with LoRA branches: they take `lora`
         self._outputs = {
             name: [t.name for t in spec.outputs] for name, spec in engine_specs(geometry).items()
         }
+        residuals = [t.name for t in control_residuals(geometry)]
+        self._outputs.update({f"{CONTROLNET}_{name}": residuals for name in controlnets})
         self._models = {name: triton_model(prefix, name) for name in self._outputs}
 
     def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:

@@ -9,12 +9,22 @@ the core keeps latents where the engines are (the GPU, for TensorRT engines).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from python_backend import adapters
-from python_backend.shapes import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelGeometry, engine_specs
+from python_backend.shapes import (
+    CONTROLNET,
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    ModelGeometry,
+    engine_specs,
+    residual_names,
+)
 
 
 class EngineError(RuntimeError):
@@ -43,10 +53,35 @@ class Engines(ABC):
         return self.run(TEXT_ENCODER, inputs, lora)["last_hidden_state"]
 
     def predict_noise(
-        self, sample: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, lora: str = ""
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        lora: str = "",
+        residuals: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
+        """`residuals`: ControlNet residuals, for a UNet built to take them (zeros where a row has none)."""
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings}
+        inputs.update(zip(residual_names(len(residuals)), residuals, strict=True))
         return self.run(UNET, inputs, lora)["noise_pred"]
+
+    def control(
+        self,
+        controlnet: str,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        image: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The residuals of ControlNet `controlnet` (its build-engines --controlnet name), unscaled, in the
+        UNet's order: `image` is the control map, [rows, 3, H, W] in [0, 1]."""
+        inputs = {
+            "sample": sample,
+            "timestep": timestep,
+            "encoder_hidden_states": text_embeddings,
+            "controlnet_cond": image,
+        }
+        return tuple(self.run(f"{CONTROLNET}_{controlnet}", inputs).values())
 
     def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return self.run(VAE_DECODER, {"latent": latent})["image"]
@@ -61,6 +96,7 @@ class OnnxRuntimeEngines(Engines):
 
     `device` is where the core keeps its tensors; a CUDA device there exercises the GPU path of the
     core with these CPU engines. `lora_dir`: the LoRA folder, for engines with LoRA branches.
+    `controlnets`: the repository's ControlNet engines (build-engines --controlnet), by name.
     """
 
     def __init__(
@@ -70,15 +106,17 @@ class OnnxRuntimeEngines(Engines):
         threads: int = 0,
         device: str = "cpu",
         lora_dir: Path | None = None,
+        controlnets: Iterable[str] = (),
     ) -> None:
         from python_backend.ort_sessions import EngineSessions
 
         self.device = torch.device(device)
+        names = [*engine_specs(geometry), *(f"{CONTROLNET}_{name}" for name in controlnets)]
         self._sessions = {
             name: EngineSessions(
                 repository / name / "1", adapters.COMPONENT_OF.get(name), lora_dir, threads=threads
             )
-            for name in engine_specs(geometry)
+            for name in names
         }
 
     def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:

@@ -22,16 +22,17 @@ import numpy as np
 import torch
 from transformers import CLIPTokenizer
 
-from python_backend import conditioning, images, lora, prompts, schedulers
+from python_backend import conditioning, control_images, images, lora, prompts, schedulers
 from python_backend.conditioning import Conditioning
 from python_backend.engines import Engines
 from python_backend.features import inpainting
+from python_backend.features.controlnet import ControlNets, ZeroResiduals
 from python_backend.features.hires import HiresFix
 from python_backend.features.img2img import ImageToImage
 from python_backend.features.inpainting import Inpainting
 from python_backend.features.variations import VariationSeeds
 from python_backend.lora_library import LoraLibrary
-from python_backend.request import GenerationRequest
+from python_backend.request import GenerationRequest, InvalidInput
 from python_backend.shapes import PIPELINE_MANIFEST, PipelineManifest, Profile
 from python_backend.stages import (
     DenoisingPass,
@@ -146,6 +147,10 @@ def generate(
     features: list[Feature] = [start]
     if variations := VariationSeeds.for_request(request):
         features.append(variations)
+    if request.controlnets:
+        features.append(_controlnets(run, assets))
+    if assets.manifest.controlnets:  # the UNet takes residuals: zeros when no unit acts (last of all)
+        features.append(ZeroResiduals(geometry))
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -211,6 +216,43 @@ def _image_start(request: GenerationRequest, profile: Profile) -> Start | None:
     return Inpainting.prepare(request, picture, mask, fill)
 
 
+def _controlnets(run: Run, assets: PipelineAssets) -> ControlNets:
+    """The request's ControlNet units, each checked and its control map made at the request's size (so that
+    a bad field fails the request before any engine runs). InvalidInput names the unit and field."""
+    profile = assets.manifest.profile
+    limits = {
+        "max_side": max(profile.width[2], profile.height[2]),
+        "max_pixels": profile.width[2] * profile.height[2],
+    }
+    pictures = []
+    for i, unit in enumerate(run.request.controlnets):
+        unit.validate(i, assets.manifest.controlnets)
+        picture = images.decode_image(unit.image, f"controlnet_{i}_image", **limits)
+        pictures.append(np.asarray(picture))
+
+    def make_map(i: int, width: int, height: int) -> np.ndarray:
+        unit = run.request.controlnets[i]
+        try:
+            return control_images.control_map(
+                pictures[i],
+                unit.module,
+                width,
+                height,
+                unit.resize_mode,
+                processor_res=unit.processor_res,
+                threshold_a=unit.threshold_a,
+                threshold_b=unit.threshold_b,
+                pixel_perfect=unit.pixel_perfect,
+            )
+        except InvalidInput as e:  # its field is the unit's
+            problem = str(e).removeprefix(f"{e.field}: ")
+            raise InvalidInput(f"controlnet_{i}_{e.field}", problem) from None
+
+    controlnets = ControlNets(run, run.request.controlnets, make_map)
+    controlnets.prepare(run.request.width, run.request.height)
+    return controlnets
+
+
 @dataclass
 class _Steps:
     """The steps of both passes so far, each reported to `on_step`; whether it interrupted."""
@@ -251,7 +293,7 @@ def _denoise(
         for feature in features:
             inputs = feature.unet_inputs(step, inputs)
         noise_pred = run.engines.predict_noise(
-            inputs.sample.contiguous(), inputs.timestep, inputs.text_embeddings, inputs.lora
+            inputs.sample.contiguous(), inputs.timestep, inputs.text_embeddings, inputs.lora, inputs.residuals
         )
         if run.guided:
             uncond, cond = noise_pred.chunk(2)

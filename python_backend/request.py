@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from python_backend import schedulers
 from python_backend.shapes import VAE_SCALE, Profile
+
+if TYPE_CHECKING:
+    from python_backend.control import ControlUnit
 
 MAX_SEED = 2**63 - 1
 
@@ -88,6 +92,7 @@ class GenerationRequest:
     hr_second_pass_steps: int = 0  # 0: num_inference_steps
     denoising_strength: float = 0.7  # of the second pass
     clip_skip: int = 1  # A1111's "Clip skip": 1 = CLIP's last layer, 2 = the penultimate (diffusers' 1)
+    controlnets: tuple[ControlUnit, ...] = ()  # inputs controlnet_{i}_{field} (python_backend.control)
 
     def hires_size(self) -> tuple[int, int]:
         """A1111's int(side x hr_scale), down to a multiple of the VAE's 8."""
@@ -183,25 +188,35 @@ def _in_range(name: str, value: float, low: float, high: float) -> None:
 
 def request_from_inputs(inputs: dict[str, np.ndarray]) -> GenerationRequest:
     """A request from the pipeline model's input tensors (absent optional inputs keep defaults)."""
+    from python_backend.control import UNIT_FIELDS, unit_field, units_from_values
+
     if "prompt" not in inputs:
         raise InvalidInput("prompt", "is required")
     values: dict[str, object] = {}
+    unit_values: dict[str, object] = {}
     for name, array in inputs.items():
-        if name not in REQUEST_INPUTS:
+        field = unit_field(name)
+        if name not in REQUEST_INPUTS and field is None:
             raise InvalidInput(name, f"unknown input; expected one of {', '.join(REQUEST_INPUTS)}")
         if array.size != 1:
             raise InvalidInput(name, f"expected exactly one value, got shape {list(array.shape)}")
         value = array.reshape(-1)[0]
-        kind = REQUEST_INPUTS[name]
-        if name in BINARY_INPUTS:
-            values[name] = bytes(value)
-        elif kind is np.object_:
-            try:
-                values[name] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-            except UnicodeDecodeError:
-                raise InvalidInput(name, "is not valid UTF-8") from None
+        if field is None:
+            values[name] = _typed(name, value, REQUEST_INPUTS[name], binary=name in BINARY_INPUTS)
         else:
-            values[name] = (
-                float(value) if kind is np.float32 else bool(value) if kind is np.bool_ else int(value)
-            )
+            unit_values[name] = _typed(name, value, UNIT_FIELDS[field], binary=field == "image")
+    if unit_values:
+        values["controlnets"] = units_from_values(unit_values)
     return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+def _typed(name: str, value: Any, kind: type[np.generic], binary: bool) -> object:
+    """One input's value as the request field's Python type."""
+    if binary:
+        return bytes(value)
+    if kind is np.object_:
+        try:
+            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        except UnicodeDecodeError:
+            raise InvalidInput(name, "is not valid UTF-8") from None
+    return float(value) if kind is np.float32 else bool(value) if kind is np.bool_ else int(value)

@@ -236,6 +236,11 @@ def controlnet_model(prefix: str, name: str) -> str:
     return triton_model(prefix, f"{CONTROLNET}_{name}")
 
 
+def residual_names(count: int) -> list[str]:
+    """The names of a UNet's `count` ControlNet residuals, in the order the UNet takes them."""
+    return [f"down_residual_{i}" for i in range(count - 1)] + [MID_RESIDUAL] if count else []
+
+
 def control_residuals(geometry: ModelGeometry) -> tuple[TensorSpec, ...]:
     """What a ControlNet adds to the UNet, as diffusers' ControlNetModel gives it: one residual per feature
     map the UNet's down path keeps for its skip connections (its input convolution's, each down block's
@@ -247,7 +252,7 @@ def control_residuals(geometry: ModelGeometry) -> tuple[TensorSpec, ...]:
         if i < len(blocks) - 1:
             maps.append((channels, 2 ** (i + 1)))  # the downsampler's
     mid = (blocks[-1], 2 ** (len(blocks) - 1))
-    names = [f"down_residual_{i}" for i in range(len(maps))] + [MID_RESIDUAL]
+    names = residual_names(len(maps) + 1)
     return tuple(
         TensorSpec(name, np.float32, ("guided_batch", channels, *_scaled_latent_dims(scale)))
         for name, (channels, scale) in zip(names, [*maps, mid], strict=True)
@@ -335,6 +340,7 @@ class PipelineManifest:
     lora_max_rank: int = 0  # TensorRT engines with LoRA branches: the rank per layer they take; 0: any
     # build-engines --controlnet: the ControlNet engines' names; with any, the UNet takes their residuals
     controlnets: tuple[str, ...] = ()
+    controlnet_units: int = 0  # build-engines --controlnet-units: the most units a request may have
 
     def write(self, path: Path) -> None:
         data = {
@@ -348,6 +354,7 @@ class PipelineManifest:
             "prefix": self.prefix,
             "lora_max_rank": self.lora_max_rank,
             "controlnets": list(self.controlnets),
+            "controlnet_units": self.controlnet_units,
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -365,4 +372,5 @@ class PipelineManifest:
             prefix=data.get("prefix", ""),
             lora_max_rank=data.get("lora_max_rank", 0),
             controlnets=tuple(data.get("controlnets", ())),
+            controlnet_units=data.get("controlnet_units", 0),
         )

@@ -143,6 +143,7 @@ class UNetInputs:
     timestep: torch.Tensor  # float32 [rows, 1]: per row, so the UNet's dynamic batcher can merge requests
     text_embeddings: torch.Tensor
     lora: str  # the UNet's LoRA set (python_backend.adapters.encode_set; "" for none)
+    residuals: tuple[torch.Tensor, ...] = ()  # ControlNet's, scaled and summed (python_backend.shapes)
 
 
 class Feature:

@@ -23,6 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.bls import BlsEngines
+from python_backend.control import unit_inputs
 from python_backend.engines import EngineUnavailable
 from python_backend.jobs import JobBoard, job_id_from_input
 from python_backend.metrics import PipelineMetrics
@@ -52,7 +53,10 @@ class TritonPythonModel:
         self.assets = PipelineAssets.load(folder, Path(lora_dir) if lora_dir else None)
         manifest = self.assets.manifest
         lora_engines = (TEXT_ENCODER, UNET) if self.assets.loras is not None else ()
-        self.engines = BlsEngines(manifest.geometry, manifest.device, manifest.prefix, lora_engines)
+        self.engines = BlsEngines(
+            manifest.geometry, manifest.device, manifest.prefix, lora_engines, manifest.controlnets
+        )
+        self.unit_inputs = list(unit_inputs(manifest.controlnet_units))  # controlnet_{i}_{field}
         self.logger = pb_utils.Logger
         self.metrics = PipelineMetrics(pb_utils, config["name"])
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
@@ -105,7 +109,7 @@ class TritonPythonModel:
 
     def _respond(self, request, sender, deadline):
         inputs = {}
-        for name in (*REQUEST_INPUTS, *STREAM_INPUTS, *CONTROL_INPUTS):
+        for name in (*REQUEST_INPUTS, *self.unit_inputs, *STREAM_INPUTS, *CONTROL_INPUTS):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
