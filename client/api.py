@@ -23,6 +23,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.infotext import INPAINTING_FILL_LABELS, format_infotext, save_png
+from python_backend.control import UNIT_FIELDS
 from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS, GenerationRequest
 from python_backend.shapes import LORA_LIBRARY, PIPELINE, stream_model
 
@@ -107,6 +108,45 @@ def _tensor(name: str, value: Any, dtype: type[np.generic]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet unit of a request (python_backend.control.ControlUnit: the server's defaults and
+    checks); None leaves a field to the server's default. `model`: a build-engines --controlnet NAME."""
+
+    model: str
+    image: ImageInput
+    weight: float | None = None
+    guidance_start: float | None = None
+    guidance_end: float | None = None
+    control_mode: str | None = (
+        None  # "Balanced", "My prompt is more important", "ControlNet is more important"
+    )
+    resize_mode: str | None = None  # "Just Resize", "Crop and Resize", "Resize and Fill"
+    module: str | None = None  # the preprocessor: "none" (the image is a control map), "canny", ...
+    processor_res: int | None = None
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    pixel_perfect: bool | None = None
+
+    def inputs(self, index: int) -> list[tuple[str, np.ndarray]]:
+        """The unit's pipeline inputs, `controlnet_{index}_{field}`."""
+        arrays = []
+        for field, dtype in UNIT_FIELDS.items():
+            value = getattr(self, field)
+            if value is None:
+                continue
+            name = f"controlnet_{index}_{field}"
+            if field == "image":
+                arrays.append((name, np.array([image_bytes(value)], dtype=np.object_)))
+            else:
+                arrays.append((name, _tensor(name, value, dtype)))
+        return arrays
+
+
+if {f.name for f in fields(ControlNetUnit)} != set(UNIT_FIELDS):
+    raise ImportError("ControlNetUnit must have one field per unit input (control.UNIT_FIELDS)")
+
+
+@dataclass(frozen=True)
 class GenerateOptions:
     """One generation request, as `StableDiffusionClient.generate` takes it: the pipeline's input table
     (python_backend.request.REQUEST_INPUTS) with the client's names. None leaves an input to the server's
@@ -138,12 +178,14 @@ class GenerateOptions:
     hr_second_pass_steps: int | None = None
     denoising_strength: float | None = None
     clip_skip: int | None = None
+    controlnets: tuple[ControlNetUnit, ...] = ()  # sent as inputs controlnet_{i}_{field}
 
 
 # The client names that differ from the pipeline's input names.
 _INPUT_NAMES = {"steps": "num_inference_steps"}
 # Fails at import when the server's table and GenerateOptions drift apart.
-if {_INPUT_NAMES.get(f.name, f.name) for f in fields(GenerateOptions)} != set(REQUEST_INPUTS):
+_NOT_INPUTS = {"controlnets"}  # options sent as several inputs each
+if {_INPUT_NAMES.get(f.name, f.name) for f in fields(GenerateOptions)} - _NOT_INPUTS != set(REQUEST_INPUTS):
     raise ImportError("GenerateOptions must have one field per pipeline input (request.REQUEST_INPUTS)")
 
 
@@ -197,7 +239,11 @@ def build_request_inputs(request: GenerateOptions) -> list[tuple[str, np.ndarray
         seed = secrets.randbelow(2**32)
     if subseed_strength is not None and (subseed is None or subseed == -1):
         subseed = secrets.randbelow(2**32)
-    values = {_INPUT_NAMES.get(f.name, f.name): getattr(request, f.name) for f in fields(GenerateOptions)}
+    values = {
+        _INPUT_NAMES.get(f.name, f.name): getattr(request, f.name)
+        for f in fields(GenerateOptions)
+        if f.name not in _NOT_INPUTS
+    }
     values.update(
         seed=seed,
         subseed=subseed,
@@ -205,11 +251,12 @@ def build_request_inputs(request: GenerateOptions) -> list[tuple[str, np.ndarray
         mask=None if mask is None else image_bytes(mask),
     )
     # Names, dtypes and order are the server's own table of pipeline inputs.
-    return [
+    arrays = [
         (name, _tensor(name, values[name], dtype))
         for name, dtype in REQUEST_INPUTS.items()
         if values[name] is not None
     ]
+    return arrays + [a for i, unit in enumerate(request.controlnets) for a in unit.inputs(i)]
 
 
 def triton_inputs(triton: ModuleType, arrays: list[tuple[str, np.ndarray]]) -> list[Any]:

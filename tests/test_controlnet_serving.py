@@ -1,0 +1,137 @@
+"""ControlNet served by a real Triton (issue 16): the ControlNet engines and the residual-taking UNet as
+Triton models, units sent as pipeline inputs by the Python client; images as diffusers' ControlNet pipeline
+gives them, concurrent requests with different units (and none) sharing UNet runs, bad units refused naming
+unit and field."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from build_engines import cli as build_cli
+from client import ControlNetUnit, GenerationError, StableDiffusionClient
+from tests.conftest import PROFILE_ARGS
+from tests.parity import max_pixel_diff
+from tests.test_controlnet import PROMPT, SCHEDULER, SEED, SIZE, STEPS, _control_image, _diffusers, _png
+from tests.triton_server import TritonServer
+
+CONCURRENT = 4
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from build_engines.controlnet import write_tiny_controlnet
+
+    folder = tmp_path_factory.mktemp("served-controlnets")
+    return {n: write_tiny_controlnet(folder / n, tiny_checkpoint, s) for n, s in (("canny", 1), ("depth", 2))}
+
+
+@pytest.fixture(scope="module")
+def server(model_repository: Path, tiny_checkpoint: Path, controlnets, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("controlnet-serving") / "repo"
+    shutil.copytree(model_repository, repo)  # the plain exports are reused
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--output",
+        str(repo),
+        *PROFILE_ARGS,
+        "--controlnet-units",
+        "2",
+    ]
+    units = [a for name, path in controlnets.items() for a in ("--controlnet", f"{name}={path}")]
+    serving = ["--max-concurrent-requests", str(CONCURRENT), "--unet-batch-delay", "20"]
+    assert build_cli.main([*args, *units, *serving]) == 0
+    with TritonServer(repo) as running:
+        yield running
+
+
+def _generate(server, *units: ControlNetUnit):
+    client = StableDiffusionClient(server.grpc_url)
+    result = client.generate(
+        PROMPT, width=SIZE, height=SIZE, steps=STEPS, seed=SEED, scheduler=SCHEDULER[0], controlnets=units
+    )
+    return np.stack([np.asarray(image) for image in result.images]), result
+
+
+def _unit(model: str, seed: int, **fields) -> ControlNetUnit:
+    return ControlNetUnit(model, _png(_control_image(seed)), resize_mode="Just Resize", **fields)
+
+
+def test_served_controlnet_matches_diffusers(server, tiny_checkpoint, controlnets):
+    served, result = _generate(server, _unit("canny", 1, weight=0.8))
+    expected = _diffusers(
+        tiny_checkpoint, controlnets, ["canny"], image=_control_image(1), controlnet_conditioning_scale=0.8
+    )
+    assert max_pixel_diff(served, expected) <= 2
+    [unit] = result.info["controlnets"]
+    assert unit["model"] == "canny" and unit["module"] == "none" and unit["weight"] == pytest.approx(0.8)
+
+
+def test_mixed_units_share_unet_runs_and_give_their_solo_images(server):
+    requests = [
+        (),
+        (_unit("canny", 1),),
+        (_unit("canny", 1, weight=0.6), _unit("depth", 2, guidance_end=0.5)),
+        (_unit("depth", 2, weight=0.5, control_mode="ControlNet is more important"),),
+    ]
+    solo = [_generate(server, *units)[0] for units in requests]
+    assert len({image.tobytes() for image in solo}) == len(requests)
+
+    def unet():
+        return (
+            grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("unet").model_stats[0]
+        )
+
+    before = unet()
+    results: list[np.ndarray | None] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = _generate(server, *requests[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    after = unet()
+    calls = after.inference_stats.success.count - before.inference_stats.success.count
+    runs = after.execution_count - before.execution_count
+    assert calls == len(requests) * STEPS
+    assert runs < calls, (runs, calls)  # runs carried rows of different units, and rows with none
+    for i, image in enumerate(results):
+        assert image is not None, f"request {i} did not finish"
+        assert max_pixel_diff(image, solo[i]) <= 1, i
+
+
+@pytest.mark.parametrize(
+    ("units", "message"),
+    [
+        (
+            (ControlNetUnit("openpose", _png(_control_image(1))),),
+            "controlnet_0_model: unknown ControlNet 'openpose'",
+        ),
+        ((ControlNetUnit("canny", b"not an image"),), "controlnet_0_image: "),
+        ((_unit("canny", 1, weight=float("inf")),), "controlnet_0_weight: must be in 0..2.0"),
+        ((_unit("canny", 1, guidance_start=0.9, guidance_end=0.1),), "controlnet_0_guidance_start: "),
+        ((_unit("canny", 1, module="depth_midas"),), "controlnet_0_module: "),
+        # built for 2 units: Triton refuses the third's inputs, naming one
+        (
+            (_unit("canny", 1), _unit("canny", 1), _unit("canny", 1)),
+            "unexpected inference input 'controlnet_2_",
+        ),
+    ],
+)
+def test_bad_units_are_invalid_arguments_naming_unit_and_field(server, units, message):
+    with pytest.raises(GenerationError) as refused:
+        _generate(server, *units)
+    assert refused.value.is_invalid_argument, refused.value
+    assert message in str(refused.value)
+    _generate(server)  # and the server still serves
