@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from client.infotext import INPAINTING_FILL_LABELS, format_infotext, save_png
+from client.infotext import INPAINTING_FILL_LABELS, controlnet_params, format_infotext, save_png
 from python_backend.control import UNIT_FIELDS
 from python_backend.request import BINARY_INPUTS, REQUEST_INPUTS, GenerationRequest
 from python_backend.shapes import LORA_LIBRARY, PIPELINE, stream_model
@@ -350,6 +350,7 @@ class GenerationResult:
                     "Clip skip": info.get("clip_skip"),  # the server reports it only when > 1, as A1111
                     **_inpainting_params(info),
                     **_hires_params(info),
+                    **controlnet_params(info.get("controlnets", [])),
                     **(extra or {}),
                 },
             )

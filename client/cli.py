@@ -17,6 +17,7 @@ from typing import Any
 from client.api import (
     DEFAULT_URLS,
     HIRES_OPTIONS,
+    ControlNetUnit,
     GenerationError,
     GenerationResult,
     StableDiffusionClient,
@@ -24,6 +25,7 @@ from client.api import (
 )
 from client.grid import PARAMS, Axis, parse_axis, sweep
 from client.infotext import read_infotext, request_from_infotext
+from python_backend.control import CONTROL_MODES
 from python_backend.shapes import PIPELINE
 
 EXIT_FAILURE = 1
@@ -137,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="A1111's Clip skip: 1 = CLIP's last layer, 2 = the penultimate (default: server default, 1)",
+    )
+    request.add_argument(
+        "--controlnet",
+        dest="controlnet_specs",
+        action="append",
+        default=[],
+        metavar="MODEL:IMAGE[:WEIGHT[:START:END[:MODE]]]",
+        help="a ControlNet unit (repeatable): a ControlNet the server was built with (build-engines "
+        "--controlnet), a control map image file, its weight (0..2), the share of the steps it acts from and "
+        "to (0..1), and its control mode (0 Balanced, 1 My prompt is more important, 2 ControlNet is more "
+        "important); with --infotext, settings the PNG records for the same unit fill in the rest",
     )
     request.add_argument(
         "--infotext",
@@ -350,6 +363,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     Raises UsageError for an unreadable --infotext, --image or --mask file and for a missing prompt.
     """
     request = {name: getattr(args, name) for name in REQUEST_ARGS if hasattr(args, name)}
+    settings: list[dict[str, Any]] = []  # the ControlNet units' the infotext records
     if args.infotext is not None:
         try:
             text = read_infotext(args.infotext)
@@ -361,6 +375,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             recorded = request_from_infotext(text)
         except ValueError as exc:
             raise UsageError(f"--infotext: {args.infotext}: {exc}") from None
+        settings = recorded.pop("controlnet_settings", [])
         if getattr(args, "image", None) is None:
             recorded.pop("strength", None)  # an img2img strength, meaningless without an image
         if getattr(args, "image", None) is not None or getattr(args, "enable_hr", None) is False:
@@ -369,6 +384,10 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         for name, value in recorded.items():
             if name in request and request[name] is None:
                 request[name] = value
+    if specs := getattr(args, "controlnet_specs", []):
+        request["controlnets"] = tuple(
+            _controlnet_unit(spec, settings[i] if i < len(settings) else {}) for i, spec in enumerate(specs)
+        )
     if request["prompt"] is None:
         raise UsageError("a PROMPT is required (or --infotext FILE.png to take it from)")
     for name in ("image", "mask"):
@@ -378,6 +397,30 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             except OSError as exc:
                 raise UsageError(f"--{name}: cannot read {path}: {exc.strerror or exc}") from None
     return request
+
+
+def _controlnet_unit(spec: str, recorded: dict[str, Any]) -> ControlNetUnit:
+    """A --controlnet MODEL:IMAGE[:WEIGHT[:START:END[:MODE]]] unit, over the settings an infotext recorded."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 6 or len(parts) == 4 or not parts[0] or not parts[1]:
+        raise UsageError(f"--controlnet: expected MODEL:IMAGE[:WEIGHT[:START:END[:MODE]]], got {spec!r}")
+    model, path, *rest = parts
+    try:
+        image = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--controlnet: cannot read {path}: {exc.strerror or exc}") from None
+    fields: dict[str, Any] = {k: v for k, v in recorded.items() if k != "model"}
+    try:
+        if rest:
+            fields["weight"] = float(rest[0])
+        if len(rest) >= 3:
+            fields["guidance_start"], fields["guidance_end"] = float(rest[1]), float(rest[2])
+    except ValueError:
+        raise UsageError(f"--controlnet: WEIGHT, START and END must be numbers, got {spec!r}") from None
+    if len(rest) == 4:
+        modes = {str(i): mode for i, mode in enumerate(CONTROL_MODES)}
+        fields["control_mode"] = modes.get(rest[3], rest[3])
+    return ControlNetUnit(model, image, **fields)
 
 
 def format_model_table(pipelines: dict[str, dict[str, str]]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +58,57 @@ INPAINTING_FILL_LABELS = {
 _FILLS_BY_LABEL = {label: name for name, label in INPAINTING_FILL_LABELS.items()}
 # A1111's "Inpaint area" choices, as `inpaint_full_res`.
 _INPAINT_AREAS = {"Whole picture": False, "Only masked": True}
+
+
+# A ControlNet unit's settings in its `ControlNet N` param, as sd-webui-controlnet writes them: label →
+# (the unit's field, its type). The value is itself a `Key: value, ...` list, quoted.
+def _flag(text: str) -> bool:
+    return text == "True"
+
+
+CONTROLNET_LABELS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "Module": ("module", str),
+    "Model": ("model", str),
+    "Weight": ("weight", float),
+    "Resize Mode": ("resize_mode", str),
+    "Processor Res": ("processor_res", int),
+    "Threshold A": ("threshold_a", float),
+    "Threshold B": ("threshold_b", float),
+    "Guidance Start": ("guidance_start", float),
+    "Guidance End": ("guidance_end", float),
+    "Pixel Perfect": ("pixel_perfect", _flag),
+    "Control Mode": ("control_mode", str),
+}
+_CONTROLNET_PARAM = re.compile(r"ControlNet (\d+)")
+
+
+def controlnet_params(units: list[Mapping[str, Any]]) -> dict[str, str]:
+    """The `ControlNet N` params of a response's units (its info's `controlnets`)."""
+    return {
+        f"ControlNet {i}": ", ".join(
+            f"{label}: {unit[field]}" for label, (field, _) in CONTROLNET_LABELS.items() if field in unit
+        )
+        for i, unit in enumerate(units)
+    }
+
+
+def _controlnet_settings(params: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The units' settings from `ControlNet N` params, in N order; ValueError names a bad one."""
+    units: dict[int, dict[str, Any]] = {}
+    for key, value in params.items():
+        match = _CONTROLNET_PARAM.fullmatch(key)
+        if match is None:
+            continue
+        settings: dict[str, Any] = {}
+        for label, text in _PARAM.findall(value):
+            if label in CONTROLNET_LABELS:
+                field, kind = CONTROLNET_LABELS[label]
+                try:
+                    settings[field] = kind(unquote(text).strip())
+                except ValueError:
+                    raise ValueError(f"{key}: {label}: cannot read {text!r}") from None
+        units[int(match[1])] = settings
+    return [units[i] for i in sorted(units)]
 
 
 def quote(value: str) -> str:
@@ -122,7 +173,8 @@ def request_from_infotext(text: str) -> dict[str, Any]:
     padding), subseed and subseed_strength (Variation seed, Variation seed strength) it holds. Hires params
     (Hires upscale or a uniform Hires resize, Hires steps, Hires upscaler) make it enable_hr with hr_scale,
     hr_second_pass_steps and hr_upscaler, and Denoising strength its denoising_strength, as A1111's txt2img
-    reads them. A param that doesn't read as its type or choices raises ValueError naming it.
+    reads them. `ControlNet N` params give `controlnet_settings`, each unit's settings without its image.
+    A param that doesn't read as its type or choices raises ValueError naming it.
     """
     prompt, negative_prompt, params = parse_infotext(text)
     request: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt}
@@ -149,6 +201,8 @@ def request_from_infotext(text: str) -> dict[str, Any]:
         request["inpainting_fill"] = _choice(params, "Masked content", _FILLS_BY_LABEL)
     if "Inpaint area" in params:
         request["inpaint_full_res"] = _choice(params, "Inpaint area", _INPAINT_AREAS)
+    if controlnets := _controlnet_settings(params):
+        request["controlnet_settings"] = controlnets  # no images: the caller pairs them with its units
     if any(key in params for key in _HIRES_PARAMS):
         request["enable_hr"] = True
         if "Hires upscaler" in params:

@@ -25,7 +25,9 @@ from client import (
 )
 from client.api import (
     HIRES_OPTIONS,
+    GenerateOptions,
     build_inputs,
+    build_request_inputs,
     decode_response,
     error_from_exception,
     next_sequence_number,
@@ -1052,3 +1054,55 @@ def test_sweep_reuses_the_first_variation_seed_reported() -> None:
     calls.clear()
     sweep(generate, {"prompt": "p", "seed": 1, "subseed": 7}, axis)
     assert [c["subseed"] for c in calls] == [7, 7, 7]
+
+
+def test_controlnet_units_from_the_command_line_over_the_infotexts(tmp_path: Path) -> None:
+    from client import ControlNetUnit
+    from client.cli import UsageError
+
+    control = tmp_path / "edges.png"
+    Image.new("RGB", (64, 64)).save(control)
+    recorded = {
+        "module": "canny",
+        "model": "edges",
+        "weight": 0.5,
+        "resize_mode": "Resize and Fill",
+        "processor_res": 256,
+        "threshold_a": 50.0,
+        "threshold_b": 150.0,
+        "guidance_start": 0.0,
+        "guidance_end": 1.0,
+        "pixel_perfect": True,
+        "control_mode": "Balanced",
+    }
+    info = {"prompt": "a house", "seeds": [7], "steps": 4, "controlnets": [recorded]}
+    png = tmp_path / "recorded.png"
+    result = GenerationResult([Image.new("RGB", (64, 64))], info)
+    save_png(result.images[0], png, result.infotexts()[0])
+    assert (
+        'ControlNet 0: "Module: canny, Model: edges, Weight: 0.5, Resize Mode: Resize and Fill'
+        in read_infotext(png)
+    )
+
+    request = _request("generate", "--infotext", str(png), "--controlnet", f"canny:{control}:0.8:0.1:0.9:2")
+    [unit] = request["controlnets"]
+    assert unit == ControlNetUnit(
+        "canny",
+        control.read_bytes(),
+        weight=0.8,
+        guidance_start=0.1,
+        guidance_end=0.9,
+        control_mode="ControlNet is more important",
+        module="canny",
+        resize_mode="Resize and Fill",
+        processor_res=256,
+        threshold_a=50.0,
+        threshold_b=150.0,
+        pixel_perfect=True,
+    )  # the command line's model, weight, window and mode; the rest as recorded
+    inputs = dict(build_request_inputs(GenerateOptions("a house", controlnets=(unit,))))
+    assert inputs["controlnet_0_control_mode"][0] == b"ControlNet is more important"
+    assert request_from_inputs(inputs).controlnets[0].weight == pytest.approx(0.8)
+    for bad in ("canny", f"canny:{control}:x", f"canny:{control}:1:0", f"canny:{tmp_path / 'missing.png'}"):
+        with pytest.raises(UsageError, match="--controlnet"):
+            _request("generate", "a house", "--controlnet", bad)
