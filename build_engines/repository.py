@@ -185,6 +185,8 @@ def pipeline_config(
         checkpoint: dict[str, Any] = {"model": manifest.model_name, "model_hash": manifest.model_hash}
         if manifest.vae_name:
             checkpoint.update(vae=manifest.vae_name, vae_hash=manifest.vae_hash)
+        if manifest.controlnets:
+            checkpoint["controlnets"] = list(manifest.controlnets)
         if token_table:
             width = manifest.geometry.text_hidden_size
             checkpoint["embeddings"] = {

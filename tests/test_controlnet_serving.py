@@ -135,3 +135,54 @@ def test_bad_units_are_invalid_arguments_naming_unit_and_field(server, units, me
     assert refused.value.is_invalid_argument, refused.value
     assert message in str(refused.value)
     _generate(server)  # and the server still serves
+
+
+def test_the_gateway_takes_the_extensions_units_and_lists_models_and_modules(server):
+    import requests
+    import webuiapi
+
+    from services.gateway.app import GatewayConfig
+    from tests.test_gateway import running_gateway
+
+    with running_gateway(GatewayConfig(triton_url=server.grpc_url)) as gateway:
+        assert requests.get(f"{gateway}/controlnet/model_list", timeout=30).json() == {
+            "model_list": ["canny", "depth"]
+        }
+        modules = requests.get(f"{gateway}/controlnet/module_list", timeout=30).json()["module_list"]
+        assert {"none", "canny", "invert"} <= set(modules)
+        host, port = gateway.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+        # As A1111's clients name a model: its title, with the file's hash.
+        unit = webuiapi.ControlNetUnit(
+            image=_control_image(1), model="canny [0123abcd]", weight=0.8, resize_mode="Just Resize"
+        )
+        result = api.txt2img(
+            prompt=PROMPT,
+            width=SIZE,
+            height=SIZE,
+            steps=STEPS,
+            seed=SEED,
+            sampler_name=SCHEDULER[0],
+            cfg_scale=7.5,
+            controlnet_units=[unit],
+        )
+        direct, _ = _generate(
+            server, _unit("canny", 1, weight=0.8, processor_res=512, threshold_a=64, threshold_b=64)
+        )
+        assert np.array_equal(np.asarray(result.image.convert("RGB")), direct[0])
+        assert 'ControlNet 0: "Module: none, Model: canny, Weight: 0.8' in result.info["infotexts"][0]
+        bad = webuiapi.ControlNetUnit(image=_control_image(1), model="openpose")
+        response = requests.post(
+            f"{gateway}/sdapi/v1/txt2img",
+            json={
+                "prompt": PROMPT,
+                "width": SIZE,
+                "height": SIZE,
+                "alwayson_scripts": {"controlnet": {"args": [bad.to_dict()]}},
+            },
+            timeout=120,
+        )
+        assert (
+            response.status_code == 422
+            and "controlnet_0_model: unknown ControlNet 'openpose'" in response.text
+        )

@@ -108,10 +108,16 @@ def test_img2img_plan_and_field_errors():
 
 def test_unsupported_fields_are_warnings():
     req = Txt2ImgRequest.model_validate(
-        {"restore_faces": True, "tiling": True, "styles": ["s"], "alwayson_scripts": {"ControlNet": {}}}
+        {
+            "restore_faces": True,
+            "tiling": True,
+            "styles": ["s"],
+            "alwayson_scripts": {"ControlNet": {}, "ADetailer": {"args": [False]}},
+        }
     )
     warnings = translate.plan_generation(req, [CHECKPOINT], CHECKPOINT, {}).warnings
-    assert len(warnings) == 4
+    assert len(warnings) == 4  # ControlNet with no units is no warning: the gateway takes its units
+    assert "ignored alwayson_scripts ['ADetailer']" in warnings[-1]
 
 
 def test_api_auth_argument():
@@ -146,3 +152,57 @@ def test_api_auth_argument():
 def test_triton_errors_as_http_statuses(message, status, http, detail):
     error = _error_for(GenerationError(message, status))
     assert error.status == http and error.detail.startswith(detail)
+
+
+def test_controlnet_units_as_the_extensions_api_sends_them():
+    import base64
+
+    from services.gateway.translate import controlnet_units
+
+    png = base64.b64encode(b"\x89PNG...").decode()
+    warnings: list[str] = []
+    scripts = {
+        "ControlNet": {
+            "args": [
+                {"enabled": False, "image": png, "model": "depth"},  # disabled: left out
+                {
+                    "image": {"image": png, "mask": png},
+                    "model": "canny [d14c016b]",
+                    "control_mode": 2,
+                    "resize_mode": 0,
+                },
+                {
+                    "input_image": f"data:image/png;base64,{png}",
+                    "model": "depth",
+                    "module": "canny",
+                    "weight": 0.4,
+                    "control_mode": "My prompt is more important",
+                    "pixel_perfect": True,
+                    "low_vram": True,
+                },
+            ]
+        }
+    }
+    first, second = controlnet_units(scripts, warnings)
+    assert (first.model, first.control_mode, first.resize_mode, first.module) == (
+        "canny",
+        "ControlNet is more important",
+        "Just Resize",
+        "none",
+    )
+    assert first.image == second.image == b"\x89PNG..."
+    assert (second.model, second.module, second.weight, second.pixel_perfect) == ("depth", "canny", 0.4, True)
+    assert warnings == ["alwayson_scripts.ControlNet.args[1]: a unit's mask is not supported; ignored"]
+    assert controlnet_units({"ADetailer": {"args": []}}, []) == ()
+    for bad, field in (
+        ({"controlnet": {"args": {}}}, "alwayson_scripts.ControlNet.args"),
+        ({"controlnet": {"args": ["x"]}}, "alwayson_scripts.ControlNet.args[0]"),
+        ({"controlnet": {"args": [{"model": "canny"}]}}, "alwayson_scripts.ControlNet.args[0].image"),
+        (
+            {"controlnet": {"args": [{"image": png, "control_mode": 5}]}},
+            "alwayson_scripts.ControlNet.args[0].control_mode",
+        ),
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            controlnet_units(bad, [])
+        assert refused.value.field == field

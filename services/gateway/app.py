@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from client.api import CONTROL_MODEL, GenerationError, GenerationResult, StableDiffusionClient
 from client.infotext import PNG_KEY
+from python_backend import control_images
 from python_backend.request import InvalidInput
 from python_backend.shapes import PIPELINE
 from services.gateway import translate
@@ -472,6 +473,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
     def refresh_loras() -> None:
         """Scans the server's LoRA folder again (prompts naming a new file find it without this)."""
         state.loras(refresh=True)
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models() -> dict[str, Any]:
+        """The current checkpoint's ControlNets (build-engines --controlnet), as sd-webui-controlnet lists
+        its models."""
+        _, current = state.checkpoints()
+        return {"model_list": list(current.controlnets)}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
+        """The preprocessors the server runs (those needing no model weights), as the extension lists them."""
+        return control_images.module_list(alias_names)
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, Any]:

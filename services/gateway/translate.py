@@ -20,9 +20,10 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from client.api import GenerateOptions, GenerationResult
+from client.api import ControlNetUnit, GenerateOptions, GenerationResult
 from client.infotext import save_png
 from python_backend import schedulers
+from python_backend.control import CONTROL_MODES
 from python_backend.request import InvalidInput
 from python_backend.shapes import PIPELINE
 from services.gateway.models import Img2ImgRequest, Txt2ImgRequest
@@ -71,6 +72,9 @@ class Checkpoint:
     vae: str = ""  # the VAE it was built with (build-engines --vae); "" for its own
     # Textual inversions its text encoder knows (build-engines --embeddings): name → {vectors, shape, hash}.
     embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    controlnets: list[str] = field(
+        default_factory=list
+    )  # its ControlNet engines (build-engines --controlnet)
 
     @classmethod
     def from_parameter(cls, pipeline: str, found: dict[str, Any]) -> Checkpoint:
@@ -81,6 +85,7 @@ class Checkpoint:
             pipeline,
             str(found.get("vae", "")),
             dict(found.get("embeddings", {})),
+            [str(name) for name in found.get("controlnets", [])],
         )
 
     @property
@@ -137,6 +142,65 @@ def decode_image(value: str, field: str) -> bytes:
         raise InvalidInput(field, f"not base64: {exc}") from None
 
 
+CONTROLNET_SCRIPT = "controlnet"  # A1111 matches alwayson_scripts keys to script titles case-insensitively
+# The extension's resize modes by their API index.
+CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+_MODEL_HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # "control_v11p_sd15_canny [d14c016b]"
+
+
+def controlnet_units(scripts: dict[str, Any], warnings: list[str]) -> tuple[ControlNetUnit, ...]:
+    """The enabled units of an `alwayson_scripts.ControlNet.args` list, as sd-webui-controlnet's API takes
+    them (webuiapi's ControlNetUnit.to_dict and the extension's examples); InvalidInput names a bad one."""
+    script = next((v for k, v in scripts.items() if k.lower() == CONTROLNET_SCRIPT), None)
+    if script is None:
+        return ()
+    # webuiapi sends {"args": []} when the server lists ControlNet among its scripts: no units.
+    args = script.get("args", []) if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise InvalidInput("alwayson_scripts.ControlNet.args", "expected a list of ControlNet units")
+    units = []
+    for i, unit in enumerate(args):
+        where = f"alwayson_scripts.ControlNet.args[{i}]"
+        if not isinstance(unit, dict):
+            raise InvalidInput(where, f"expected a ControlNet unit (an object), got {type(unit).__name__}")
+        if not unit.get("enabled", True):
+            continue
+        image = unit.get("image", unit.get("input_image"))
+        if isinstance(image, dict):  # {"image": ..., "mask": ...}
+            if image.get("mask"):
+                warnings.append(f"{where}: a unit's mask is not supported; ignored")
+            image = image.get("image")
+        if not image:
+            raise InvalidInput(f"{where}.image", "a unit needs a control image (base64 or data: URL)")
+        fields: dict[str, Any] = {}
+        for name in (
+            "weight",
+            "guidance_start",
+            "guidance_end",
+            "processor_res",
+            "threshold_a",
+            "threshold_b",
+        ):
+            if unit.get(name) is not None:
+                fields[name] = unit[name]
+        for name, choices in (("control_mode", CONTROL_MODES), ("resize_mode", CONTROL_RESIZE_MODES)):
+            value = unit.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if not 0 <= value < len(choices):
+                    raise InvalidInput(
+                        f"{where}.{name}", f"must be 0..{len(choices) - 1} or a name, got {value}"
+                    )
+                value = choices[value]
+            if value is not None:
+                fields[name] = str(value)
+        if unit.get("pixel_perfect") is not None:
+            fields["pixel_perfect"] = bool(unit["pixel_perfect"])
+        model = _MODEL_HASH.sub("", str(unit.get("model") or ""))
+        module = str(unit.get("module") or "none")
+        units.append(ControlNetUnit(model, decode_image(image, f"{where}.image"), module=module, **fields))
+    return tuple(units)
+
+
 def resolve_sampler(
     sampler_name: str | None, scheduler: str | None, warnings: list[str]
 ) -> tuple[str | None, str]:
@@ -191,8 +255,9 @@ def _unsupported(req: Txt2ImgRequest, options: dict[str, Any], warnings: list[st
         warnings.append(f"styles are not supported; ignored {req.styles}")
     if req.script_name:
         warnings.append(f"scripts are not supported; ignored script_name {req.script_name!r}")
-    if req.alwayson_scripts:
-        warnings.append(f"scripts are not supported; ignored alwayson_scripts {sorted(req.alwayson_scripts)}")
+    others = sorted(name for name in req.alwayson_scripts or {} if name.lower() != CONTROLNET_SCRIPT)
+    if others:
+        warnings.append(f"scripts are not supported; ignored alwayson_scripts {others}")
     if req.refiner_checkpoint:
         warnings.append("refiner_checkpoint is not supported; ignored")
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
@@ -263,6 +328,8 @@ def plan_generation(
         common.update(_img2img_inputs(req, warnings))
     else:
         common.update(_hires_inputs(req, warnings))
+    if units := controlnet_units(req.alwayson_scripts or {}, warnings):
+        common["controlnets"] = units
 
     for name in ("prompt", "negative_prompt", "hr_upscaler"):
         # JSON may carry lone surrogates ("\ud800"): Python takes them, UTF-8 (Triton's BYTES) cannot.
