@@ -126,3 +126,68 @@ def test_residual_cost_benchmark_reports_every_variant(tiny_checkpoint, tmp_path
     [diff] = re.findall(r"\(b\)'s output vs \(a\)'s: max abs difference (\S+)", text)
     assert float(diff) == 0.0  # zero residuals: the plain graph's output
     assert np.isfinite(float(re.findall(r"residual inputs per call: (\S+) MiB", text)[0]))
+
+
+def test_tensorrt_build_makes_controlnet_plans_and_a_residual_unet_plan(
+    tiny_checkpoint, tiny_controlnet, tmp_path, monkeypatch
+):
+    """Against the ONNX-backed stand-in for TensorRT (tests/test_tensorrt_lora.py): every residual axis gets
+    a profile range, the ControlNet is a tensorrt_plan model batched like the UNet, and the plans run."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from build_engines import cli as build_cli
+    from build_engines import repository
+    from build_engines import tensorrt_engine as te
+    from python_backend.trt_sessions import TensorRTPlan
+    from tests.conftest import PROFILE_ARGS
+    from tests.test_tensorrt_engine import H100
+    from tests.test_tensorrt_lora import OnnxBackedTensorRT
+
+    monkeypatch.setitem(sys.modules, "tensorrt", OnnxBackedTensorRT())
+    monkeypatch.setattr(te, "gpu_identity", lambda: H100)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    repo = tmp_path / "repo"
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--output",
+        str(repo),
+        *PROFILE_ARGS,
+        "--target",
+        "tensorrt",
+    ]
+    assert (
+        build_cli.main(
+            [*args, "--controlnet", f"canny={tiny_controlnet}", "--timing-cache", str(tmp_path / "tc")]
+        )
+        == 0
+    )
+
+    config = repository.read_config(repo / "controlnet_canny")
+    assert config.platform == "tensorrt_plan" and config.HasField("dynamic_batching")
+    assert [o.name for o in config.output] == [
+        t.name for t in control_residuals(read_geometry(tiny_checkpoint))
+    ]
+    record = te.read_plan_record(repo / "unet" / "1" / "model.plan.json")
+    ranges = Profile.square(64, 256, 256, max_batch=4).axis_ranges()  # PROFILE_ARGS
+    assert record.profiles[0]["mid_residual"]["max"][2:] == [
+        ranges["latent_height_8"][2],
+        ranges["latent_width_8"][2],
+    ]
+    assert (
+        record.precision
+        == te.read_plan_record(repo / "controlnet_canny" / "1" / "model.plan.json").precision
+        == "fp16"
+    )
+
+    geometry = read_geometry(tiny_checkpoint)
+    inputs = sample_inputs(controlnet_spec(geometry), {**CHECK_SIZES, "text_sequence": 77})
+    net = TensorRTPlan(repo / "controlnet_canny" / "1" / "model.plan", torch.device("cpu"))
+    residuals = net.run(inputs)
+    unet = TensorRTPlan(repo / "unet" / "1" / "model.plan", torch.device("cpu"))
+    unet_inputs = {k: inputs[k] for k in ("sample", "timestep", "encoder_hidden_states")}
+    [noise] = unet.run({**unet_inputs, **dict(zip(net.outputs, residuals, strict=True))})
+    assert (
+        noise.shape == inputs["sample"].shape
+        and mc.ModelInstanceGroup.KIND_GPU == config.instance_group[0].kind
+    )
