@@ -191,6 +191,47 @@ def test_img2img_with_a_controlnet(core, tiny_checkpoint, controlnets):
     assert max_pixel_diff(ours, expected) <= 2
 
 
+def test_inpainting_with_a_controlnet(core, tiny_checkpoint, controlnets):
+    from tests.parity import smooth_picture
+    from tests.test_inpainting import _mask
+
+    picture, mask = smooth_picture(SIZE, SIZE), _mask(SIZE, SIZE, (16, 16, 48, 48))
+    fields = {"image": _png(picture), "mask": _png(mask), "mask_blur": 0, "strength": 0.8}
+    ours = _ours(core, [_unit("canny", 1, weight=0.9)], **fields)
+    nets = diffusers.ControlNetModel.from_pretrained(controlnets["canny"])
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        tiny_checkpoint, controlnet=nets, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, SCHEDULER[1]).from_config(pipe.scheduler.config)
+    expected = pipe(
+        PROMPT,
+        image=picture,
+        mask_image=mask,
+        control_image=_control_image(1),
+        strength=0.8,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        controlnet_conditioning_scale=0.9,
+        width=SIZE,
+        height=SIZE,
+        generator=[torch.Generator("cpu").manual_seed(SEED)],
+        output_type="np",
+    ).images
+    assert max_pixel_diff(ours, (expected * 255).round().astype(np.uint8)) <= 2
+
+
+def test_the_hires_fix_second_pass_is_controlled_at_its_own_size(core):
+    """The extension applies a unit to both passes; the second pass's map is made at its size (a map of the
+    first pass's size would not fit the ControlNet's latent)."""
+    fields = {"enable_hr": True, "hr_scale": 2.0, "denoising_strength": 0.6}
+    plain = _ours(core, [], **fields)
+    controlled = _ours(core, [_unit("canny", 1)], **fields)
+    first_only = _ours(core, [_unit("canny", 1)])
+    assert controlled.shape == (1, 2 * SIZE, 2 * SIZE, 3) and max_pixel_diff(controlled, plain) > 2
+    assert first_only.shape == (1, SIZE, SIZE, 3)
+
+
 def test_a_request_without_units_is_the_plain_image(core, model_repository, assets, engines):
     """On a UNet that takes residuals, zeros: the image of the repository without ControlNets."""
     request = GenerationRequest(
