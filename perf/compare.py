@@ -1,12 +1,14 @@
 """Compare diffusers eager, our core in-process and our pipeline served by Triton: one run, one machine.
 
     python -m perf.compare --checkpoint DIR [--size 64] [--steps 4] [--repeats 3] [--out perf/results/NAME.md]
+                           [--loras 0,1,3 [--lora-rank 16]]
 
 Builds (or reuses: build-engines skips finished exports) the ONNX model repository of the checkpoint in a
 work folder, then times the same request (prompt, seed, size, steps, scheduler, guidance) on each
 contestant: one warm-up call each, then `--repeats` rounds of one timed call per contestant (interleaved);
 the median is reported. The images of our pipeline must equal diffusers' within 2/255 per pixel, else the
-exit code is 1 (the report is still written). See perf/README.md.
+exit code is 1 (the report is still written). `--loras` measures LoRA requests instead (perf/compare_lora.py).
+See perf/README.md.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from build_engines.tiny_checkpoint import component_configs
 from python_backend.request import GenerationRequest
 from services.serve import default_cache_dir, free_ports
+
+if TYPE_CHECKING:
+    from client import StableDiffusionClient
 
 TOLERANCE = 2  # max per-pixel difference (uint8) from diffusers' image, as the parity tests
 REFERENCE = "a"
@@ -187,48 +192,67 @@ def served(s: Settings, repo: Path, stack: contextlib.ExitStack) -> Measurement:
     """(c) the same repository served by tritonserver (BLS pipeline + python-backend engines), over gRPC.
     The server runs until `stack` closes."""
     from client import StableDiffusionClient
-    from services.serve import ServeOptions, TritonProcess
+
+    url, pid = start_server(repo, stack)
+    client = stack.enter_context(StableDiffusionClient(url))
+
+    def many(clients: int, first_seed: int) -> None:
+        served_many(url, s, [s.prompt] * clients, first_seed)
+
+    return Measurement(
+        "c", "ours served (Triton, gRPC)", lambda: served_call(client, s, s.prompt), server_pid=pid, many=many
+    )
+
+
+def start_server(repo: Path, stack: contextlib.ExitStack, lora_dir: Path | None = None) -> tuple[str, int]:
+    """tritonserver serving `repo` on free ports until `stack` closes: its gRPC address and its pid."""
+    from services.serve import ServeOptions, TritonCommand, TritonProcess, prepare_tritonserver
 
     http_port, grpc_port, metrics_port = free_ports(3)
     options = ServeOptions(
-        repo.resolve(), http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+        repo.resolve(),
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        lora_dir=lora_dir.resolve() if lora_dir else None,
     )
-    server = stack.enter_context(TritonProcess(options, echo_log=False))
+    command = prepare_tritonserver()  # with what its models read from the environment, as sd-serve's
+    env = {**(command.env or os.environ), **options.environment()}
+    command = TritonCommand(command.executable, command.args, env)
+    server = stack.enter_context(TritonProcess(options, command, echo_log=False))
     server.wait_ready(timeout=900)
-    client = stack.enter_context(StableDiffusionClient(f"127.0.0.1:{grpc_port}"))
-    request = _request(s)
+    assert server.pid is not None
+    return f"127.0.0.1:{grpc_port}", server.pid
 
-    def call() -> np.ndarray:
-        result = client.generate(
-            request.prompt,
-            steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            seed=request.seed,
-            scheduler=request.scheduler,
-            width=request.width,
-            height=request.height,
-        )
-        return np.stack([np.asarray(image) for image in result.images])
 
-    def many(clients: int, first_seed: int) -> None:
-        """`clients` requests at once, one per thread and gRPC channel, seeds first_seed, first_seed+1, ..."""
+def served_call(
+    client: StableDiffusionClient, s: Settings, prompt: str, seed: int | None = None
+) -> np.ndarray:
+    """The settings' request with `prompt` (and `seed`, default the settings') from the server: uint8
+    images."""
+    result = client.generate(
+        prompt,
+        steps=s.steps,
+        guidance_scale=s.guidance,
+        seed=s.seed if seed is None else seed,
+        scheduler=s.scheduler,
+        width=s.size,
+        height=s.size,
+    )
+    return np.stack([np.asarray(image) for image in result.images])
 
-        def one(seed: int) -> None:
-            with StableDiffusionClient(f"127.0.0.1:{grpc_port}") as own:
-                own.generate(
-                    request.prompt,
-                    steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale,
-                    seed=seed,
-                    scheduler=request.scheduler,
-                    width=request.width,
-                    height=request.height,
-                )
 
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            list(pool.map(one, range(first_seed, first_seed + clients)))
+def served_many(url: str, s: Settings, prompts: list[str], first_seed: int) -> None:
+    """One request per prompt, all at once, one thread and gRPC channel each; seeds first_seed, +1, ..."""
 
-    return Measurement("c", "ours served (Triton, gRPC)", call, server_pid=server.pid, many=many)
+    from client import StableDiffusionClient
+
+    def one(i: int) -> None:
+        with StableDiffusionClient(url) as own:
+            served_call(own, s, prompts[i], first_seed + i)
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(one, range(len(prompts))))
 
 
 def optimum_ort(s: Settings) -> Measurement:
@@ -252,11 +276,12 @@ def optimum_ort(s: Settings) -> Measurement:
 # Helpers
 
 
-def build_repository(checkpoint: Path, work_dir: Path) -> Path:
+def build_repository(checkpoint: Path, work_dir: Path, name: str = "repository", *build_args: str) -> Path:
+    """work_dir/name, built by build-engines from the checkpoint with `build_args` (reusing exports)."""
     from build_engines import cli
 
-    repo = work_dir / "repository"
-    if cli.main(["--checkpoint", str(checkpoint), "--output", str(repo)]) != 0:
+    repo = work_dir / name
+    if cli.main(["--checkpoint", str(checkpoint), "--output", str(repo), *build_args]) != 0:
         sys.exit("perf.compare: build-engines failed")
     return repo
 
@@ -513,8 +538,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="where the model repository is built (default: a cache folder per checkpoint)",
     )
+    parser.add_argument(
+        "--loras",
+        type=_lora_counts,
+        help="LoRA mode (perf/compare_lora.py): these LoRA counts per request, e.g. 0,1,3, served "
+        "(repository built with --lora) vs diffusers with the same LoRAs fused, and served throughput with "
+        "shared vs mixed LoRA sets; instead of the contestants above",
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=16, help="rank of the random LoRA files of --loras (default 16)"
+    )
     parser.add_argument("--out", type=Path, help="write the report here as Markdown")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.lora_rank < 1:
+        parser.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    return args
+
+
+def _lora_counts(text: str) -> list[int]:
+    from perf.compare_lora import parse_counts
+
+    try:
+        return parse_counts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     digest = hashlib.sha256(str(checkpoint).encode()).hexdigest()[:8]
     work_dir = args.work_dir or default_cache_dir() / "perf" / f"{checkpoint.name}-{digest}"
+    if args.loras is not None:
+        from perf import compare_lora
+
+        return compare_lora.main(s, args.loras, args.lora_rank, work_dir, args.out)
     repo = build_repository(checkpoint, work_dir)
 
     with contextlib.ExitStack() as stack:  # stops the server however the run ends

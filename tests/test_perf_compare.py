@@ -4,6 +4,7 @@ measurements are given)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,39 @@ def test_report_says_met_when_targets_are_met(tmp_path: Path) -> None:
     assert "met)" in line_of(text, "- served ÷ in-process latency")
     assert "met)" in line_of(text, "- server memory")
     assert "missed" not in text and "perf/README.md, Targets" not in text
+
+
+@pytest.mark.integration
+def test_lora_mode_times_each_count_against_diffusers_fused_and_holds_parity(
+    tiny_checkpoint: Path, model_repository: Path, tmp_path: Path
+) -> None:
+    """perf.compare --loras on the tiny checkpoint, small settings: a row per LoRA count, each served image
+    within 2/255 of diffusers' with the LoRAs fused, positive timings and throughputs."""
+    import shutil
+
+    from perf import compare
+
+    work_dir = tmp_path / "work"
+    shutil.copytree(model_repository, work_dir / "repository")  # its exports are reused
+    out = tmp_path / "lora.md"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--size", "64", "--steps", "2", "--repeats", "1"]
+    argv += ["--rounds", "1", "--concurrency", "2", "--loras", "0,1,3", "--lora-rank", "4"]
+    assert compare.main([*argv, "--work-dir", str(work_dir), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert sorted(p.name for p in (work_dir / "loras").iterdir()) == [
+        f"perf_lora_{i}.safetensors" for i in range(3)
+    ]
+    rows = [
+        line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "LoRAs" not in line
+    ]
+    assert [int(row[0]) for row in rows] == [0, 1, 3]
+    for count, a_s, c_s, ratio, vs_zero, diff, changed, _ in rows:
+        assert float(a_s) > 0 and float(c_s) > 0 and float(ratio) > 0
+        assert diff.strip().endswith("/255 ok") and int(diff.split("/")[0]) <= 2
+        if int(count):  # the LoRAs changed the image
+            assert vs_zero.strip().endswith("%") and int(changed.split("/")[0]) > 20
+    assert "`<lora:perf_lora_0:0.8>`, `<lora:perf_lora_1:-0.5>`, `<lora:perf_lora_2:0.4:0.7>`" in text
+    throughput = line_of(text, "- served throughput at concurrency 2")
+    shared, mixed, ratio = (float(x) for x in re.findall(r"(\d+\.\d+)(?: images/s|×)", throughput))
+    assert shared > 0 and mixed > 0 and ratio == pytest.approx(mixed / shared, abs=0.01)
+    assert line_of(text, "- served images within 2/255").endswith("yes")
