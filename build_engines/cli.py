@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ from build_engines import (
     repository,
     tensorrt_engine,
 )
-from build_engines.digests import digest_folder
+from build_engines.digests import digest_folder, file_sha256
 from build_engines.repository import PIPELINE_CONTROL, ServingOptions
 from build_engines.single_file import SingleFileError
 from python_backend import adapters
@@ -39,6 +40,7 @@ from python_backend.shapes import (
     TEXT_ENCODER,
     UNET,
     EngineSpec,
+    ModelGeometry,
     PipelineManifest,
     Profile,
     controlled_unet_spec,
@@ -83,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="add an SD v1.x ControlNet (a diffusers ControlNet folder) as engine controlnet_NAME, which "
+        help="add an SD v1.x ControlNet (a diffusers ControlNet folder, or one .safetensors/.pth file in the "
+        "original layout, e.g. control_v11p_sd15_canny.pth) as engine controlnet_NAME, which "
         "requests name as NAME; repeatable. The UNet then takes the ControlNets' residuals (zeros for "
         "requests without ControlNet, which still share its runs)",
     )
@@ -340,11 +343,17 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
     if args.controlnets:  # the UNet takes their residuals; each is an engine of its own
         specs[UNET] = controlled_unet_spec(geometry)
         modules[UNET] = partial(controlnet.controlled_unet, loader)
+        unet_config = json.loads((checkpoint / "unet" / "config.json").read_text())
         for name, path in args.controlnets.items():
             engine = f"{CONTROLNET}_{name}"
             specs[engine] = replace(controlnet_spec(geometry), name=engine)
-            modules[engine] = partial(controlnet.load_controlnet, path, geometry)
-            digests[engine] = digest_folder(path)
+            if controlnet.is_single_file(path):  # converted only when its export is not kept
+                folder = repo / ".controlnets" / name
+                modules[engine] = partial(_single_file_controlnet, path, unet_config, folder, geometry)
+                digests[engine] = file_sha256(path)
+            else:
+                modules[engine] = partial(controlnet.load_controlnet, path, geometry)
+                digests[engine] = digest_folder(path)
             precision[engine] = precision[UNET]
     lora_targets: dict[str, dict[str, list[int]]] = {}  # --lora: {component: {layer: base weight shape}}
     with tqdm(specs.values(), unit="engine", file=sys.stdout) as bar:
@@ -400,9 +409,14 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                 repository.write_tensorrt_model(
                     repo, spec, args.profile, args.prefix, args.unet_batch_delay, component_name
                 )
-            except (onnx_export.ExportError, tensorrt_engine.EngineBuildError) as e:
+            except (
+                onnx_export.ExportError,
+                tensorrt_engine.EngineBuildError,
+                controlnet.ControlNetError,
+            ) as e:
                 print(f"build-engines: {e}", file=sys.stderr)
                 return 1
+    shutil.rmtree(repo / ".controlnets", ignore_errors=True)
 
     device = "cuda" if args.target == "tensorrt" else "cpu"
     manifest = PipelineManifest(
@@ -427,6 +441,13 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
         print(f"embeddings: {', '.join(e.name for e in inversions)}")
     repository.write_pipeline_model(repo, checkpoint, manifest, serving, token_table, lora_targets or None)
     return 0
+
+
+def _single_file_controlnet(
+    path: Path, unet_config: dict[str, Any], folder: Path, geometry: ModelGeometry
+) -> torch.nn.Module:
+    """The ControlNet file `path` (original layout), converted into `folder` and loaded."""
+    return controlnet.load_controlnet(controlnet.convert_single_file(path, unet_config, folder), geometry)
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,22 @@ A ControlNet engine maps (latent, timestep, text, control image) to its residual
 scales them per batch row (weight, guidance window, control mode) and sums several ControlNets' before the
 UNet call, so that requests with different ControlNets, weights and windows share UNet runs.
 
+A ControlNet comes as a diffusers folder, or as one file in the original (lllyasviel/A1111) layout,
+`control_model.*` (`.safetensors`, or a `.pth` read as tensors only): such a file is converted with diffusers'
+own single-file loading and a config made from the checkpoint's UNet (nothing is fetched from the hub); its
+conditioning embedding's widths are read from the file.
+
 `write_tiny_controlnet` makes a random one for tests, as diffusers' own tests do: from the tiny UNet, its zero
-convolutions given random weights (else every residual is zero and nothing is tested).
+convolutions given random weights (else every residual is zero and nothing is tested);
+`write_single_file` writes a folder's weights in the original layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,7 @@ from torch import nn
 
 from build_engines.digests import digest_folder
 from build_engines.onnx_export import ExportResult, ModuleLoader, _UNet, export_engine
+from build_engines.single_file import SUFFIXES, SingleFileError, read_state_dict, unet_key
 from python_backend.shapes import ModelGeometry, controlled_unet_spec, controlnet_spec
 
 
@@ -103,6 +112,75 @@ def export_controlled_unet(
     return export_engine(spec, lambda: controlled_unet(loader), source_digest, out_dir, precision)
 
 
+PREFIX = "control_model."  # the original layout's parameter names
+_HINT = "input_hint_block."
+
+
+def convert_single_file(path: Path, unet_config: dict[str, Any], out_dir: Path) -> Path:
+    """The diffusers folder of the original-layout ControlNet file `path`, for a UNet of `unet_config`,
+    written into `out_dir`. ControlNetError names the file when it is not an SD v1.x ControlNet for it."""
+    from diffusers import ControlNetModel
+
+    try:
+        state, _ = read_state_dict(path)
+    except SingleFileError as e:
+        raise ControlNetError(str(e)) from None
+    hints = {
+        int(k[len(PREFIX + _HINT) :].split(".")[0]): v
+        for k, v in state.items()
+        if ".weight" in k and k.startswith(PREFIX + _HINT)
+    }
+    if not hints or not any(k.startswith(PREFIX + "zero_convs.") for k in state):
+        raise ControlNetError(f"{path}: not a ControlNet in the original layout (no control_model.* weights)")
+    # The embedding's convolutions: conv_in (0), then pairs keeping and widening the channels, then conv_out.
+    indices = sorted(hints)[:-1]
+    widths = [int(hints[0].shape[0])] + [int(hints[i].shape[0]) for i in indices[2::2]]
+    accepted = set(inspect.signature(ControlNetModel.__init__).parameters)
+    config = {k: v for k, v in unet_config.items() if k in accepted and not k.startswith("_")}
+    config.update(in_channels=4, conditioning_embedding_out_channels=widths)
+    del state
+    with tempfile.TemporaryDirectory(prefix="controlnet-config-") as config_dir:
+        (Path(config_dir) / "config.json").write_text(
+            json.dumps({"_class_name": "ControlNetModel", **config})
+        )
+        try:
+            model = ControlNetModel.from_single_file(str(path), config=config_dir, local_files_only=True)
+        except (ValueError, RuntimeError, KeyError) as e:  # shapes of another architecture
+            raise ControlNetError(f"{path}: not an SD v1.x ControlNet for this checkpoint ({e})") from None
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def write_single_file(folder: Path, out_file: Path) -> Path:
+    """The diffusers ControlNet in `folder` as one `.safetensors` file in the original layout."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    model = ControlNetModel.from_pretrained(folder)
+    layers, blocks = model.config.layers_per_block, len(model.controlnet_cond_embedding.blocks)
+    out = {}
+    for name, tensor in model.state_dict().items():
+        parts = name.split(".")
+        if parts[0] == "controlnet_cond_embedding":
+            index = {"conv_in": 0, "conv_out": 2 * (blocks + 1)}.get(parts[1])
+            if index is None:  # blocks.{j}
+                index, parts = 2 * (int(parts[2]) + 1), parts[1:]
+            key = f"{_HINT}{index}.{'.'.join(parts[2:])}"
+        elif parts[0] == "controlnet_down_blocks":
+            key = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[0] == "controlnet_mid_block":
+            key = f"middle_block_out.0.{parts[1]}"
+        else:
+            key = unet_key(name, layers, [])
+        out[PREFIX + key] = tensor.contiguous()
+    save_file(out, str(out_file))
+    return out_file
+
+
+def is_single_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in SUFFIXES
+
+
 def write_tiny_controlnet(out_dir: Path, checkpoint: Path, seed: int = 0) -> Path:
     """A random ControlNet for `checkpoint`'s UNet (a diffusers folder), as diffusers' tests make one."""
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -136,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("out_dir", type=Path, help="ControlNet folder to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--single-file", action="store_true", help="also write OUT_DIR.safetensors in the original layout"
+    )
     args = parser.parse_args(argv)
     write_tiny_controlnet(args.out_dir, args.checkpoint, args.seed)
     print(args.out_dir.resolve())
+    if args.single_file:
+        print(write_single_file(args.out_dir, args.out_dir.with_suffix(".safetensors")).resolve())

@@ -191,3 +191,49 @@ def test_tensorrt_build_makes_controlnet_plans_and_a_residual_unet_plan(
         noise.shape == inputs["sample"].shape
         and mc.ModelInstanceGroup.KIND_GPU == config.instance_group[0].kind
     )
+
+
+def test_a_single_file_controlnet_converts_to_the_same_weights(tiny_checkpoint, tiny_controlnet, tmp_path):
+    """The original (lllyasviel/A1111) layout, written from the tiny ControlNet, read back by diffusers'
+    single-file loading with a config made from the checkpoint's UNet: the same weights, none fetched."""
+    import json
+
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    single = controlnet.write_single_file(tiny_controlnet, tmp_path / "control_tiny.safetensors")
+    unet_config = json.loads((tiny_checkpoint / "unet" / "config.json").read_text())
+    converted = controlnet.convert_single_file(single, unet_config, tmp_path / "converted")
+    expected = ControlNetModel.from_pretrained(tiny_controlnet).state_dict()
+    got = ControlNetModel.from_pretrained(converted).state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+    not_controlnet = tmp_path / "weights.safetensors"
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(4, 4, 3, 3)}, str(not_controlnet))
+    with pytest.raises(controlnet.ControlNetError, match="weights.safetensors: not a ControlNet"):
+        controlnet.convert_single_file(not_controlnet, unet_config, tmp_path / "x")
+    full_size = dict(unet_config, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768)
+    with pytest.raises(
+        controlnet.ControlNetError, match="control_tiny.safetensors: not an SD v1.x ControlNet for"
+    ):
+        controlnet.convert_single_file(single, full_size, tmp_path / "y")
+
+
+def test_build_engines_takes_a_single_file_controlnet(tiny_checkpoint, tiny_controlnet, tmp_path):
+    from build_engines import cli as build_cli
+    from tests.conftest import PROFILE_ARGS
+
+    single = controlnet.write_single_file(tiny_controlnet, tmp_path / "control_tiny.safetensors")
+    repo = tmp_path / "repo"
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
+    assert build_cli.main([*args, "--controlnet", f"tiny={single}"]) == 0
+    assert not (repo / ".controlnets").exists()
+    geometry = read_geometry(tiny_checkpoint)
+    inputs = sample_inputs(controlnet_spec(geometry), CHECK_SIZES)
+    session = ort.InferenceSession(str(repo / "controlnet_tiny" / "1" / "model.onnx"))
+    with torch.inference_mode():
+        expected = controlnet.load_controlnet(tiny_controlnet, geometry)(
+            *map(torch.from_numpy, inputs.values())
+        )
+    for got, want in zip(session.run(None, inputs), expected, strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
