@@ -249,6 +249,8 @@ def test_a_request_without_units_is_the_plain_image(core, model_repository, asse
             "unknown ControlNet 'openpose'; this server has: canny, depth",
         ),
         (ControlUnit("canny", b"not an image"), "controlnet_0_image", ""),
+        # wider than the profile's largest side (256): refused before its pixels are decoded
+        (ControlUnit("canny", _png(Image.new("RGB", (512, 8)))), "controlnet_0_image", "512"),
         (ControlUnit("canny", b"x", weight=float("nan")), "controlnet_0_weight", "must be in 0..2.0"),
         (
             ControlUnit("canny", b"x", guidance_start=0.6, guidance_end=0.4),
