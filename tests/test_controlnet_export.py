@@ -139,29 +139,12 @@ def test_tensorrt_build_makes_controlnet_plans_and_a_residual_unet_plan(
     from build_engines import repository
     from build_engines import tensorrt_engine as te
     from python_backend.trt_sessions import TensorRTPlan
-    from tests.conftest import PROFILE_ARGS
-    from tests.test_tensorrt_engine import H100
-    from tests.test_tensorrt_lora import OnnxBackedTensorRT
+    from tests.test_tensorrt_lora import install_fake_tensorrt, tensorrt_build
 
-    monkeypatch.setitem(sys.modules, "tensorrt", OnnxBackedTensorRT())
-    monkeypatch.setattr(te, "gpu_identity", lambda: H100)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    install_fake_tensorrt(monkeypatch)
     repo = tmp_path / "repo"
-    args = [
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--output",
-        str(repo),
-        *PROFILE_ARGS,
-        "--target",
-        "tensorrt",
-    ]
-    assert (
-        build_cli.main(
-            [*args, "--controlnet", f"canny={tiny_controlnet}", "--timing-cache", str(tmp_path / "tc")]
-        )
-        == 0
-    )
+    options = ["--controlnet", f"canny={tiny_controlnet}", "--timing-cache", str(tmp_path / "tc")]
+    assert build_cli.main(tensorrt_build(tiny_checkpoint, repo, *options)) == 0
 
     config = repository.read_config(repo / "controlnet_canny")
     assert config.platform == "tensorrt_plan" and config.HasField("dynamic_batching")

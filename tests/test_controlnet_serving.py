@@ -6,19 +6,17 @@ unit and field."""
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from build_engines import cli as build_cli
 from client import ControlNetUnit, GenerationError, StableDiffusionClient
 from tests.conftest import PROFILE_ARGS
 from tests.parity import max_pixel_diff
 from tests.test_controlnet import PROMPT, SCHEDULER, SEED, SIZE, STEPS, _control_image, _diffusers, _png
-from tests.triton_server import TritonServer
+from tests.triton_server import TritonServer, concurrent_unet_runs
 
 CONCURRENT = 4
 
@@ -83,27 +81,8 @@ def test_mixed_units_share_unet_runs_and_give_their_solo_images(server):
     solo = [_generate(server, *units)[0] for units in requests]
     assert len({image.tobytes() for image in solo}) == len(requests)
 
-    def unet():
-        return (
-            grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("unet").model_stats[0]
-        )
-
-    before = unet()
-    results: list[np.ndarray | None] = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def run(i: int) -> None:
-        start.wait()
-        results[i] = _generate(server, *requests[i])[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    after = unet()
-    calls = after.inference_stats.success.count - before.inference_stats.success.count
-    runs = after.execution_count - before.execution_count
+    jobs = [lambda units=units: _generate(server, *units)[0] for units in requests]
+    results, calls, runs = concurrent_unet_runs(server.grpc_url, jobs)
     assert calls == len(requests) * STEPS
     assert runs < calls, (runs, calls)  # runs carried rows of different units, and rows with none
     for i, image in enumerate(results):

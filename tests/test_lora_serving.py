@@ -6,7 +6,6 @@ them."""
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-import tritonclient.grpc as grpcclient
 from safetensors.numpy import save_file
 
 from build_engines import cli as build_cli
@@ -23,7 +21,7 @@ from client import GenerationError, StableDiffusionClient
 from python_backend.extra_networks import parse_extra_networks
 from tests.conftest import PROFILE_ARGS
 from tests.parity import TOLERANCE, max_pixel_diff
-from tests.triton_server import TritonServer
+from tests.triton_server import TritonServer, concurrent_unet_runs
 
 pytestmark = pytest.mark.integration
 
@@ -124,27 +122,8 @@ def test_mixed_lora_sets_share_unet_runs_and_give_their_solo_images(server):
     solo = [_generate(server, p)[0] for p in prompts]
     assert len({img.tobytes() for img in solo}) == len(prompts)
 
-    def unet():
-        return (
-            grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("unet").model_stats[0]
-        )
-
-    before = unet()
-    results: list[np.ndarray | None] = [None] * len(prompts)
-    start = threading.Barrier(len(prompts))
-
-    def run(i: int) -> None:
-        start.wait()
-        results[i] = _generate(server, prompts[i])[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    after = unet()
-    calls = after.inference_stats.success.count - before.inference_stats.success.count
-    runs = after.execution_count - before.execution_count
+    jobs = [lambda p=p: _generate(server, p)[0] for p in prompts]
+    results, calls, runs = concurrent_unet_runs(server.grpc_url, jobs, timeout=120)
     assert calls == len(prompts) * STEPS
     assert runs < calls, (runs, calls)  # runs carried rows of different LoRA sets
     for i, image in enumerate(results):

@@ -200,15 +200,33 @@ class OnnxBackedContext:
 # --- CPU tests against the stand-in --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fake_tensorrt() -> OnnxBackedTensorRT:
-    patch = pytest.MonkeyPatch()
+def install_fake_tensorrt(patch: pytest.MonkeyPatch) -> OnnxBackedTensorRT:
+    """The stand-in as `tensorrt`, a GPU to build for, and no CUDA stream (its engines live in CPU memory)."""
     fake = OnnxBackedTensorRT()
     patch.setitem(sys.modules, "tensorrt", fake)
     patch.setattr(te, "gpu_identity", lambda: H100)
-    # The stand-in engines live in CPU memory and take no CUDA stream.
     patch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    yield fake
+    return fake
+
+
+def tensorrt_build(checkpoint: Path, repo: Path, *options: str) -> list[str]:
+    """build-engines arguments for a tensorrt target of the tiny checkpoint."""
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(repo),
+        *PROFILE_ARGS,
+        "--target",
+        "tensorrt",
+        *options,
+    ]
+
+
+@pytest.fixture(scope="module")
+def fake_tensorrt() -> OnnxBackedTensorRT:
+    patch = pytest.MonkeyPatch()
+    yield install_fake_tensorrt(patch)
     patch.undo()
 
 
@@ -226,21 +244,8 @@ def lora_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def plan_repository(fake_tensorrt, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("trt-lora") / "repo"
-    args = [
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--output",
-        str(repo),
-        *PROFILE_ARGS,
-        "--target",
-        "tensorrt",
-    ]
-    assert (
-        build_cli.main(
-            [*args, "--lora", "--lora-max-rank", str(MAX_RANK), "--timing-cache", str(repo.parent / "tc")]
-        )
-        == 0
-    )
+    options = ["--lora", "--lora-max-rank", str(MAX_RANK), "--timing-cache", str(repo.parent / "tc")]
+    assert build_cli.main(tensorrt_build(tiny_checkpoint, repo, *options)) == 0
     return repo
 
 

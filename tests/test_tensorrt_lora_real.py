@@ -15,7 +15,7 @@ from python_backend.ort_sessions import EngineSessions
 from python_backend.shapes import TEXT_ENCODER, UNET
 from python_backend.trt_sessions import PlanSessions
 from tests.conftest import PROFILE_ARGS
-from tests.test_tensorrt_lora import MAX_RANK, _set, write_loras
+from tests.test_tensorrt_lora import MAX_RANK, _set, tensorrt_build, write_loras
 from tests.test_tensorrt_target import REAL_TENSORRT_REASON, _tensorrt_present
 
 
@@ -29,16 +29,9 @@ def real_plan_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPat
     if not _tensorrt_present():
         pytest.skip(REAL_TENSORRT_REASON)
     repo = tmp_path_factory.mktemp("trt-lora-real") / "repo"
-    args = [
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--output",
-        str(repo),
-        *PROFILE_ARGS,
-        "--target",
-        "tensorrt",
-    ]
-    assert build_cli.main([*args, "--lora", "--lora-max-rank", str(MAX_RANK)]) == 0
+    assert (
+        build_cli.main(tensorrt_build(tiny_checkpoint, repo, "--lora", "--lora-max-rank", str(MAX_RANK))) == 0
+    )
     return repo
 
 

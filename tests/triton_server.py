@@ -25,11 +25,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from services.serve import free_ports
+
+T = TypeVar("T")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 READY_PREFIX = "sd-serve: ready ("
@@ -258,3 +261,32 @@ class TritonServer:
             what = "exited" if died else "repaired its server"
             print(f"sd-serve {what}; its output ends with:\n{self._tail()}")
         self.stop()
+
+
+def concurrent_unet_runs(
+    grpc_url: str, jobs: Sequence[Callable[[], T]], timeout: float = 180.0
+) -> tuple[list[T | None], int, int]:
+    """Each job's result when all start together (None for one that did not finish in `timeout`), and how
+    many UNet calls they made and in how many runs Triton's dynamic batcher ran them."""
+    import tritonclient.grpc as grpcclient
+
+    def unet() -> object:
+        return grpcclient.InferenceServerClient(grpc_url).get_inference_statistics("unet").model_stats[0]
+
+    before = unet()
+    results: list[T | None] = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = jobs[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    after = unet()
+    calls = after.inference_stats.success.count - before.inference_stats.success.count  # type: ignore[attr-defined]
+    runs = after.execution_count - before.execution_count  # type: ignore[attr-defined]
+    return results, calls, runs
