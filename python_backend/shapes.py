@@ -292,12 +292,14 @@ def controlled_unet_spec(geometry: ModelGeometry) -> EngineSpec:
     return EngineSpec(UNET, (*unet.inputs, *control_residuals(geometry)), unet.outputs)
 
 
-def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry) -> int:
+def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry, controlnet: bool = False) -> int:
     """The most bytes of engine inputs and outputs one request holds at once, at the profile's largest sizes.
 
     The pipeline calls one engine at a time, so that is its largest call (inputs + outputs, every dynamic
     axis at its maximum; the VAE's images dominate), plus the text encoder's output, which stays referenced
-    for the whole request. With GPU engines these tensors cross BLS in Triton's CUDA memory pool.
+    for the whole request. With `controlnet` (a build with ControlNets) the UNet call carries the residuals,
+    which the request also holds from its ControlNet calls. With GPU engines these tensors cross BLS in
+    Triton's CUDA memory pool.
     """
     ranges = profile.axis_ranges()
 
@@ -308,6 +310,9 @@ def request_engine_tensor_bytes(profile: Profile, geometry: ModelGeometry) -> in
         return count * np.dtype(tensor.dtype).itemsize
 
     specs = engine_specs(geometry)
+    if controlnet:
+        specs[UNET] = controlled_unet_spec(geometry)
+        specs[CONTROLNET] = controlnet_spec(geometry)
     per_call = {name: sum(nbytes(t) for t in (*s.inputs, *s.outputs)) for name, s in specs.items()}
     held = sum(nbytes(t) for t in specs[TEXT_ENCODER].outputs)
     return max(per_call.values()) + held

@@ -282,7 +282,10 @@ def cuda_memory_pool_mib(repository: Path) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         concurrent = _max_concurrent_requests(model_dir, manifest.profile.max_batch)
-        needed += 2 * concurrent * request_engine_tensor_bytes(manifest.profile, manifest.geometry)
+        per_request = request_engine_tensor_bytes(
+            manifest.profile, manifest.geometry, bool(manifest.controlnets)
+        )
+        needed += 2 * concurrent * per_request
     if not needed:
         return DEFAULT_CUDA_POOL_MIB
     steps = -(-needed // (_POOL_STEP_MIB * MIB))  # ceiling division

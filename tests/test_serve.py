@@ -590,14 +590,17 @@ def test_runtime_found_from_nvidia_smi_and_libnvinfer_without_torch(tmp_path: Pa
 # --- Triton's CUDA memory pool ---------------------------------------------------------------------------
 
 
-def pipeline_repository(root: Path, profile: Profile, concurrent: int | None, prefix: str = "") -> Path:
+def pipeline_repository(
+    root: Path, profile: Profile, concurrent: int | None, prefix: str = "", controlnets: tuple[str, ...] = ()
+) -> Path:
     """The pipeline models' files sd-serve sizes the pool from: pipeline.json and config.pbtxt."""
     pipeline = triton_model(prefix, PIPELINE)
     for name in (pipeline, stream_model(pipeline)):
         (root / name / "1").mkdir(parents=True, exist_ok=True)
-        PipelineManifest(profile, ModelGeometry(), "sd", device="cuda", prefix=prefix).write(
-            root / name / "1" / PIPELINE_MANIFEST
+        manifest = PipelineManifest(
+            profile, ModelGeometry(), "sd", device="cuda", prefix=prefix, controlnets=controlnets
         )
+        manifest.write(root / name / "1" / PIPELINE_MANIFEST)
         config = mc.ModelConfig(name=name, backend="python")
         if concurrent is not None:
             config.parameters["max_concurrent_requests"].string_value = str(concurrent)
@@ -618,6 +621,16 @@ def test_cuda_memory_pool_is_sized_from_the_profile(tmp_path: Path) -> None:
     # A config without the parameter counts build-engines' default, --max-batch.
     assert serve.cuda_memory_pool_mib(pipeline_repository(tmp_path / "old", overlay, concurrent=None)) == 128
     assert serve.cuda_memory_pool_mib(tmp_path / "no-pipeline") == serve.DEFAULT_CUDA_POOL_MIB == 512
+
+
+def test_cuda_memory_pool_holds_controlnet_residuals(tmp_path: Path) -> None:
+    # The GPU overlay's profile with ControlNets: a ControlNet call at 768 px on 4 rows (2 guided images)
+    # holds the control image 4x3x768x768 fp32 (27 MiB) and its 13 residuals (230.6 MiB), the most of any
+    # call, with the latents, timesteps and text: 261.3 MiB, + the text encoder's output: 262.2 MiB per
+    # request. 2 + 2 requests, doubled: 2097.9 MiB, rounded up to 2112.
+    overlay = Profile.square(256, 512, 768, max_batch=2)
+    repository = pipeline_repository(tmp_path, overlay, concurrent=2, controlnets=("canny",))
+    assert serve.cuda_memory_pool_mib(repository) == 2112
 
 
 def test_cuda_memory_pool_counts_every_checkpoint(tmp_path: Path) -> None:
