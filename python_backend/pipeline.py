@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import CLIPTokenizer
 
-from python_backend import conditioning, control_images, images, lora, prompts, schedulers
+from python_backend import conditioning, images, lora, prompts, schedulers
 from python_backend.conditioning import Conditioning
 from python_backend.engines import Engines
 from python_backend.features import inpainting
@@ -32,7 +32,7 @@ from python_backend.features.img2img import ImageToImage
 from python_backend.features.inpainting import Inpainting
 from python_backend.features.variations import VariationSeeds
 from python_backend.lora_library import LoraLibrary
-from python_backend.request import GenerationRequest, InvalidInput
+from python_backend.request import GenerationRequest
 from python_backend.shapes import PIPELINE_MANIFEST, PipelineManifest, Profile
 from python_backend.stages import (
     DenoisingPass,
@@ -148,7 +148,7 @@ def generate(
     if variations := VariationSeeds.for_request(request):
         features.append(variations)
     if request.controlnets:
-        features.append(_controlnets(run, assets))
+        features.append(ControlNets.for_request(run, assets.manifest))
     if assets.manifest.controlnets:  # the UNet takes residuals: zeros when no unit acts (last of all)
         features.append(ZeroResiduals(geometry))
     timings: dict[str, float] = {}
@@ -214,43 +214,6 @@ def _image_start(request: GenerationRequest, profile: Profile) -> Start | None:
         return ImageToImage.prepare(request, picture)
     mask = images.decode_mask(request.mask, "mask", size=picture.size, **limits)
     return Inpainting.prepare(request, picture, mask, fill)
-
-
-def _controlnets(run: Run, assets: PipelineAssets) -> ControlNets:
-    """The request's ControlNet units, each checked and its control map made at the request's size (so that
-    a bad field fails the request before any engine runs). InvalidInput names the unit and field."""
-    profile = assets.manifest.profile
-    limits = {
-        "max_side": max(profile.width[2], profile.height[2]),
-        "max_pixels": profile.width[2] * profile.height[2],
-    }
-    pictures = []
-    for i, unit in enumerate(run.request.controlnets):
-        unit.validate(i, assets.manifest.controlnets)
-        picture = images.decode_image(unit.image, f"controlnet_{i}_image", **limits)
-        pictures.append(np.asarray(picture))
-
-    def make_map(i: int, width: int, height: int) -> np.ndarray:
-        unit = run.request.controlnets[i]
-        try:
-            return control_images.control_map(
-                pictures[i],
-                unit.module,
-                width,
-                height,
-                unit.resize_mode,
-                processor_res=unit.processor_res,
-                threshold_a=unit.threshold_a,
-                threshold_b=unit.threshold_b,
-                pixel_perfect=unit.pixel_perfect,
-            )
-        except InvalidInput as e:  # its field is the unit's
-            problem = str(e).removeprefix(f"{e.field}: ")
-            raise InvalidInput(f"controlnet_{i}_{e.field}", problem) from None
-
-    controlnets = ControlNets(run, run.request.controlnets, make_map)
-    controlnets.prepare(run.request.width, run.request.height)
-    return controlnets
 
 
 @dataclass

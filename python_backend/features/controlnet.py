@@ -23,8 +23,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from python_backend import control_images, images
 from python_backend.control import BALANCED, CONTROLNET_MORE_IMPORTANT, PROMPT_MORE_IMPORTANT, ControlUnit
-from python_backend.shapes import ModelGeometry, control_residuals, with_scaled_latents
+from python_backend.request import InvalidInput
+from python_backend.shapes import ModelGeometry, PipelineManifest, control_residuals, with_scaled_latents
 from python_backend.stages import Feature, Run, Step, UNetInputs
 
 SOFT_INJECTION = 0.825  # sd-webui-controlnet's per-residual decay for the soft control modes
@@ -58,6 +60,43 @@ class ControlNets(Feature):
     units: Sequence[ControlUnit]
     make_map: MapMaker
     _maps: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def for_request(cls, run: Run, manifest: PipelineManifest) -> ControlNets:
+        """The request's units, each checked and its control map made at the request's size (so that a bad
+        field fails the request before any engine runs). InvalidInput names the unit and field."""
+        profile = manifest.profile
+        limits = {
+            "max_side": max(profile.width[2], profile.height[2]),
+            "max_pixels": profile.width[2] * profile.height[2],
+        }
+        units = run.request.controlnets
+        pictures = []
+        for i, unit in enumerate(units):
+            unit.validate(i, manifest.controlnets)
+            pictures.append(np.asarray(images.decode_image(unit.image, f"controlnet_{i}_image", **limits)))
+
+        def make_map(i: int, width: int, height: int) -> np.ndarray:
+            unit = units[i]
+            try:
+                return control_images.control_map(
+                    pictures[i],
+                    unit.module,
+                    width,
+                    height,
+                    unit.resize_mode,
+                    processor_res=unit.processor_res,
+                    threshold_a=unit.threshold_a,
+                    threshold_b=unit.threshold_b,
+                    pixel_perfect=unit.pixel_perfect,
+                )
+            except InvalidInput as e:  # its field is the unit's
+                problem = str(e).removeprefix(f"{e.field}: ")
+                raise InvalidInput(f"controlnet_{i}_{e.field}", problem) from None
+
+        controlnets = cls(run, units, make_map)
+        controlnets.prepare(run.request.width, run.request.height)
+        return controlnets
 
     def prepare(self, width: int, height: int) -> None:
         """Make every unit's control map at this size now (a bad unit fails before any engine runs)."""
