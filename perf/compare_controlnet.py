@@ -304,7 +304,8 @@ def report(s: Settings, results: Results) -> tuple[str, bool]:
         "",
         f"Load: 1-minute load average {results.load_start:.2f} at the start, "
         f"{results.load_end:.2f} at the end "
-        f"(on {cores} usable cores; above that, other processes took CPU from the timed calls)",
+        f"({cores} usable cores; the start's comes from other processes; the run itself keeps up to "
+        f"{cores} threads busy, so a load well above {cores} later means others competed for the cores)",
         "",
         f"Settings: checkpoint `{s.checkpoint}`; prompt {s.prompt!r}, negative prompt '', seed {s.seed}, "
         f"{s.size}×{s.size}, {s.steps} steps, guidance {s.guidance}, "
