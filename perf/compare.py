@@ -1,13 +1,14 @@
 """Compare diffusers eager, our core in-process and our pipeline served by Triton: one run, one machine.
 
     python -m perf.compare --checkpoint DIR [--size 64] [--steps 4] [--repeats 3] [--out perf/results/NAME.md]
-                           [--loras 0,1,3 [--lora-rank 16]]
+                           [--loras 0,1,3 [--lora-rank 16]] [--controlnets 0,1,2]
 
 Builds (or reuses: build-engines skips finished exports) the ONNX model repository of the checkpoint in a
 work folder, then times the same request (prompt, seed, size, steps, scheduler, guidance) on each
 contestant: one warm-up call each, then `--repeats` rounds of one timed call per contestant (interleaved);
 the median is reported. The images of our pipeline must equal diffusers' within 2/255 per pixel, else the
-exit code is 1 (the report is still written). `--loras` measures LoRA requests instead (perf/compare_lora.py).
+exit code is 1 (the report is still written). `--loras` measures LoRA requests instead (perf/compare_lora.py),
+`--controlnets` requests with ControlNet units (perf/compare_controlnet.py).
 See perf/README.md.
 """
 
@@ -37,7 +38,7 @@ from python_backend.request import GenerationRequest
 from services.serve import default_cache_dir, free_ports
 
 if TYPE_CHECKING:
-    from client import StableDiffusionClient
+    from client import ControlNetUnit, StableDiffusionClient
 
 TOLERANCE = 2  # max per-pixel difference (uint8) from diffusers' image, as the parity tests
 REFERENCE = "a"
@@ -138,8 +139,9 @@ def diffusers_eager(s: Settings) -> Measurement:
     return Measurement("a", "diffusers eager (torch CPU)", _diffusers_call(pipe, s))
 
 
-def _diffusers_call(pipe: Any, s: Settings) -> Callable[[], np.ndarray]:
-    """A call of a diffusers-style pipeline (diffusers' or optimum's) with the settings' request."""
+def _diffusers_call(pipe: Any, s: Settings, **extra: Any) -> Callable[[], np.ndarray]:
+    """A call of a diffusers-style pipeline (diffusers' or optimum's) with the settings' request, plus `extra`
+    keyword arguments (a ControlNet pipeline's image and scales)."""
     import torch
 
     from python_backend import schedulers
@@ -157,6 +159,7 @@ def _diffusers_call(pipe: Any, s: Settings) -> Callable[[], np.ndarray]:
             guidance_scale=s.guidance,
             generator=[torch.Generator("cpu").manual_seed(s.seed)],
             output_type="np",
+            **extra,
         ).images
         return (np.asarray(images) * 255).round().astype(np.uint8)
 
@@ -226,10 +229,14 @@ def start_server(repo: Path, stack: contextlib.ExitStack, lora_dir: Path | None 
 
 
 def served_call(
-    client: StableDiffusionClient, s: Settings, prompt: str, seed: int | None = None
+    client: StableDiffusionClient,
+    s: Settings,
+    prompt: str,
+    seed: int | None = None,
+    controlnets: tuple[ControlNetUnit, ...] = (),
 ) -> np.ndarray:
-    """The settings' request with `prompt` (and `seed`, default the settings') from the server: uint8
-    images."""
+    """The settings' request with `prompt` (and `seed`, default the settings', and ControlNet units) from the
+    server: uint8 images."""
     result = client.generate(
         prompt,
         steps=s.steps,
@@ -238,6 +245,7 @@ def served_call(
         scheduler=s.scheduler,
         width=s.size,
         height=s.size,
+        controlnets=controlnets,
     )
     return np.stack([np.asarray(image) for image in result.images])
 
@@ -548,15 +556,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lora-rank", type=int, default=16, help="rank of the random LoRA files of --loras (default 16)"
     )
+    parser.add_argument(
+        "--controlnets",
+        type=_controlnet_counts,
+        help="ControlNet mode (perf/compare_controlnet.py): these ControlNet unit counts per request, e.g. "
+        "0,1,2, served (repository built with two random --controlnet) vs diffusers' "
+        "StableDiffusionControlNetPipeline with the same ControlNets; instead of the contestants above",
+    )
     parser.add_argument("--out", type=Path, help="write the report here as Markdown")
     args = parser.parse_args(argv)
     if args.lora_rank < 1:
         parser.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.loras is not None and args.controlnets is not None:
+        parser.error("--loras and --controlnets are modes of their own: give one")
     return args
 
 
 def _lora_counts(text: str) -> list[int]:
     from perf.compare_lora import parse_counts
+
+    try:
+        return parse_counts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _controlnet_counts(text: str) -> list[int]:
+    from perf.compare_controlnet import parse_counts
 
     try:
         return parse_counts(text)
@@ -585,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         from perf import compare_lora
 
         return compare_lora.main(s, args.loras, args.lora_rank, work_dir, args.out)
+    if args.controlnets is not None:
+        from perf import compare_controlnet
+
+        return compare_controlnet.main(s, args.controlnets, work_dir, args.out)
     repo = build_repository(checkpoint, work_dir)
 
     with contextlib.ExitStack() as stack:  # stops the server however the run ends

@@ -123,3 +123,51 @@ def test_lora_mode_times_each_count_against_diffusers_fused_and_holds_parity(
     shared, mixed, ratio = (float(x) for x in re.findall(r"(\d+\.\d+)(?: images/s|×)", throughput))
     assert shared > 0 and mixed > 0 and ratio == pytest.approx(mixed / shared, abs=0.01)
     assert line_of(text, "- served images within 2/255").endswith("yes")
+
+
+@pytest.mark.integration
+def test_controlnet_mode_times_each_count_against_diffusers_and_holds_parity(
+    tiny_checkpoint: Path, model_repository: Path, tmp_path: Path
+) -> None:
+    """perf.compare --controlnets on the tiny checkpoint, small settings: a row per unit count, each served
+    image within 2/255 of diffusers' ControlNet pipeline's, the units moving the image, positive timings, and
+    the load average recorded."""
+    import shutil
+
+    from perf import compare
+
+    work_dir = tmp_path / "work"
+    shutil.copytree(model_repository, work_dir / "repository")  # its exports are reused
+    out = tmp_path / "controlnet.md"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--size", "64", "--steps", "2", "--repeats", "1"]
+    argv += ["--controlnets", "0,1,2", "--work-dir", str(work_dir), "--out", str(out)]
+    assert compare.main(argv) == 0
+    text = out.read_text()
+    assert sorted(p.name for p in (work_dir / "controlnets").iterdir()) == ["cn0", "cn1"]
+    assert (work_dir / "repository-controlnet" / "controlnet_cn1" / "1" / "model.onnx").is_file()
+    rows = [
+        line.split("|")[1:-1]
+        for line in text.splitlines()
+        if line.startswith("| ") and "ControlNets" not in line
+    ]
+    assert [int(row[0]) for row in rows] == [0, 1, 2]
+    for count, a_s, c_s, ratio, vs_zero, diff, changed, load, _ in rows:
+        assert float(a_s) > 0 and float(c_s) > 0 and float(ratio) > 0 and float(load) >= 0
+        assert diff.strip().endswith("/255 ok") and int(diff.split("/")[0]) <= 2
+        if int(count):  # the units changed the image
+            assert vs_zero.strip().endswith("%") and int(changed.split("/")[0]) > 2
+    assert "`cn0` (weight 0.8, map seed 1), `cn1` (weight 0.5, map seed 2)" in text
+    start, end = (float(x) for x in re.findall(r"(\d+\.\d+) at the (?:start|end)", line_of(text, "Load:")))
+    assert start >= 0 and end >= 0
+    assert line_of(text, "- served images within 2/255").endswith("yes")
+
+
+def test_controlnet_counts_are_checked() -> None:
+    from perf.compare import parse_args
+
+    assert parse_args(["--checkpoint", "x", "--controlnets", "2,0"]).controlnets == [2, 0]
+    for bad in ("3", "1,1", "", "a"):
+        with pytest.raises(SystemExit):
+            parse_args(["--checkpoint", "x", "--controlnets", bad])
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint", "x", "--controlnets", "1", "--loras", "1"])
