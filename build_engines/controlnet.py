@@ -113,6 +113,7 @@ def export_controlled_unet(
 
 
 PREFIX = "control_model."  # the original layout's parameter names
+V1_EMBEDDING_WIDTHS = (16, 32, 96, 256)  # SD v1.x ControlNets' control-image encoder (diffusers' default)
 _HINT = "input_hint_block."
 
 
@@ -188,10 +189,12 @@ def write_tiny_controlnet(out_dir: Path, checkpoint: Path, seed: int = 0) -> Pat
     unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
     torch.manual_seed(seed)
     channels = unet.config.block_out_channels[0]
-    # Four stages: the control image is brought down 8x, to the latent's size, as in SD v1.x ControlNets.
-    controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=(channels // 2, channels // 2, channels, channels)
-    )
+    # Four stages: the control image is brought down 8x, to the latent's size, as in SD v1.x ControlNets,
+    # whose widths a UNet of v1's size gets (so that a benchmark's ControlNet costs what a real one does);
+    # a smaller UNet, widths scaled to it.
+    widths = V1_EMBEDDING_WIDTHS if channels == 320 else (channels // 2, channels // 2, channels, channels)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+    del unet
     zero_convs: list[Any] = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
     with torch.no_grad():

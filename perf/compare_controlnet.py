@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from build_engines.controlnet import V1_EMBEDDING_WIDTHS, write_tiny_controlnet
 from perf.compare import (
     SETTLE_S,
     TOLERANCE,
@@ -67,8 +68,6 @@ MAX_CONTROLNETS = len(WEIGHTS)
 # In the work folder, beside perf.compare's plain "repository":
 CONTROLNET_REPOSITORY = "repository-controlnet"
 CONTROLNET_FOLDER = "controlnets"
-# SD v1.x ControlNets' (lllyasviel's) control-image encoder: 3 → 16 → 32 → 96 → 256 channels, 8x down.
-V1_CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 
 @dataclass(frozen=True)
@@ -111,35 +110,6 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def write_controlnet(out_dir: Path, checkpoint: Path, seed: int) -> Path:
-    """A random ControlNet for the checkpoint's UNet. For SD v1's architecture it has a v1 ControlNet's
-    control-image encoder (V1_CONDITIONING_CHANNELS), so that its cost per call is a real one's; otherwise
-    sd-tiny-controlnet's (build_engines.controlnet.write_tiny_controlnet: channels from the UNet's)."""
-    if not is_full_size(checkpoint):
-        from build_engines.controlnet import write_tiny_controlnet
-
-        return write_tiny_controlnet(out_dir, checkpoint, seed)
-    import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
-    from torch import nn
-
-    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=V1_CONDITIONING_CHANNELS)
-    del unet
-    # As write_tiny_controlnet: small zero convs, so that the residuals steer but do not swamp the UNet.
-    with torch.no_grad():
-        for conv in [
-            *controlnet.controlnet_down_blocks,
-            controlnet.controlnet_mid_block,
-            controlnet.controlnet_cond_embedding.conv_out,
-        ]:
-            nn.init.normal_(conv.weight, std=0.05)
-            nn.init.normal_(conv.bias, std=0.05)
-    controlnet.save_pretrained(out_dir)
-    return out_dir
-
-
 def write_controlnets(checkpoint: Path, folder: Path) -> list[ControlNet]:
     """cn0, cn1, ... (seeds 0, 1, ...) in `folder`, written once: a folder there is complete (renamed into
     place when written) and kept, so that the repository's exports of them stay up to date."""
@@ -149,7 +119,7 @@ def write_controlnets(checkpoint: Path, folder: Path) -> list[ControlNet]:
         if not out.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                write_controlnet(Path(tmp) / "cn", checkpoint, seed=i)
+                write_tiny_controlnet(Path(tmp) / "cn", checkpoint, seed=i)
                 (Path(tmp) / "cn").rename(out)
         controlnets.append(ControlNet(out.name, out, weight, image_seed=i + 1))
     return controlnets
@@ -317,7 +287,7 @@ def report(s: Settings, results: Results) -> tuple[str, bool]:
         "",
         "ControlNets: random, "
         + (
-            f"SD v1 ControlNet architecture (control-image encoder {V1_CONDITIONING_CHANNELS})"
+            f"SD v1 ControlNet architecture (control-image encoder {V1_EMBEDDING_WIDTHS})"
             if is_full_size(s.checkpoint)
             else "sd-tiny-controlnet's"
         )
