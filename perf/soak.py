@@ -11,7 +11,9 @@ A share `interrupts` of the valid ones carry a job id and are stopped through `p
 random delay: they must still answer with their images (interrupted, or done before the stop). With
 `--lora-dir` (a repository built with `build-engines --lora`), a share `loras` of the valid prompts carry
 one or two `<lora:...>` tags of that folder's files at random multipliers, so that the engines' LoRA caches
-and mixed-set batches are soaked too.
+and mixed-set batches are soaked too. On a repository built with `build-engines --controlnet`, a share
+`controlnets` of the valid requests carry one or two ControlNet units (random control maps, weights, windows,
+modes and preprocessors), and malformed ones bad units.
 
 It fails (exit 1) on any of: a valid request that did not succeed, a malformed one not answered
 INVALID_ARGUMENT, an interrupted one answering anything but its images, a job left marked running,
@@ -29,6 +31,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -45,10 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from client.api import CONTROL_MODEL, triton_inputs
+from python_backend.control import CONTROL_MODES, unit_inputs
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS
-from python_backend.shapes import JOBS_DIR_ENV
+from python_backend.shapes import JOBS_DIR_ENV, PIPELINE, PIPELINE_MANIFEST, PipelineManifest
 from services import supervisor
 from tests.triton_server import TritonServer
 
@@ -66,8 +71,11 @@ MALFORMED: tuple[tuple[str, dict[str, Any]], ...] = (
     ("job id that is not a file name", {"job_id": "../../etc/passwd"}),
     ("unknown LoRA", {"prompt": "a cat <lora:no-such-lora:1>"}),
     ("LoRA multiplier not a number", {"prompt": "a cat <lora:any:abc>"}),
+    ("unknown ControlNet", {"controlnet_0_model": "no-such-controlnet", "controlnet_0_image": b"x"}),
+    ("ControlNet unit without its image", {"controlnet_0_model": "any", "controlnet_0_weight": 0.5}),
 )
-INPUT_TYPES = REQUEST_INPUTS | CONTROL_INPUTS
+INPUT_TYPES = REQUEST_INPUTS | CONTROL_INPUTS | unit_inputs(8)
+CONTROL_MODULES = ("none", "canny", "invert")
 
 
 @dataclass
@@ -87,6 +95,7 @@ class SoakSettings:
     seed: int = 0
     lora_dir: Path | None = None  # sd-serve --lora-dir; its files' stems are drawn for <lora:...> tags
     loras: float = 0.3  # share of valid prompts with LoRA tags (with lora_dir)
+    controlnets: float = 0.3  # share of valid requests with ControlNet units (on a --controlnet repository)
 
 
 @dataclass
@@ -107,12 +116,27 @@ class SoakResult:
         return not self.failures
 
 
-def valid_request(rng: random.Random, s: SoakSettings, loras: Sequence[str] = ()) -> dict[str, Any]:
+def valid_request(
+    rng: random.Random, s: SoakSettings, loras: Sequence[str] = (), controlnets: Sequence[str] = ()
+) -> dict[str, Any]:
     prompt = rng.choice(["a red bicycle", "(a cat:1.2) on a [sofa]", "a lighthouse, BREAK, night"])
     if loras and rng.random() < s.loras:
         chosen = rng.sample(loras, rng.randint(1, min(2, len(loras))))
         prompt += "".join(f" <lora:{name}:{rng.choice([-0.5, 0.4, 1.0])}>" for name in chosen)
-    return {
+    units: dict[str, Any] = {}
+    if controlnets and rng.random() < s.controlnets:
+        for i in range(rng.randint(1, 2)):
+            start = rng.choice([0.0, 0.0, 0.3])
+            units |= {
+                f"controlnet_{i}_model": rng.choice(controlnets),
+                f"controlnet_{i}_image": control_map_png(rng, rng.choice(s.sizes)),
+                f"controlnet_{i}_weight": rng.choice([0.5, 1.0, 1.5]),
+                f"controlnet_{i}_guidance_start": start,
+                f"controlnet_{i}_guidance_end": rng.choice([start, 0.8, 1.0]),
+                f"controlnet_{i}_control_mode": rng.choice(CONTROL_MODES),
+                f"controlnet_{i}_module": rng.choice(CONTROL_MODULES),
+            }
+    return units | {
         "prompt": prompt,
         "negative_prompt": rng.choice(["", "blurry"]),
         "width": rng.choice(s.sizes),
@@ -123,6 +147,16 @@ def valid_request(rng: random.Random, s: SoakSettings, loras: Sequence[str] = ()
         "num_images": rng.randint(1, s.max_images),
         "seed": rng.randrange(2**31),
     }
+
+
+def control_map_png(rng: random.Random, side: int) -> bytes:
+    """A blocky black-and-white control map, `side` pixels square (fitted to the request's size by the unit's
+    resize mode)."""
+    cells = np.array([[rng.choice((0, 255)) for _ in range(8)] for _ in range(8)], np.uint8)
+    image = Image.fromarray(cells).resize((side, side), Image.Resampling.NEAREST).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _arrays(inputs: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
@@ -220,6 +254,7 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
     result = SoakResult({k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()})
     jobs_dir = Path(tempfile.mkdtemp(prefix="soak-jobs-"))
     loras = sorted(p.stem for p in s.lora_dir.rglob("*.safetensors")) if s.lora_dir else []
+    controlnets = PipelineManifest.read(s.repository / PIPELINE / "1" / PIPELINE_MANIFEST).controlnets
     lora_args = [f"--lora-dir={s.lora_dir}"] if s.lora_dir else []
     server = TritonServer(
         s.repository,
@@ -239,7 +274,7 @@ def run(settings: SoakSettings, log: Callable[[str], None] = print) -> SoakResul
         rng = random.Random(s.seed * 1000 + index)
         with grpc.InferenceServerClient(server.grpc_url) as client:
             while time.monotonic() < end:
-                inputs = valid_request(rng, s, loras)
+                inputs = valid_request(rng, s, loras, controlnets)
                 kind = "valid"
                 t0 = time.monotonic()
                 if rng.random() < s.malformed:
@@ -384,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         "--lora)",
     )
     parser.add_argument("--loras", type=float, default=SoakSettings.loras, metavar="SHARE")
+    parser.add_argument(
+        "--controlnets",
+        type=float,
+        default=SoakSettings.controlnets,
+        metavar="SHARE",
+        help="share of valid requests with ControlNet units, on a repository built with --controlnet",
+    )
     parser.add_argument("--out", type=Path, help="write the report here (Markdown; JSON beside it)")
     args = parser.parse_args(argv)
     settings = SoakSettings(
@@ -397,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s=args.warmup,
         lora_dir=args.lora_dir,
         loras=args.loras,
+        controlnets=args.controlnets,
     )
     result = run(settings)
     text = report(result)
