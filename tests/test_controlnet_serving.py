@@ -144,6 +144,7 @@ def test_the_gateway_takes_the_extensions_units_and_lists_models_and_modules(ser
             sampler_name=SCHEDULER[0],
             cfg_scale=7.5,
             controlnet_units=[unit],
+            alwayson_scripts={},  # webuiapi writes units into its default dict: later calls would send them
         )
         direct, _ = _generate(
             server, _unit("canny", 1, weight=0.8, processor_res=512, threshold_a=64, threshold_b=64)

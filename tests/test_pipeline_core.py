@@ -241,7 +241,29 @@ def test_request_from_inputs_decodes_tensors():
         }
     )
     assert request == GenerationRequest(prompt="café", width=96, guidance_scale=3.5, seed=2**40)
-    assert set(REQUEST_INPUTS) == set(GenerationRequest.__dataclass_fields__)
+    # Every field is an input, but the ControlNet units: each field of a unit is one (controlnet_{i}_{field}).
+    assert set(REQUEST_INPUTS) | {"controlnets"} == set(GenerationRequest.__dataclass_fields__)
+
+
+def test_request_from_inputs_decodes_controlnet_units():
+    from python_backend.control import ControlUnit
+
+    prompt = {"prompt": np.array([b"x"], dtype=np.object_)}
+    unit = {
+        "controlnet_0_model": np.array([b"canny"], dtype=np.object_),
+        "controlnet_0_image": np.array([b"\x89PNG"], dtype=np.object_),
+        "controlnet_0_weight": np.array([0.5], dtype=np.float32),
+        "controlnet_0_pixel_perfect": np.array([True], dtype=np.bool_),
+    }
+    request = request_from_inputs({**prompt, **unit})
+    assert request.controlnets == (ControlUnit("canny", b"\x89PNG", weight=0.5, pixel_perfect=True),)
+    second = {"controlnet_1_model": np.array([b"depth"], dtype=np.object_)}
+    with pytest.raises(InvalidInput) as raised:  # a unit needs its image
+        request_from_inputs({**prompt, **unit, **second})
+    assert raised.value.field == "controlnet_1_image"
+    with pytest.raises(InvalidInput) as raised:  # numbered from 0
+        request_from_inputs({**prompt, **second, "controlnet_1_image": unit["controlnet_0_image"]})
+    assert raised.value.field.startswith("controlnet_1_") and "units are numbered from 0" in str(raised.value)
 
 
 @pytest.mark.parametrize(
