@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -510,6 +510,46 @@ def report(
             "- why the missed targets are missed, and what would close them: perf/README.md, Targets"
         )
     return "\n".join(lines) + "\n", parity_ok
+
+
+def count_rows(
+    runs: Sequence[Any], noun: str, reference: str, extra: Mapping[str, Callable[[Any], str]] | None = None
+) -> tuple[list[str], bool]:
+    """The table of a mode that times requests adding k models (LoRAs, ControlNets: `noun`, singular) served
+    vs diffusers with the same (`reference`): one row per run (its `count`, `diffusers` and `served`
+    Measurements), `extra` columns before the timed calls; and whether every served image is within
+    TOLERANCE of diffusers'."""
+    extra = extra or {}
+    parity_ok = True
+    zero = next((r for r in runs if r.count == 0), None)
+    rows = [
+        f"| {noun}s | (a) {reference}, median s | (c) ours served, median s | (c) ÷ (a) "
+        f"| (c) vs (c) without {noun} | max pixel diff (c) vs (a) | (c) differs from its 0-{noun} image by "
+        + "".join(f"| {header} " for header in extra)
+        + "| timed calls (a); (c) (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + "---|",
+    ]
+    for r in runs:
+        a, c = r.diffusers, r.served
+        assert a.images is not None and c.images is not None
+        diff = max_pixel_diff(c.images, a.images)
+        parity_ok &= diff <= TOLERANCE
+        verdict = "ok" if diff <= TOLERANCE else f"**FAIL (> {TOLERANCE})**"
+        vs_zero = changed = "—"
+        if zero is not None and r is not zero:
+            vs_zero = f"{c.median_s / zero.served.median_s - 1:+.1%}"
+            assert zero.served.images is not None
+            changed = f"{max_pixel_diff(c.images, zero.served.images)}/255"
+        calls = (
+            ", ".join(f"{t:.3f}" for t in a.latencies_s) + "; " + ", ".join(f"{t:.3f}" for t in c.latencies_s)
+        )
+        rows.append(
+            f"| {r.count} | {a.median_s:.3f} | {c.median_s:.3f} | {c.median_s / a.median_s:.3f} "
+            f"| {vs_zero} | {diff}/255 {verdict} | {changed} "
+            + "".join(f"| {cell(r)} " for cell in extra.values())
+            + f"| {calls} |"
+        )
+    return rows, parity_ok
 
 
 def _verdict(value: float, target: float, *, at_least: bool, applies: bool = True) -> str:

@@ -49,9 +49,9 @@ from perf.compare import (
     _diffusers_call,
     build_repository,
     checkpoint_scheduler,
+    count_rows,
     is_full_size,
     machine,
-    max_pixel_diff,
     measure,
     served_call,
     start_server,
@@ -237,33 +237,8 @@ def run(s: Settings, counts: list[int], work_dir: Path) -> Results:
 def report(s: Settings, results: Results) -> tuple[str, bool]:
     """The Markdown report and whether every served image matched diffusers' within TOLERANCE."""
     runs = results.runs
-    parity_ok = True
-    zero = next((r for r in runs if r.count == 0), None)
-    rows = [
-        "| ControlNets | (a) diffusers, median s | (c) ours served, median s | (c) ÷ (a) "
-        "| (c) vs (c) without ControlNet | max pixel diff (c) vs (a) "
-        "| (c) differs from its 0-ControlNet image by "
-        "| load average after | timed calls (a); (c) (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in runs:
-        a, c = r.diffusers, r.served
-        assert a.images is not None and c.images is not None
-        diff = max_pixel_diff(c.images, a.images)
-        parity_ok &= diff <= TOLERANCE
-        verdict = "ok" if diff <= TOLERANCE else f"**FAIL (> {TOLERANCE})**"
-        vs_zero = changed = "—"
-        if zero is not None and r is not zero:
-            vs_zero = f"{c.median_s / zero.served.median_s - 1:+.1%}"
-            assert zero.served.images is not None
-            changed = f"{max_pixel_diff(c.images, zero.served.images)}/255"
-        calls = (
-            ", ".join(f"{t:.3f}" for t in a.latencies_s) + "; " + ", ".join(f"{t:.3f}" for t in c.latencies_s)
-        )
-        rows.append(
-            f"| {r.count} | {a.median_s:.3f} | {c.median_s:.3f} | {c.median_s / a.median_s:.3f} "
-            f"| {vs_zero} | {diff}/255 {verdict} | {changed} | {r.load_after:.2f} | {calls} |"
-        )
+    load_after = {"load average after": lambda r: f"{r.load_after:.2f}"}
+    rows, parity_ok = count_rows(runs, "ControlNet", "diffusers", load_after)
     cores = len(os.sched_getaffinity(0))
     lines = [
         f"# perf.compare --controlnets: {s.checkpoint.name}, {s.size}×{s.size}, {s.steps} steps",
@@ -302,7 +277,7 @@ def report(s: Settings, results: Results) -> tuple[str, bool]:
         *rows,
         "",
     ]
-    if zero is not None:
+    if any(r.count == 0 for r in runs):
         lines.append(
             "- 0 ControlNets: a request without a unit on a ControlNet-capable server (its UNet takes zero "
             "residuals), against diffusers' plain StableDiffusionPipeline; compare with (c) of perf.compare "

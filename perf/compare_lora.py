@@ -42,8 +42,8 @@ from perf.compare import (
     _diffusers_call,
     build_repository,
     checkpoint_scheduler,
+    count_rows,
     machine,
-    max_pixel_diff,
     measure,
     served_call,
     served_many,
@@ -187,32 +187,7 @@ def run(s: Settings, counts: list[int], rank: int, work_dir: Path) -> Results:
 def report(s: Settings, results: Results, rank: int) -> tuple[str, bool]:
     """The Markdown report and whether every served image matched diffusers' fused one within TOLERANCE."""
     loras, runs, throughputs = results.loras, results.runs, results.throughputs
-    parity_ok = True
-    zero = next((r for r in runs if r.count == 0), None)
-    rows = [
-        "| LoRAs | (a) diffusers fused, median s | (c) ours served, median s | (c) ÷ (a) "
-        "| (c) vs (c) without LoRA | max pixel diff (c) vs (a) | (c) differs from its 0-LoRA image by "
-        "| timed calls (a); (c) (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in runs:
-        a, c = r.diffusers, r.served
-        assert a.images is not None and c.images is not None
-        diff = max_pixel_diff(c.images, a.images)
-        parity_ok &= diff <= TOLERANCE
-        verdict = "ok" if diff <= TOLERANCE else f"**FAIL (> {TOLERANCE})**"
-        vs_zero = changed = "—"
-        if zero is not None and r is not zero:
-            vs_zero = f"{c.median_s / zero.served.median_s - 1:+.1%}"
-            assert zero.served.images is not None
-            changed = f"{max_pixel_diff(c.images, zero.served.images)}/255"
-        calls = (
-            ", ".join(f"{t:.3f}" for t in a.latencies_s) + "; " + ", ".join(f"{t:.3f}" for t in c.latencies_s)
-        )
-        rows.append(
-            f"| {r.count} | {a.median_s:.3f} | {c.median_s:.3f} | {c.median_s / a.median_s:.3f} "
-            f"| {vs_zero} | {diff}/255 {verdict} | {changed} | {calls} |"
-        )
+    rows, parity_ok = count_rows(runs, "LoRA", "diffusers fused")
     lines = [
         f"# perf.compare --loras: {s.checkpoint.name}, {s.size}×{s.size}, {s.steps} steps",
         "",
@@ -235,7 +210,7 @@ def report(s: Settings, results: Results, rank: int) -> tuple[str, bool]:
         *rows,
         "",
     ]
-    if zero is not None:
+    if any(r.count == 0 for r in runs):
         lines.append(
             "- 0 LoRAs: a request without LoRA on a LoRA-capable server (its UNet runs take the plain graph "
             "unless batched with LoRA rows); compare with (c) of perf.compare on the plain repository"
