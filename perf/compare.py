@@ -512,6 +512,15 @@ def report(
     return "\n".join(lines) + "\n", parity_ok
 
 
+def publish(text: str, out: Path | None, label: str) -> None:
+    """Print a benchmark's report and, with `out`, write it there (Markdown)."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"{label}: wrote {out}")
+
+
 def count_rows(
     runs: Sequence[Any], noun: str, reference: str, extra: Mapping[str, Callable[[Any], str]] | None = None
 ) -> tuple[list[str], bool]:
@@ -666,11 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"perf.compare: ({m.key}) {m.name}: " + (m.skipped or f"median {m.median_s:.3f} s"))
 
     text, parity_ok = report(s, contestants, repo, throughputs)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"perf.compare: wrote {args.out}")
+    publish(text, args.out, "perf.compare")
     if not parity_ok:
         print(f"perf.compare: images differ from diffusers' by more than {TOLERANCE}/255", file=sys.stderr)
     return 0 if parity_ok else 1

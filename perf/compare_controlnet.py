@@ -53,6 +53,7 @@ from perf.compare import (
     is_full_size,
     machine,
     measure,
+    publish,
     served_call,
     start_server,
 )
@@ -294,11 +295,7 @@ def report(s: Settings, results: Results) -> tuple[str, bool]:
 
 def main(s: Settings, counts: list[int], work_dir: Path, out: Path | None) -> int:
     text, parity_ok = report(s, run(s, counts, work_dir))
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"perf.compare: wrote {out}")
+    publish(text, out, "perf.compare")
     if not parity_ok:
         print(
             f"perf.compare: served ControlNet images differ from diffusers' by > {TOLERANCE}/255",

@@ -45,6 +45,7 @@ from perf.compare import (
     count_rows,
     machine,
     measure,
+    publish,
     served_call,
     served_many,
     start_server,
@@ -240,11 +241,7 @@ def report(s: Settings, results: Results, rank: int) -> tuple[str, bool]:
 
 def main(s: Settings, counts: list[int], rank: int, work_dir: Path, out: Path | None) -> int:
     text, parity_ok = report(s, run(s, counts, rank, work_dir), rank)
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"perf.compare: wrote {out}")
+    publish(text, out, "perf.compare")
     if not parity_ok:
         print(
             f"perf.compare: served LoRA images differ from diffusers' fused ones by > {TOLERANCE}/255",

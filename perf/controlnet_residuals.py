@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from perf.compare import SETTLE_S, is_full_size, machine
+from perf.compare import SETTLE_S, is_full_size, machine, publish
 from perf.lora_branch import TEXT_TOKENS, Variant, base_feed, measure, onnx_bytes, open_session, percentile
 
 BUDGET = 0.03  # issue 16: at full size, 256 and 512 px
@@ -157,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     sessions = {name: open_session(path) for name, path in paths.items()}
     diffs = measure(sessions, runs, args.rounds, label="perf.controlnet_residuals")
     text = report(args, runs, diffs, files)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"perf.controlnet_residuals: wrote {args.out}")
+    publish(text, args.out, "perf.controlnet_residuals")
     return 0
 
 

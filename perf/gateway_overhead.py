@@ -33,7 +33,7 @@ from PIL import Image
 
 from client import StableDiffusionClient
 from client.api import GenerationResult
-from perf.compare import SETTLE_S, build_repository, checkpoint_scheduler, is_full_size, machine
+from perf.compare import SETTLE_S, build_repository, checkpoint_scheduler, is_full_size, machine, publish
 from services.serve import ServeOptions, TritonProcess, default_cache_dir, free_ports
 
 # The project's targets (issue 13): the gateway adds at most this share to a request's latency.
@@ -255,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in routes:
         print(f"perf.gateway_overhead: {p.name}: median {p.median_s:.4f} s, p90 {p.p90_s:.4f} s")
     text = report(args, routes, same_image, target)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"perf.gateway_overhead: wrote {args.out}")
+    publish(text, args.out, "perf.gateway_overhead")
     return 0
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from perf.compare import SETTLE_S, is_full_size, machine
+from perf.compare import SETTLE_S, is_full_size, machine, publish
 
 BUDGET = 0.03  # issue 15: the branch may cost a no-LoRA request at most this much, full-size, 256 and 512 px
 TEXT_TOKENS = 77
@@ -407,11 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     diffs = measure(sessions, runs, args.rounds)
     text = report(args, runs, targets, diffs, files, mem)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"perf.lora_branch: wrote {args.out}")
+    publish(text, args.out, "perf.lora_branch")
     return 0
 
 
