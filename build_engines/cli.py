@@ -23,6 +23,7 @@ from build_engines import (
     inputs,
     lora_branch,
     onnx_export,
+    openvino_engine,
     repository,
     tensorrt_engine,
 )
@@ -32,6 +33,7 @@ from build_engines.single_file import SingleFileError
 from python_backend import adapters
 from python_backend.control import DEFAULT_MAX_UNITS
 from python_backend.ort_sessions import LORA_GRAPH
+from python_backend.ov_sessions import DEFAULT_COMPILED_LIMIT, DYNAMIC, INFERENCE_PRECISION, STATIC
 from python_backend.shapes import (
     CONTROLNET,
     ENGINE_NAMES,
@@ -106,10 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="model repository folder to write")
     parser.add_argument(
         "--target",
-        choices=["onnx", "tensorrt"],
+        choices=["onnx", "openvino", "tensorrt"],
         default="onnx",
         help="onnx: python-backend models running ONNX Runtime (CPU; works with the pip-installed Triton); "
-        "tensorrt: TensorRT plans for Triton's TensorRT backend (needs TensorRT and a GPU)",
+        "openvino: OpenVINO IR on OpenVINO (CPU), hosted by python-backend models (or --openvino-backend "
+        "native); tensorrt: TensorRT plans for Triton's TensorRT backend (needs TensorRT and a GPU)",
     )
     sizes = parser.add_argument_group("profile (what requests the engines accept)")
     sizes.add_argument("--min-size", type=int, default=64, help="smallest image side, pixels (default 64)")
@@ -126,6 +129,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=3,
         help="longest prompt in 75-token chunks (default 3); each adds 77 tokens to the UNet text input",
+    )
+    ov = parser.add_argument_group("openvino target")
+    ov.add_argument(
+        "--precision",
+        choices=list(INFERENCE_PRECISION),
+        default="fp32",
+        help="inference precision of every engine (default fp32; bf16 needs a CPU with AVX512_BF16 or AMX "
+        "and is judged by the quality budget, perf/README.md); always set explicitly, as OpenVINO's own "
+        "default depends on the CPU",
+    )
+    ov.add_argument(
+        "--openvino-shapes",
+        choices=[STATIC, DYNAMIC],
+        default=STATIC,
+        help="static (default): each input shape (batch, size, prompt length) compiled on first use and "
+        "cached; dynamic: each engine compiled once for every shape (one copy of the weights in memory)",
+    )
+    ov.add_argument(
+        "--openvino-compiled-shapes",
+        type=int,
+        default=DEFAULT_COMPILED_LIMIT,
+        metavar="N",
+        help="static: the compiled shapes each engine keeps in memory, each with its own copy of the weights "
+        "(default %(default)s); others are imported again from sd-serve's compile cache when needed",
+    )
+    ov.add_argument(
+        "--openvino-backend",
+        choices=["python", "native"],
+        default="python",
+        help="python (default): our python-backend model runs OpenVINO (batching across requests, LoRA, "
+        "every shape option); native: configs for Triton's own openvino backend as NGC images ship it "
+        "(no LoRA, no batching across requests, dynamic shapes; see docs/openvino.md)",
     )
     trt = parser.add_argument_group("tensorrt target")
     trt.add_argument(
@@ -245,6 +280,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.controlnets[name] = Path(path)
     if not 1 <= args.controlnet_units <= 8:
         parser.error(f"--controlnet-units must be 1 to 8, got {args.controlnet_units}")
+    if args.openvino_compiled_shapes < 1:
+        parser.error(f"--openvino-compiled-shapes must be at least 1, got {args.openvino_compiled_shapes}")
+    if args.target != "openvino" and (args.precision != "fp32" or args.openvino_backend != "python"):
+        parser.error("--precision and --openvino-backend are options of --target openvino")
+    if args.openvino_backend == "native" and args.lora:
+        parser.error(
+            "--openvino-backend native cannot run LoRA branches (each row's factors are fed by our python "
+            "model): leave out --lora or use --openvino-backend python"
+        )
     if args.lora_max_rank < 1:
         parser.error(f"--lora-max-rank must be at least 1, got {args.lora_max_rank}")
     if args.max_queue_size < 0:
@@ -257,14 +301,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def precisions(target: str, vae_precision: str) -> dict[str, str]:
-    """Per engine. TensorRT: fp16 UNet (nearly all the work); the text encoder stays fp32, as it is cheap
-    and transformers' CLIP traced in fp16 mixes dtypes around LayerNorm. ONNX Runtime on CPU: fp32."""
-    if target == "onnx":
+    """Of each engine's ONNX export. TensorRT: fp16 UNet (nearly all the work); the text encoder stays fp32,
+    as it is cheap and transformers' CLIP traced in fp16 mixes dtypes around LayerNorm. ONNX Runtime on CPU:
+    fp32. OpenVINO: fp32, its precision is the IR's (openvino_engine.convert_engine)."""
+    if target in ("onnx", "openvino"):
         return dict.fromkeys(ENGINE_NAMES, "fp32")
     return {
         name: "fp32" if name == TEXT_ENCODER else "fp16" if name == UNET else vae_precision
         for name in ENGINE_NAMES
     }
+
+
+def openvino_options(args: argparse.Namespace) -> repository.OpenVinoOptions:
+    return repository.OpenVinoOptions(
+        args.precision, args.openvino_shapes, args.openvino_compiled_shapes, args.openvino_backend == "native"
+    )
 
 
 def vocab_size(checkpoint: Path) -> int:
@@ -363,8 +414,8 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                 out_dir = repository.onnx_dir(repo, spec.name, args.target, args.prefix)
                 lora = args.lora and spec.name in lora_branch.ENGINE_OF.values()
                 component_name = adapters.COMPONENT_OF[spec.name] if lora else None
-                # (ONNX file, engine spec, plan folder) of each graph: the text encoder with --lora has only
-                # its branch graph; the UNet keeps its plain graph and has the branch graph beside it.
+                # (ONNX file, engine spec, plan or IR folder) of each graph: the text encoder with --lora has
+                # only its branch graph; the UNet keeps its plain graph and has the branch graph beside it.
                 graphs: list[tuple[Path, EngineSpec, Path]] = []
                 version = repository.engine_dir(repo, spec.name, args.prefix) / "1"
                 if not (lora and spec.name == TEXT_ENCODER):
@@ -390,6 +441,25 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                         repo, spec, args.profile, args.prefix, args.unet_batch_delay, component_name
                     )
                     continue
+                if args.target == "openvino":
+                    for onnx_path, graph_spec, ir_dir in graphs:
+                        bar.set_description(f"{spec.name}: OpenVINO IR")
+                        ir = openvino_engine.convert_engine(onnx_path, graph_spec, ir_dir, args.precision)
+                        bar.write(
+                            f"{spec.name}: OpenVINO {args.precision} IR "
+                            f"{'up to date, kept' if ir.reused else 'converted'}; relative error vs ONNX "
+                            f"Runtime {ir.rel_error:.1e}"
+                        )
+                    repository.write_openvino_model(
+                        repo,
+                        spec,
+                        args.profile,
+                        openvino_options(args),
+                        args.prefix,
+                        args.unet_batch_delay,
+                        component_name,
+                    )
+                    continue
                 for onnx_path, graph_spec, plan_dir in graphs:
                     bar.set_description(f"{spec.name}: TensorRT build")
                     rank_axes = lora_branch.rank_axes(graph_spec, args.lora_max_rank)
@@ -411,6 +481,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                 )
             except (
                 onnx_export.ExportError,
+                openvino_engine.ConversionError,
                 tensorrt_engine.EngineBuildError,
                 controlnet.ControlNetError,
             ) as e:

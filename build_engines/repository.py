@@ -27,6 +27,7 @@ from build_engines.onnx_export import EXTERNAL_DATA
 from python_backend import schedulers
 from python_backend.adapters import LORA_INPUT
 from python_backend.control import unit_inputs
+from python_backend.ov_sessions import DEFAULT_COMPILED_LIMIT, STATIC
 from python_backend.pipeline import EMBEDDINGS_FILE, LORA_TARGETS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
@@ -45,6 +46,7 @@ from python_backend.shapes import (
 
 # The hand-written python models that build-engines copies into the repository it writes.
 SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
+OPENVINO_FILES = ("model.xml", "model.bin", "model.xml.json")  # an OpenVINO engine's IR and its sidecar
 PIPELINE_CONTROL = "pipeline_control"  # interrupt / skip of running generations (python_backend.jobs)
 
 TRITON_DTYPES = {
@@ -95,6 +97,25 @@ def tensorrt_engine_config(
     return _engine_config(config, spec, profile, True, unet_batch_delay_ms)
 
 
+def openvino_native_config(spec: EngineSpec, precision: str, prefix: str = "") -> mc.ModelConfig:
+    """A model for Triton's own openvino backend (NGC images; not in the pip-installed Triton). It takes
+    no bounded dynamic shapes and batches only to exactly max_batch_size, so: max_batch_size 0, the batch
+    axis in the dims, no dynamic batcher (concurrent requests' UNet calls run one after another), the IR as
+    converted (dynamic axes: compiled once for every shape). It cannot be told to run f32 on a CPU with
+    bf16: an fp32 build there runs bf16 (sd-serve says so)."""
+    config = mc.ModelConfig(name=triton_model(prefix, spec.name), backend="openvino", max_batch_size=0)
+    for t in spec.inputs:
+        _tensor(config.input.add(), t.name, t.dtype, t.concrete_dims())
+    for t in spec.outputs:
+        _tensor(config.output.add(), t.name, t.dtype, t.concrete_dims())
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
+    config.parameters["NUM_STREAMS"].string_value = "1"
+    if precision == "bf16":
+        config.parameters["HINT_BF16"].string_value = "YES"
+    return config
+
+
 def _engine_config(
     config: mc.ModelConfig, spec: EngineSpec, profile: Profile, gpu: bool, unet_batch_delay_ms: float
 ) -> mc.ModelConfig:
@@ -119,6 +140,16 @@ def _engine_config(
         config.dynamic_batching.SetInParent()  # present even when every field keeps its default
         config.dynamic_batching.max_queue_delay_microseconds = round(unet_batch_delay_ms * 1000)
     return config
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """The openvino target's engines (build-engines --precision, --openvino-shapes, --openvino-backend)."""
+
+    precision: str = "fp32"
+    shapes: str = STATIC
+    compiled_shapes: int = DEFAULT_COMPILED_LIMIT
+    native: bool = False  # Triton's openvino backend instead of our python model
 
 
 @dataclass(frozen=True)
@@ -256,7 +287,37 @@ def write_onnx_runtime_model(
     write_config(model_dir, config)
     if lora_component is None:  # a build without --lora after one with it
         shutil.rmtree(model_dir / "1" / "lora", ignore_errors=True)
-    _remove(model_dir / "1", "model.plan", "model.plan.json")
+    _remove(model_dir / "1", "model.plan", "model.plan.json", *OPENVINO_FILES)
+    shutil.copyfile(SOURCES / "engine" / "1" / "model.py", model_dir / "1" / "model.py")
+
+
+def write_openvino_model(
+    repository: Path,
+    spec: EngineSpec,
+    profile: Profile,
+    openvino: OpenVinoOptions,
+    prefix: str = "",
+    unet_batch_delay_ms: float = 0.0,
+    lora_component: str | None = None,
+) -> None:
+    """config.pbtxt (and model.py) of an OpenVINO engine model (its model.xml is converted there): our
+    python model (model_repository/engine, python_backend/ov_sessions.py), or with `openvino.native` Triton's
+    openvino backend."""
+    model_dir = engine_dir(repository, spec.name, prefix)
+    _remove(
+        model_dir / "1", "model.onnx", "model.onnx.json", "model.onnx.data", "model.plan", "model.plan.json"
+    )
+    if lora_component is None:
+        shutil.rmtree(model_dir / "1" / "lora", ignore_errors=True)
+    if openvino.native:
+        write_config(model_dir, openvino_native_config(spec, openvino.precision, prefix))
+        _remove(model_dir / "1", "model.py")
+        return
+    config = python_engine_config(spec, profile, prefix, unet_batch_delay_ms, lora_component)
+    config.parameters["precision"].string_value = openvino.precision
+    config.parameters["shapes"].string_value = openvino.shapes
+    config.parameters["compiled_shapes"].string_value = str(openvino.compiled_shapes)
+    write_config(model_dir, config)
     shutil.copyfile(SOURCES / "engine" / "1" / "model.py", model_dir / "1" / "model.py")
 
 
@@ -272,7 +333,7 @@ def write_tensorrt_model(
     runs it, unless it has LoRA branches (`lora_component`): then our python model hosts it on the GPU
     (python_backend/trt_sessions.py), as Triton's backend cannot feed each row its LoRA factors."""
     model_dir = engine_dir(repository, spec.name, prefix)
-    _remove(model_dir / "1", "model.onnx", "model.onnx.json", "model.onnx.data")
+    _remove(model_dir / "1", "model.onnx", "model.onnx.json", "model.onnx.data", *OPENVINO_FILES)
     if lora_component is None:
         write_config(model_dir, tensorrt_engine_config(spec, profile, prefix, unet_batch_delay_ms))
         shutil.rmtree(
@@ -339,13 +400,21 @@ class Stage:
     hard-linked in from the repository first, so an up-to-date export is still kept rather than redone;
     everything else is written afresh."""
 
-    # Per model folder: what onnx_export.export_engine and tensorrt_engine.build_engine reuse when their
+    # Per model folder: what onnx_export.export_engine, tensorrt_engine.build_engine and
+    # openvino_engine.convert_engine reuse when their
     # sidecar matches, and otherwise unlink or rename over (never write into: the link is the live file).
     REUSABLE = tuple(
         f"{folder}/{name}"
         # 1/lora, onnx/lora: the UNet's LoRA branch graph and plan (build-engines --lora)
         for folder in ("1", "onnx", "1/lora", "onnx/lora")
-        for name in ("model.onnx", EXTERNAL_DATA, "model.onnx.json", "model.plan", "model.plan.json")
+        for name in (
+            "model.onnx",
+            EXTERNAL_DATA,
+            "model.onnx.json",
+            "model.plan",
+            "model.plan.json",
+            *OPENVINO_FILES,
+        )
     )
 
     def __init__(self, repository: Path, models: Sequence[str]) -> None:

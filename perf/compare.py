@@ -64,6 +64,20 @@ class Settings:
     scheduler: str | None  # None: the checkpoint's own
     concurrency: int = 4  # served throughput is measured at 1 and at this many concurrent requests
     rounds: int = 3  # requests per client for each throughput figure
+    target: str = "onnx"  # build-engines --target of ours, (b) and (c): onnx or openvino
+    precision: str = "fp32"  # ... and with openvino its --precision
+
+    @property
+    def engine_name(self) -> str:
+        return "ONNX Runtime" if self.target == "onnx" else f"OpenVINO {self.precision}"
+
+    @property
+    def build_args(self) -> list[str]:
+        return [] if self.target == "onnx" else ["--target", "openvino", "--precision", self.precision]
+
+    @property
+    def repository_name(self) -> str:
+        return "repository" if self.target == "onnx" else f"repository-openvino-{self.precision}"
 
 
 @dataclass
@@ -73,6 +87,7 @@ class Measurement:
     call: Callable[[], np.ndarray] | None = field(default=None, repr=False)  # one image, uint8 [1, H, W, 3]
     skipped: str = ""  # why it is not measured (then `call` is None)
     latencies_s: list[float] = field(default_factory=list)  # timed calls, warm-up excluded
+    warmup_s: float = 0.0  # the first call: with OpenVINO's static shapes it compiles for the size
     images: np.ndarray | None = None  # of the last timed call
     server_pid: int | None = None  # served only: tritonserver
     server_processes: int = 0  # tritonserver and its python backend stubs
@@ -95,8 +110,10 @@ def measure(contestants: list[Measurement], repeats: int) -> None:
     interleaved, a burst of load from elsewhere on the machine hits every contestant alike. Each timed
     call starts SETTLE_S after the previous one ended, once ONNX Runtime's threads stopped spinning."""
     ready = [(m, m.call) for m in contestants if m.call is not None]
-    for _, call in ready:
+    for m, call in ready:
+        started = time.perf_counter()
         call()
+        m.warmup_s = time.perf_counter() - started
     for _ in range(repeats):
         for m, call in ready:
             time.sleep(SETTLE_S)
@@ -179,15 +196,21 @@ def _request(s: Settings) -> GenerationRequest:
 
 
 def in_process(s: Settings, repo: Path) -> Measurement:
-    """(b) our denoising core on in-process ONNX Runtime sessions over the repository's model.onnx files."""
-    from python_backend.engines import OnnxRuntimeEngines
+    """(b) our denoising core on in-process engines over the repository's models (ONNX Runtime sessions, or
+    OpenVINO models compiled as the served ones are)."""
+    from python_backend.engines import Engines, OnnxRuntimeEngines, OpenVinoEngines
     from python_backend.pipeline import PipelineAssets, generate
 
     assets = PipelineAssets.load(repo / "pipeline" / "1")
-    engines = OnnxRuntimeEngines(repo, assets.manifest.geometry)
+    geometry = assets.manifest.geometry
+    engines: Engines
+    if s.target == "onnx":
+        engines = OnnxRuntimeEngines(repo, geometry)
+    else:
+        engines = OpenVinoEngines(repo, geometry, s.precision)
     request = _request(s)
     return Measurement(
-        "b", "ours in-process (ONNX Runtime)", lambda: generate(request, engines, assets).images
+        "b", f"ours in-process ({s.engine_name})", lambda: generate(request, engines, assets).images
     )
 
 
@@ -203,7 +226,11 @@ def served(s: Settings, repo: Path, stack: contextlib.ExitStack) -> Measurement:
         served_many(url, s, [s.prompt] * clients, first_seed)
 
     return Measurement(
-        "c", "ours served (Triton, gRPC)", lambda: served_call(client, s, s.prompt), server_pid=pid, many=many
+        "c",
+        f"ours served (Triton, gRPC, {s.engine_name})",
+        lambda: served_call(client, s, s.prompt),
+        server_pid=pid,
+        many=many,
     )
 
 
@@ -295,8 +322,12 @@ def build_repository(checkpoint: Path, work_dir: Path, name: str = "repository",
 
 
 def weights_bytes(repo: Path) -> int:
-    """The engines' weights as served: every model.onnx (+ model.onnx.data) of the repository."""
-    files = [*repo.glob("*/1/model.onnx"), *repo.glob("*/1/model.onnx.data")]
+    """The engines' weights at fp32: every model.onnx (+ model.onnx.data) of the repository's engines, served
+    (the onnx target's, in 1/) or converted from (the openvino target's, in onnx/), whatever precision the
+    engines run at: so that memory ratios of every target have one denominator."""
+    files = [
+        f for folder in ("1", "onnx") for f in repo.glob(f"*/{folder}/model.onnx*") if f.suffix != ".json"
+    ]
     return sum(f.stat().st_size for f in files)
 
 
@@ -421,7 +452,7 @@ def report(
         assert m.images is not None
         diff = max_pixel_diff(m.images, ref.images)
         verdict = ""
-        if m.key in ("b", "c"):
+        if m.key in ("b", "c") and s.precision == "fp32":  # reduced precision: perf/quality.py judges it
             ok = diff <= TOLERANCE
             parity_ok &= ok
             verdict = " ok" if ok else f" **FAIL (> {TOLERANCE})**"
@@ -493,8 +524,8 @@ def report(
             f"(target ≤ {TARGET_MEMORY_VS_WEIGHTS}× on the full-size architecture: {verdict}); the sum "
             f"of their peak RSS (VmHWM, shared pages counted once per process): {_mib(c.server_peak_rss)} "
             f"({c.server_peak_rss / weights:.2f}×)",
-            f"- weights: {_mib(weights)} (every model.onnx + model.onnx.data in the repository, the unused "
-            "vae_encoder included)",
+            f"- weights: {_mib(weights)} at fp32 (every engine's ONNX export: model.onnx + model.onnx.data, "
+            "the unused vae_encoder included)",
             "",
             "| process | count | PSS each | PSS total |",
             "|---|---:|---|---:|",
@@ -504,7 +535,19 @@ def report(
             ),
             "",
         ]
-    lines.append(f"- images of (b) and (c) within {TOLERANCE}/255 of (a): {'yes' if parity_ok else '**NO**'}")
+    if c and c.warmup_s:
+        lines.append(
+            f"- first served call (compiles each engine for this size with OpenVINO's static shapes; ONNX "
+            f"Runtime: warm-up): {c.warmup_s:.2f} s, {c.warmup_s / c.median_s:.2f}× a timed call"
+        )
+    if s.precision == "fp32":
+        lines.append(
+            f"- images of (b) and (c) within {TOLERANCE}/255 of (a): {'yes' if parity_ok else '**NO**'}"
+        )
+    else:
+        lines.append(
+            f"- {s.precision} images are judged by the quality budget (python -m perf.quality), not here"
+        )
     if any("**missed" in line for line in lines):
         lines.append(
             "- why the missed targets are missed, and what would close them: perf/README.md, Targets"
@@ -612,8 +655,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "0,1,2, served (repository built with two random --controlnet) vs diffusers' "
         "StableDiffusionControlNetPipeline with the same ControlNets; instead of the contestants above",
     )
+    parser.add_argument(
+        "--target",
+        choices=["onnx", "openvino"],
+        default="onnx",
+        help="the build-engines target of ours, (b) and (c) (default onnx)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="with --target openvino: the engines' precision (default fp32)",
+    )
     parser.add_argument("--out", type=Path, help="write the report here as Markdown")
     args = parser.parse_args(argv)
+    if args.precision != "fp32" and args.target != "openvino":
+        parser.error("--precision is an option of --target openvino")
     if args.lora_rank < 1:
         parser.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.loras is not None and args.controlnets is not None:
@@ -653,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         args.scheduler,
         args.concurrency,
         args.rounds,
+        args.target,
+        args.precision,
     )
     digest = hashlib.sha256(str(checkpoint).encode()).hexdigest()[:8]
     work_dir = args.work_dir or default_cache_dir() / "perf" / f"{checkpoint.name}-{digest}"
@@ -664,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         from perf import compare_controlnet
 
         return compare_controlnet.main(s, args.controlnets, work_dir, args.out)
-    repo = build_repository(checkpoint, work_dir)
+    repo = build_repository(checkpoint, work_dir, s.repository_name, *s.build_args)
 
     with contextlib.ExitStack() as stack:  # stops the server however the run ends
         contestants = [diffusers_eager(s), in_process(s, repo), served(s, repo, stack), optimum_ort(s)]

@@ -1,8 +1,8 @@
 """The engines the denoising core calls, behind one small interface.
 
-Two implementations run the same four models: `OnnxRuntimeEngines` (in-process sessions, for tests
-and benchmarks) and `BlsEngines` (Triton BLS calls to the engine models). Both only say how to run
-one model; tensor names come from `shapes.engine_specs`. Tensors are torch tensors on `device`, so
+The same four models run in-process (`OnnxRuntimeEngines`, `OpenVinoEngines`: for tests and benchmarks)
+or served (`BlsEngines`: Triton BLS calls to the engine models). Each only says how to run one
+model; tensor names come from `shapes.engine_specs`. Tensors are torch tensors on `device`, so
 the core keeps latents where the engines are (the GPU, for TensorRT engines).
 """
 
@@ -91,7 +91,28 @@ class Engines(ABC):
         return out["latent_mean"], out["latent_std"]
 
 
-class OnnxRuntimeEngines(Engines):
+class _LocalEngines(Engines):
+    """Engines run in this process, one LoraEngine (python_backend/adapters.py) per engine model."""
+
+    _sessions: dict[str, adapters.LoraEngine]
+
+    def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:
+        sessions = self._sessions[engine]
+        feeds = {name: t.cpu().numpy() for name, t in inputs.items()}
+        rows = next(iter(feeds.values())).shape[0]
+        try:
+            arrays = sessions.run(feeds, [lora] * rows)
+        except ValueError as e:  # a LoRA set this engine cannot apply
+            raise EngineError(f"{engine}: {e}") from None
+        names = sessions.outputs
+        return {name: torch.from_numpy(a).to(self.device) for name, a in zip(names, arrays, strict=True)}
+
+
+def _engine_names(geometry: ModelGeometry, controlnets: Iterable[str]) -> list[str]:
+    return [*engine_specs(geometry), *(f"{CONTROLNET}_{name}" for name in controlnets)]
+
+
+class OnnxRuntimeEngines(_LocalEngines):
     """In-process ONNX Runtime sessions (CPU) over `<repository>/<engine>/1/model.onnx`.
 
     `device` is where the core keeps its tensors; a CUDA device there exercises the GPU path of the
@@ -111,21 +132,38 @@ class OnnxRuntimeEngines(Engines):
         from python_backend.ort_sessions import EngineSessions
 
         self.device = torch.device(device)
-        names = [*engine_specs(geometry), *(f"{CONTROLNET}_{name}" for name in controlnets)]
         self._sessions = {
             name: EngineSessions(
                 repository / name / "1", adapters.COMPONENT_OF.get(name), lora_dir, threads=threads
             )
-            for name in names
+            for name in _engine_names(geometry, controlnets)
         }
 
-    def run(self, engine: str, inputs: dict[str, torch.Tensor], lora: str = "") -> dict[str, torch.Tensor]:
-        sessions = self._sessions[engine]
-        feeds = {name: t.cpu().numpy() for name, t in inputs.items()}
-        rows = next(iter(feeds.values())).shape[0]
-        try:
-            arrays = sessions.run(feeds, [lora] * rows)
-        except ValueError as e:  # a LoRA set this engine cannot apply
-            raise EngineError(f"{engine}: {e}") from None
-        names = sessions.outputs
-        return {name: torch.from_numpy(a).to(self.device) for name, a in zip(names, arrays, strict=True)}
+
+class OpenVinoEngines(_LocalEngines):
+    """In-process OpenVINO models (CPU) over `<repository>/<engine>/1/model.xml` (build-engines --target
+    openvino), compiled at `precision` as the served engine models compile them."""
+
+    def __init__(
+        self,
+        repository: Path,
+        geometry: ModelGeometry,
+        precision: str,
+        lora_dir: Path | None = None,
+        controlnets: Iterable[str] = (),
+        shapes: str = "static",
+        cache_dir: Path | None = None,
+    ) -> None:
+        from python_backend.ov_sessions import OpenVinoSessions
+
+        self._sessions = {
+            name: OpenVinoSessions(
+                repository / name / "1",
+                precision,
+                adapters.COMPONENT_OF.get(name),
+                lora_dir,
+                shapes=shapes,
+                cache_dir=cache_dir,
+            )
+            for name in _engine_names(geometry, controlnets)
+        }

@@ -328,6 +328,8 @@ DRAIN_FILE_ENV = "SD_SERVE_DRAIN_FILE"
 JOBS_DIR_ENV = "SD_JOBS_DIR"
 # Set by sd-serve --lora-dir: the folder of LoRA files the pipelines and engine models read.
 LORA_DIR_ENV = "SD_LORA_DIR"
+# Set by sd-serve --openvino-cache-dir: where OpenVINO engines keep the models they compile (per host CPU).
+OPENVINO_CACHE_ENV = "SD_OPENVINO_CACHE_DIR"
 
 
 @dataclass(frozen=True)

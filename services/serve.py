@@ -19,6 +19,7 @@ import errno
 import http.client
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from python_backend.adapters import DEFAULT_CACHE_BYTES, LORA_CACHE_ENV
-from python_backend.shapes import DRAIN_FILE_ENV, JOBS_DIR_ENV, LORA_DIR_ENV
+from python_backend.shapes import DRAIN_FILE_ENV, JOBS_DIR_ENV, LORA_DIR_ENV, OPENVINO_CACHE_ENV
 from services import supervisor
 
 if TYPE_CHECKING:
@@ -246,6 +247,69 @@ def check_engines(
 
 
 # --------------------------------------------------------------------------------------------------------
+# OpenVINO engines: does this CPU run their precision?
+
+IR_SIDECAR = "model.xml.json"  # build_engines.openvino_engine.SIDECAR_FILE, written beside each IR
+DEFAULT_OPENVINO_CACHE = "openvino"  # under default_cache_dir(): compiled models, per host
+
+
+def openvino_precisions(repository: Path) -> dict[str, str]:
+    """Model name → the precision its OpenVINO IR was built for (build-engines --precision)."""
+    found = {}
+    for sidecar in sorted(repository.glob(f"*/*/{IR_SIDECAR}")):
+        model, version = sidecar.parent.parent.name, sidecar.parent.name
+        if version.isdigit():
+            try:
+                found[model] = str(json.loads(sidecar.read_text())["key"]["precision"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def check_openvino_precision(
+    repository: Path, host_supports: Callable[[str], bool] | None = None
+) -> list[str]:
+    """Raise `ServeError` when the repository's OpenVINO engines were built for a precision this CPU does
+    not run natively (bf16 without AVX512_BF16 or AMX: OpenVINO would emulate it, many times slower, or
+    refuse it); return warnings to print."""
+    precisions = openvino_precisions(repository)
+    if not precisions:
+        return []
+    supports = host_supports or _openvino_host_supports
+    bf16 = sorted(model for model, precision in precisions.items() if precision == "bf16")
+    if bf16 and not supports("bf16"):
+        raise ServeError(
+            f"the OpenVINO engines {', '.join(bf16)} were built for bf16, which this CPU does not run "
+            "(it needs AVX512_BF16 or AMX): rebuild them with build-engines --target openvino --precision "
+            "fp32, or serve them on such a CPU (--skip-engine-check starts Triton anyway)"
+        )
+    native_fp32 = sorted(
+        model
+        for model, precision in precisions.items()
+        if precision == "fp32" and _runs_on_openvino_backend(repository / model)
+    )
+    if native_fp32 and supports("bf16"):
+        return [
+            f"{', '.join(native_fp32)}: fp32 OpenVINO engines on Triton's openvino backend run in bf16 on "
+            "this CPU (the backend cannot ask for f32): build with --openvino-backend python for fp32"
+        ]
+    return []
+
+
+def _openvino_host_supports(precision: str) -> bool:
+    from python_backend.ov_sessions import host_supports  # imports OpenVINO: only for such repositories
+
+    return host_supports(precision)
+
+
+def _runs_on_openvino_backend(model_dir: Path) -> bool:
+    try:
+        return re.search(r'backend:\s*"openvino"', (model_dir / "config.pbtxt").read_text()) is not None
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------
 # Triton's CUDA memory pool: where the GPU tensors of the pipeline's BLS calls go
 
 MIB = 1 << 20
@@ -319,10 +383,13 @@ class ServeOptions:
     extra_args: tuple[str, ...] = ()  # passed to tritonserver as given, after ours
     lora_dir: Path | None = None  # the LoRA files prompts name with <lora:NAME:MULT>
     lora_cache_bytes: int | None = None  # compiled LoRA sets each engine process keeps; None: the default
+    openvino_cache_dir: Path | None = None  # OpenVINO engines' compiled models on disk; None: none kept
 
     def environment(self) -> dict[str, str]:
         """What tritonserver's model processes read from their environment."""
         env = {}
+        if self.openvino_cache_dir is not None:
+            env[OPENVINO_CACHE_ENV] = str(self.openvino_cache_dir)
         if self.lora_dir is not None:
             env[LORA_DIR_ENV] = str(self.lora_dir)
         if self.lora_cache_bytes is not None:
@@ -823,10 +890,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"least recently used dropped first (default {DEFAULT_CACHE_BYTES // MIB})",
     )
     parser.add_argument(
+        "--openvino-cache-dir",
+        default=str(default_cache_dir() / DEFAULT_OPENVINO_CACHE),
+        metavar="DIR",
+        help="where OpenVINO engines keep the models they compile for each input shape, so that a restart "
+        "or a shape compiled before imports them instead of compiling again (default: %(default)s; "
+        "'' for none)",
+    )
+    parser.add_argument(
         "--skip-engine-check",
         action="store_true",
         help="start Triton even if the TensorRT engines' sidecars say they were built for another "
-        "TensorRT or GPU",
+        "TensorRT or GPU, or the OpenVINO engines for a precision this CPU does not run",
     )
     args = parser.parse_args(argv[:split])
     if args.lora_dir is not None and not args.lora_dir.is_dir():
@@ -838,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"give --cuda-memory-pool-mb or {CUDA_POOL_FLAG} after --, not both")
     try:
         if not args.skip_engine_check:
-            for warning in check_engines(repository):
+            for warning in [*check_engines(repository), *check_openvino_precision(repository)]:
                 print(f"sd-serve: warning: {warning}", file=sys.stderr, flush=True)
         pool_mib = args.cuda_memory_pool_mb
         if pool_mib is None and not pool_in_extra and has_tensorrt_plans(repository):
@@ -861,6 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_args=extra_args,
             lora_dir=None if args.lora_dir is None else args.lora_dir.absolute(),
             lora_cache_bytes=None if args.lora_cache_mb is None else args.lora_cache_mb * MIB,
+            openvino_cache_dir=Path(args.openvino_cache_dir).absolute() if args.openvino_cache_dir else None,
         )
         supervision = Supervision(grace_period_s=args.grace_period, max_restarts=args.max_restarts)
         return serve(options, ready_timeout=args.ready_timeout, supervision=supervision)

@@ -8,7 +8,7 @@ import pytest
 
 from build_engines import cli as build_cli
 from build_engines.tiny_checkpoint import write_tiny_checkpoint
-from python_backend.engines import OnnxRuntimeEngines
+from python_backend.engines import Engines, OnnxRuntimeEngines, OpenVinoEngines
 from python_backend.pipeline import PipelineAssets
 
 # Small enough to be quick on 2 cores, large enough for a non-square size above the minimum.
@@ -24,6 +24,23 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repository") / "repo"
     assert build_cli.main(["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]) == 0
+    return repo
+
+
+@pytest.fixture(scope="session")
+def openvino_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint built for the openvino target (fp32)."""
+    repo = tmp_path_factory.mktemp("repository") / "openvino"
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--output",
+        str(repo),
+        "--target",
+        "openvino",
+        *PROFILE_ARGS,
+    ]
+    assert build_cli.main(args) == 0
     return repo
 
 
@@ -48,7 +65,10 @@ def assets(model_repository: Path) -> PipelineAssets:
     return PipelineAssets.load(model_repository / "pipeline" / "1")
 
 
-@pytest.fixture(scope="session")
-def engines(model_repository: Path, assets: PipelineAssets) -> OnnxRuntimeEngines:
-    """The tiny repository's engines on in-process ONNX Runtime sessions."""
-    return OnnxRuntimeEngines(model_repository, assets.manifest.geometry)
+@pytest.fixture(scope="session", params=["onnx", "openvino"])
+def engines(request: pytest.FixtureRequest, assets: PipelineAssets) -> Engines:
+    """The tiny checkpoint's engines in this process: the onnx target's on ONNX Runtime sessions, and the
+    openvino target's on OpenVINO (fp32), so that every test of the core runs on both."""
+    if request.param == "onnx":
+        return OnnxRuntimeEngines(request.getfixturevalue("model_repository"), assets.manifest.geometry)
+    return OpenVinoEngines(request.getfixturevalue("openvino_repository"), assets.manifest.geometry, "fp32")

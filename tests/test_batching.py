@@ -31,11 +31,14 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(model_repository: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["onnx", "openvino"])
+def server(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A batching server on each CPU target: the onnx target's and the openvino target's."""
+    built = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
     repo = tmp_path_factory.mktemp("batching") / "repo"
-    shutil.copytree(model_repository, repo)  # the exports are reused: only the configs are rewritten
+    shutil.copytree(built, repo)  # the exports are reused: only the configs are rewritten
     args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS, "--response-cache"]
+    args += ["--target", request.param]
     # A batch window: on a busy 2-core machine the requests' per-step Python work (one GIL in the pipeline
     # process) can outlast a tiny UNet run, so that with no window their calls settle into a convoy, each
     # sent just after the one before has run, and never meet.

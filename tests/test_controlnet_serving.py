@@ -29,15 +29,19 @@ def controlnets(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return {n: write_tiny_controlnet(folder / n, tiny_checkpoint, s) for n, s in (("canny", 1), ("depth", 2))}
 
 
-@pytest.fixture(scope="module")
-def server(model_repository: Path, tiny_checkpoint: Path, controlnets, tmp_path_factory):
+@pytest.fixture(scope="module", params=["onnx", "openvino"])
+def server(request: pytest.FixtureRequest, tiny_checkpoint: Path, controlnets, tmp_path_factory):
+    """ControlNets served on each CPU target."""
+    built = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
     repo = tmp_path_factory.mktemp("controlnet-serving") / "repo"
-    shutil.copytree(model_repository, repo)  # the plain exports are reused
+    shutil.copytree(built, repo)  # the plain exports are reused
     args = [
         "--checkpoint",
         str(tiny_checkpoint),
         "--output",
         str(repo),
+        "--target",
+        request.param,
         *PROFILE_ARGS,
         "--controlnet-units",
         "2",

@@ -207,7 +207,8 @@ def test_server_pod_serves_what_the_engine_container_links(rendered: dict[str, P
         assert mounts(triton)[shared[0]]["mountPath"] == mounts(engines)[shared[0]]["mountPath"], path
     assert env(engines)["SD_CHECKPOINT"].startswith(mounts(engines)["checkpoint"]["mountPath"] + "/")
     if overlay == "cpu":
-        assert env(engines)["SD_ENGINE_TARGET"] == "onnx"
+        assert env(engines)["SD_ENGINE_TARGET"] == "openvino"
+        assert engines["args"][engines["args"].index("--precision") + 1] == "fp32"
         assert "nvidia.com/gpu" not in rendered[overlay].read_text()
 
 
@@ -912,15 +913,16 @@ def test_engine_cache_removes_builds_no_pod_may_serve(engine_env: dict[str, str]
     assert code != 0 and "SD_ENGINE_CACHE_KEEP must be a number of builds, at least 2" in log, log
 
 
-def test_engine_cache_onnx_needs_no_gpu(engine_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_engine_cache_cpu_targets_need_no_gpu(engine_env: dict[str, str], target: str) -> None:
     set_gpu(engine_env, None)
-    code, log = run_engines(engine_env, "onnx")
+    code, log = run_engines(engine_env, target)
     assert code == 0, log
-    key = Path(engine_env["SD_ENGINE_CACHE"]) / "onnx"
+    key = Path(engine_env["SD_ENGINE_CACHE"]) / target
     [build] = published(key).values()
-    assert builds(engine_env) == [
-        f"--checkpoint /models/stable-diffusion-v1-4 --output {key}/.build-{build.name}/repo --target onnx"
-    ]
+    output = f"{key}/.build-{build.name}/repo"
+    checkpoint = "/models/stable-diffusion-v1-4"
+    assert builds(engine_env) == [f"--checkpoint {checkpoint} --output {output} --target {target}"]
 
 
 def test_engine_cache_failures_are_clear(engine_env: dict[str, str]) -> None:
@@ -928,7 +930,7 @@ def test_engine_cache_failures_are_clear(engine_env: dict[str, str]) -> None:
     code, log = run_engines(engine_env, "tensorrt")
     assert code != 0 and "nvidia-smi is not on PATH" in log, log
     code, log = run_engines(engine_env, "")
-    assert code != 0 and "SD_ENGINE_TARGET must be tensorrt or onnx" in log, log
+    assert code != 0 and "SD_ENGINE_TARGET must be tensorrt, openvino or onnx" in log, log
     assert not builds(engine_env)
 
 

@@ -39,13 +39,26 @@ def lora_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["onnx", "openvino"])
 def server(
-    model_repository: Path, tiny_checkpoint: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tiny_checkpoint: Path,
+    lora_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ):
+    """LoRAs served on each CPU target."""
+    built = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
     repo = tmp_path_factory.mktemp("lora-serving") / "repo"
-    shutil.copytree(model_repository, repo)  # the exports are reused: only the configs are rewritten
-    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS]
+    shutil.copytree(built, repo)  # the exports are reused: only the configs are rewritten
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--output",
+        str(repo),
+        "--target",
+        request.param,
+        *PROFILE_ARGS,
+    ]
     # A batch window, so that the concurrent requests' UNet calls meet however busy the machine is.
     serving = ["--max-concurrent-requests", str(CONCURRENT), "--unet-batch-delay", "20"]
     assert build_cli.main([*args, *serving, "--lora"]) == 0

@@ -29,9 +29,12 @@ NEGATIVE = "blurry"
 STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def server(model_repository: Path):
-    with TritonServer(model_repository) as running:
+@pytest.fixture(scope="module", params=["onnx", "openvino"])
+def server(request: pytest.FixtureRequest):
+    """The tiny checkpoint served from its onnx target's repository, and from its openvino target's: every
+    test here runs against both."""
+    repo = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
+    with TritonServer(repo) as running:
         yield running
 
 

@@ -3,7 +3,7 @@
 #
 # Builds the model repository into a cache shared by all pods and links it where the server container looks.
 # TensorRT plans only load on the GPU model and TensorRT release they were built with, so the cache key is
-# both: e.g. nvidia-h100-80gb-hbm3-trt10.8.0 (ONNX models are portable: "onnx"). A mixed GPU fleet thus gets
+# both: e.g. nvidia-h100-80gb-hbm3-trt10.8.0 (ONNX and OpenVINO models are portable: "onnx", "openvino"). A mixed GPU fleet thus gets
 # one folder per GPU type, each built by the first pod of that type.
 #
 # Within a key, every build has its own folder, named by the sha256 of its stamp (target, checkpoint path,
@@ -23,7 +23,7 @@
 # used are removed: by default the new one and the one used before it, which the pods of the previous version
 # serve while a rollout replaces them.
 #
-# Environment: SD_ENGINE_TARGET (tensorrt|onnx), SD_CHECKPOINT (diffusers folder), SD_ENGINE_CACHE (the
+# Environment: SD_ENGINE_TARGET (tensorrt|openvino|onnx), SD_CHECKPOINT (diffusers folder), SD_ENGINE_CACHE (the
 # cache volume), SD_MODEL_REPOSITORY (the link to create, on a volume the server container shares),
 # SD_ENGINE_CACHE_KEEP (optional).
 set -euo pipefail
@@ -90,8 +90,8 @@ tensorrt)
     [[ $tensorrt != - ]] || die "no libnvinfer.so.<version> found: run this in the serving image, which has TensorRT"
     key=$gpu-trt$tensorrt
     ;;
-onnx) key=onnx ;;
-*) die "SD_ENGINE_TARGET must be tensorrt or onnx, got '$target'" ;;
+onnx | openvino) key=$target ;;
+*) die "SD_ENGINE_TARGET must be tensorrt, openvino or onnx, got '$target'" ;;
 esac
 
 dir=$cache/$key

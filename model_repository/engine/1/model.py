@@ -1,10 +1,11 @@
-"""Triton python model hosting one engine: an ONNX file (model.onnx beside this file) on ONNX Runtime, or a
-TensorRT plan (model.plan) on the instance's GPU.
+"""Triton python model hosting one engine: an ONNX file (model.onnx beside this file) on ONNX Runtime, an
+OpenVINO IR (model.xml) on OpenVINO, or a TensorRT plan (model.plan) on the instance's GPU.
 
-build-engines copies this file into text_encoder/, unet/, vae_decoder/ and vae_encoder/ for the `onnx`
-target (the pip-installed Triton has no onnxruntime backend), and into text_encoder/ and unet/ for a
-`tensorrt` target with LoRA (Triton's tensorrt backend runs a plan as it is). Input and output names come
-from the model's config.pbtxt.
+build-engines copies this file into text_encoder/, unet/, vae_decoder/ and vae_encoder/ for the `onnx` and
+`openvino` targets (the pip-installed Triton has neither an onnxruntime nor an openvino backend), and into
+text_encoder/ and unet/ for a `tensorrt` target with LoRA (Triton's tensorrt backend runs a plan as it is).
+Input and output names come from the model's config.pbtxt, and an OpenVINO engine's precision and shape
+policy from its parameters.
 
 A text encoder or UNet built with LoRA branches (build-engines --lora) also takes `lora`, each row's
 LoRA set (python_backend/adapters.py): this process compiles each set once, keeps it within the LoRA
@@ -21,7 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.adapters import DEFAULT_CACHE_BYTES, LORA_CACHE_ENV, LORA_INPUT
-from python_backend.shapes import LORA_DIR_ENV
+from python_backend.shapes import LORA_DIR_ENV, OPENVINO_CACHE_ENV
 
 
 class TritonPythonModel:
@@ -41,6 +42,21 @@ class TritonPythonModel:
 
             device = torch.device("cuda", int(args["model_instance_device_id"]))
             self.sessions = PlanSessions(version, device, component, lora_dir, cache_bytes)
+        elif (version / "model.xml").exists():
+            from python_backend.ov_sessions import OpenVinoSessions
+
+            parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+            cache_dir = os.environ.get(OPENVINO_CACHE_ENV)
+            self.sessions = OpenVinoSessions(
+                version,
+                parameters["precision"],
+                component,
+                lora_dir,
+                cache_bytes,
+                shapes=parameters["shapes"],
+                compiled_limit=int(parameters["compiled_shapes"]),
+                cache_dir=Path(cache_dir) if cache_dir else None,
+            )
         else:
             from python_backend.ort_sessions import EngineSessions
 

@@ -1,0 +1,94 @@
+"""Convert our checked ONNX exports to OpenVINO IR (model.xml + model.bin) for the openvino target, and check
+each IR against ONNX Runtime.
+
+The IR keeps the ONNX file's dynamic axes: the engine model compiles it per shape at serving time
+(python_backend/ov_sessions.py). Weights are stored fp32 for an fp32 build and fp16 for a bf16 one (half the
+file and the memory map; OpenVINO converts them to bf16 when it compiles).
+
+A JSON sidecar records what the IR was made from (the ONNX export's own record, the precision, OpenVINO's
+version); a later build with the same record keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import openvino as ov
+
+from build_engines.onnx_export import CHECK_SIZES, sample_inputs
+from python_backend.ov_sessions import INFERENCE_PRECISION, IR_FILE, compile_config
+from python_backend.shapes import EngineSpec
+
+WEIGHTS_FILE = "model.bin"
+SIDECAR_FILE = "model.xml.json"
+IR_FORMAT = 1  # bump when the conversion itself changes, so that kept IR files are redone
+# The IR run in f32 vs ONNX Runtime on the same inputs (CHECK_SIZES), relative L2 error per output. fp32: the
+# same weights, only kernels differ (measured ≤ 3e-6 on the full-size UNet). bf16 builds store fp16 weights:
+# their rounding alone (measured: ≈ 5e-4 relative on the tiny UNet).
+MAX_REL_ERROR = {"fp32": 1e-4, "bf16": 1e-2}
+CHECK_RANK = 3  # LoRA branches' rank in that check
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Converted:
+    path: Path
+    rel_error: float  # the largest over the outputs, vs ONNX Runtime
+    reused: bool
+
+
+def convert_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, precision: str) -> Converted:
+    """out_dir/model.xml from `onnx_path` (an export with its sidecar), unless an up-to-date one is there."""
+    if precision not in INFERENCE_PRECISION:
+        raise ValueError(f"precision must be one of {tuple(INFERENCE_PRECISION)}, got {precision!r}")
+    onnx_record = json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())["key"]
+    key = {"onnx": onnx_record, "precision": precision, "openvino": ov.get_version(), "ir_format": IR_FORMAT}
+    target, sidecar = out_dir / IR_FILE, out_dir / SIDECAR_FILE
+    if target.exists() and sidecar.exists():
+        recorded = json.loads(sidecar.read_text())
+        if recorded.get("key") == key:
+            return Converted(target, recorded["rel_error"], reused=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (target, sidecar, out_dir / WEIGHTS_FILE):
+        stale.unlink(missing_ok=True)
+    model = ov.convert_model(onnx_path)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        ov.save_model(model, Path(tmp) / IR_FILE, compress_to_fp16=precision != "fp32")
+        del model
+        (Path(tmp) / WEIGHTS_FILE).rename(out_dir / WEIGHTS_FILE)
+        (Path(tmp) / IR_FILE).rename(target)
+    error = check_against_onnx(spec, target, onnx_path)
+    if error > MAX_REL_ERROR[precision]:
+        raise ConversionError(
+            f"{spec.name}: the OpenVINO IR differs from ONNX Runtime by {error:.2e} relative "
+            f"(limit {MAX_REL_ERROR[precision]:.0e})"
+        )
+    sidecar.write_text(json.dumps({"key": key, "rel_error": error}, indent=2) + "\n")
+    return Converted(target, error, reused=False)
+
+
+def check_against_onnx(spec: EngineSpec, ir: Path, onnx_path: Path) -> float:
+    """The IR compiled in f32 vs ONNX Runtime, on the export check's inputs: the largest relative L2 error
+    over the outputs. f32, whatever the build's precision: this checks the conversion; the reduced precision
+    itself is judged by the quality budget (perf/quality.py)."""
+    # Axes the export check has no size for: a LoRA branch graph's rank per layer (lora_branch.py)
+    axes = {d for t in spec.inputs for d in t.dims if isinstance(d, str)} - CHECK_SIZES.keys()
+    feeds = sample_inputs(spec, {**CHECK_SIZES, **dict.fromkeys(axes, CHECK_RANK)}, seed=1)
+    reference = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(ir), "CPU", compile_config("fp32", None))
+    results = compiled(feeds)
+    errors = [
+        float(np.linalg.norm(results[i] - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+        for i, ref in enumerate(reference)
+    ]
+    return max(errors)

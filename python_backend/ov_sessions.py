@@ -1,0 +1,175 @@
+"""One engine's OpenVINO models (build-engines --target openvino), with or without LoRA branches: one source
+for the served engine models (model_repository/engine) and the in-process engines
+(python_backend.engines.OpenVinoEngines).
+
+An engine folder holds the IR `model.xml` (+ `model.bin`, memory-mapped), and the UNet of a LoRA build its
+branch graph in `lora/model.xml`, as on the onnx target (python_backend/ort_sessions.py).
+
+Shapes. OpenVINO's CPU plugin runs a model compiled for static shapes at its best speed, so by default each
+set of input shapes (batch, image size, prompt length, LoRA ranks) gets its own compiled model on first use:
+compiled once, kept in memory (at most `compiled_limit` per graph, least recently used dropped first, as each
+holds its own copy of the weights in the inference precision), and with a cache folder also written to disk,
+so that the next process, or this one after an eviction, imports it instead of compiling again. `dynamic`
+compiles each graph once for every shape instead: one copy of the weights, no compile on a new size.
+
+Precision is always explicit (OpenVINO's default depends on the host CPU: bf16 wherever it has AVX512_BF16
+or AMX).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from python_backend.adapters import (
+    DEFAULT_CACHE_BYTES,
+    AdapterStore,
+    BranchFeeder,
+    LoraEngine,
+    branch_targets,
+)
+
+IR_FILE = "model.xml"  # beside it model.bin, the weights
+LORA_IR = Path("lora") / IR_FILE  # the UNet's branch graph, beside its plain model.xml
+# build-engines --precision → OpenVINO's inference precision
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+STATIC, DYNAMIC = "static", "dynamic"
+DEFAULT_COMPILED_LIMIT = 2  # static shapes kept compiled per graph
+
+
+def host_supports(precision: str, core: ov.Core | None = None) -> bool:
+    """Whether this CPU runs `precision` natively: bf16 needs AVX512_BF16 or AMX (OpenVINO then lists BF16
+    among the CPU's capabilities); elsewhere OpenVINO emulates or refuses it."""
+    if INFERENCE_PRECISION[precision] != "bf16":
+        return True
+    capabilities = (core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in capabilities
+
+
+def compile_config(precision: str, cache_dir: Path | None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
+        # One request at a time per engine, on every core: Triton batches concurrent calls into one run.
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        # Four engine processes (and the pipeline's) share the cores: threads pinned to cores would fight.
+        "ENABLE_CPU_PINNING": False,
+    }
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    return config
+
+
+class CompiledGraph:
+    """One IR, compiled per set of input shapes (`static`) or once (`dynamic`). Safe to call from several
+    threads: each call has its own infer request."""
+
+    def __init__(
+        self,
+        core: ov.Core,
+        path: Path,
+        config: dict[str, Any],
+        shapes: str = STATIC,
+        compiled_limit: int = DEFAULT_COMPILED_LIMIT,
+    ) -> None:
+        if shapes not in (STATIC, DYNAMIC):
+            raise ValueError(f"shapes must be {STATIC!r} or {DYNAMIC!r}, got {shapes!r}")
+        if compiled_limit < 1:
+            raise ValueError(f"compiled_limit must be at least 1, got {compiled_limit}")
+        self.core, self.path, self.config = core, path, config
+        self.shapes, self.compiled_limit = shapes, compiled_limit
+        model = core.read_model(path)
+        self.inputs = [port.get_any_name() for port in model.inputs]
+        self.outputs = [port.get_any_name() for port in model.outputs]
+        self.input_shapes = [(port.get_any_name(), port.get_partial_shape()) for port in model.inputs]
+        self._compiled: OrderedDict[tuple[tuple[int, ...], ...], ov.CompiledModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compile_seconds: dict[tuple[tuple[int, ...], ...], float] = {}  # per shape, for the logs
+        if shapes == DYNAMIC:  # compiled here, so that the first request does not pay it
+            self._compiled[()] = self._compile(model, ())
+
+    def __call__(self, feeds: dict[str, Any]) -> list[np.ndarray]:
+        arrays = [np.ascontiguousarray(feeds[name]) for name in self.inputs]
+        key = () if self.shapes == DYNAMIC else tuple(a.shape for a in arrays)
+        request = self._compiled_for(key).create_infer_request()
+        request.infer(arrays)
+        return [np.array(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
+
+    @property
+    def compiled_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
+        with self._lock:
+            return list(self._compiled)
+
+    def _compiled_for(self, key: tuple[tuple[int, ...], ...]) -> ov.CompiledModel:
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+            # Compiled under the lock: two first calls at one size compile it once, and at most one extra
+            # copy of the weights is ever being made.
+            model = self.core.read_model(self.path)
+            model.reshape({name: list(shape) for name, shape in zip(self.inputs, key, strict=True)})
+            compiled = self._compile(model, key)
+            self._compiled[key] = compiled
+            while len(self._compiled) > self.compiled_limit:
+                self._compiled.popitem(last=False)
+            return compiled
+
+    def _compile(self, model: ov.Model, key: tuple[tuple[int, ...], ...]) -> ov.CompiledModel:
+        started = time.perf_counter()
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        self.compile_seconds[key] = time.perf_counter() - started
+        return compiled
+
+
+class OpenVinoSessions(LoraEngine):
+    """`folder`: the engine's version folder (where model.xml is). `component`: the LoRA component its
+    branches apply ("unet", "text_encoder"), None for an engine without. `precision`: the build's
+    (build-engines --precision). `cache_dir`: where compiled models are kept on disk, None for nowhere."""
+
+    def __init__(
+        self,
+        folder: Path,
+        precision: str,
+        component: str | None = None,
+        lora_dir: Path | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        shapes: str = STATIC,
+        compiled_limit: int = DEFAULT_COMPILED_LIMIT,
+        cache_dir: Path | None = None,
+    ) -> None:
+        core = ov.Core()
+        config = compile_config(precision, cache_dir)
+
+        def graph(path: Path) -> CompiledGraph:
+            return CompiledGraph(core, path, config, shapes, compiled_limit)
+
+        plain = graph(folder / IR_FILE)
+        self.graphs = [plain]
+        self.outputs = plain.outputs
+        self.plain = plain
+        if component is None:
+            return
+        branched = None
+        if (folder / LORA_IR).exists():
+            branched = graph(folder / LORA_IR)
+            self.graphs.append(branched)
+        elif branch_targets(_static_dims(plain)):
+            branched, self.plain = plain, None  # one graph: branches
+        if branched is not None:
+            self.branched = branched
+            targets = branch_targets(_static_dims(branched))
+            self.feeder = BranchFeeder(AdapterStore(lora_dir, component, targets, cache_bytes))
+
+
+def _static_dims(graph: CompiledGraph) -> list[tuple[str, list[int | str]]]:
+    """(name, dims) of a graph's inputs, a dynamic dim as "?" (branch_targets reads the static ones)."""
+    return [
+        (name, [d.get_length() if d.is_static else "?" for d in shape]) for name, shape in graph.input_shapes
+    ]

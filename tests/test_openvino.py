@@ -1,0 +1,215 @@
+"""The openvino target: IR conversion and reuse, the compiled-shape cache, precision, the native backend's
+configs and sd-serve's precision check. Parity of its images with diffusers' is proved by the core and
+serving tests, which run on both CPU targets (tests/conftest.py `engines`, tests/test_serving.py `server`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from build_engines import cli as build_cli
+from build_engines import openvino_engine, repository
+from python_backend.engines import OnnxRuntimeEngines, OpenVinoEngines
+from python_backend.ov_sessions import DYNAMIC, STATIC, CompiledGraph, compile_config, host_supports
+from python_backend.pipeline import PipelineAssets, generate
+from python_backend.request import GenerationRequest
+from python_backend.shapes import ENGINE_NAMES, UNET, engine_specs
+from services import serve
+from tests.conftest import PROFILE_ARGS
+from tests.parity import max_pixel_diff
+
+BF16_HOST = host_supports("bf16")
+NEEDS_BF16 = pytest.mark.skipif(not BF16_HOST, reason="this CPU has neither AVX512_BF16 nor AMX")
+
+
+def unet_feeds(batch: int, side: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
+        "timestep": np.full((batch, 1), 500, np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32),
+    }
+
+
+def test_build_writes_ir_and_python_models_and_keeps_them(openvino_repository, tiny_checkpoint, capsys):
+    for engine in ENGINE_NAMES:
+        version = openvino_repository / engine / "1"
+        assert {"model.xml", "model.bin", "model.xml.json", "model.py"} <= {p.name for p in version.iterdir()}
+        assert not (version / "model.onnx").exists()  # the ONNX export is the IR's source, kept in onnx/
+        config = repository.read_config(openvino_repository / engine)
+        assert config.backend == "python"
+        assert config.parameters["precision"].string_value == "fp32"
+        assert config.parameters["shapes"].string_value == STATIC
+    assert repository.read_config(openvino_repository / UNET).HasField("dynamic_batching")
+    # A second build over it keeps every IR (same ONNX record, precision and OpenVINO).
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--output",
+        str(openvino_repository),
+        "--target",
+        "openvino",
+    ]
+    assert build_cli.main([*args, *PROFILE_ARGS]) == 0
+    assert capsys.readouterr().out.count("IR up to date, kept") == len(ENGINE_NAMES)
+
+
+def test_ir_matches_onnx_runtime_and_reports_its_error(openvino_repository):
+    record = json.loads((openvino_repository / UNET / "1" / "model.xml.json").read_text())
+    assert record["key"]["precision"] == "fp32"
+    assert record["rel_error"] < 1e-5
+    spec = engine_specs(PipelineAssets.load(openvino_repository / "pipeline" / "1").manifest.geometry)[UNET]
+    error = openvino_engine.check_against_onnx(
+        spec,
+        openvino_repository / UNET / "1" / "model.xml",
+        openvino_repository / UNET / "onnx" / "model.onnx",
+    )
+    assert error == pytest.approx(record["rel_error"], rel=0.5)
+
+
+def test_static_shapes_compile_once_per_shape_within_the_limit(openvino_repository, tmp_path):
+    cache = tmp_path / "cache"
+    graph = CompiledGraph(
+        ov.Core(), openvino_repository / UNET / "1" / "model.xml", compile_config("fp32", cache), STATIC, 2
+    )
+    small, large = unet_feeds(2, 8), unet_feeds(4, 12)
+    first = graph(small)
+    assert len(graph.compiled_shapes) == 1 and any(cache.iterdir())  # compiled, and written to disk
+    np.testing.assert_array_equal(graph(small)[0], first[0])
+    assert len(graph.compiled_shapes) == 1  # the same shape runs its compiled model
+    graph(large)
+    graph(unet_feeds(1, 8))
+    shapes = graph.compiled_shapes
+    assert len(shapes) == 2 and shapes[-1][0] == (1, 4, 8, 8)  # the least recently used went
+    np.testing.assert_array_equal(graph(small)[0], first[0])  # compiled again (from the disk cache)
+
+
+def test_dynamic_shapes_compile_once_and_agree_with_static(openvino_repository):
+    path = openvino_repository / UNET / "1" / "model.xml"
+    dynamic = CompiledGraph(ov.Core(), path, compile_config("fp32", None), DYNAMIC)
+    static = CompiledGraph(ov.Core(), path, compile_config("fp32", None), STATIC)
+    for batch, side in ((2, 8), (3, 12)):
+        feeds = unet_feeds(batch, side)
+        np.testing.assert_allclose(dynamic(feeds)[0], static(feeds)[0], atol=1e-5)
+    assert dynamic.compiled_shapes == [()]
+
+
+def test_precision_is_explicit_and_checked():
+    assert compile_config("fp32", None)["INFERENCE_PRECISION_HINT"] == "f32"
+    assert compile_config("bf16", None)["INFERENCE_PRECISION_HINT"] == "bf16"
+    with pytest.raises(KeyError):
+        compile_config("fp8", None)
+
+
+def test_in_process_openvino_matches_onnx_runtime_at_several_sizes(openvino_repository, model_repository):
+    """The same request on both CPU targets, at sizes the UNet compiles separately."""
+    assets = PipelineAssets.load(openvino_repository / "pipeline" / "1")
+    openvino = OpenVinoEngines(openvino_repository, assets.manifest.geometry, "fp32")
+    onnx = OnnxRuntimeEngines(model_repository, assets.manifest.geometry)
+    for width, height, images in ((64, 64, 1), (96, 64, 2)):
+        request = GenerationRequest(
+            prompt="a cat", width=width, height=height, num_inference_steps=3, seed=5, num_images=images
+        )
+        ours, theirs = generate(request, openvino, assets).images, generate(request, onnx, assets).images
+        assert max_pixel_diff(ours, theirs) <= 1
+
+
+def test_bf16_build_stores_fp16_weights_and_converts_correctly(openvino_repository, tmp_path):
+    """A bf16 IR holds its weights in fp16 (half the file); run in f32 it is the fp32 IR within their
+    rounding."""
+    spec = engine_specs(PipelineAssets.load(openvino_repository / "pipeline" / "1").manifest.geometry)[UNET]
+    onnx = tmp_path / "onnx"
+    shutil.copytree(openvino_repository / UNET / "onnx", onnx)
+    converted = openvino_engine.convert_engine(onnx / "model.onnx", spec, tmp_path / "bf16", "bf16")
+    assert not converted.reused and converted.rel_error < openvino_engine.MAX_REL_ERROR["bf16"]
+    fp32_bytes = (openvino_repository / UNET / "1" / "model.bin").stat().st_size
+    assert (tmp_path / "bf16" / "model.bin").stat().st_size < 0.6 * fp32_bytes
+    assert openvino_engine.convert_engine(onnx / "model.onnx", spec, tmp_path / "bf16", "bf16").reused
+
+
+@NEEDS_BF16
+def test_bf16_engines_run_in_bf16(openvino_repository):
+    graph = CompiledGraph(
+        ov.Core(), openvino_repository / UNET / "1" / "model.xml", compile_config("bf16", None)
+    )
+    feeds = unet_feeds(2, 8)
+    graph(feeds)
+    (compiled,) = graph._compiled.values()
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "bf16"
+
+
+def test_native_backend_configs(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "native"
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), "--target", "openvino"]
+    assert build_cli.main([*args, *PROFILE_ARGS, "--openvino-backend", "native", "--precision", "bf16"]) == 0
+    geometry = PipelineAssets.load(repo / "pipeline" / "1").manifest.geometry
+    for engine, spec in engine_specs(geometry).items():
+        config = repository.read_config(repo / engine)
+        assert config.backend == "openvino" and config.max_batch_size == 0
+        assert not (repo / engine / "1" / "model.py").exists()
+        assert config.parameters["HINT_BF16"].string_value == "YES"
+        model = ov.Core().read_model(repo / engine / "1" / "model.xml")
+        # The config's dims are the IR's, batch axis included (max_batch_size 0).
+        ir_inputs = {
+            p.get_any_name(): [d.get_length() if d.is_static else -1 for d in p.get_partial_shape()]
+            for p in model.inputs
+        }
+        assert {t.name: list(t.dims) for t in config.input} == ir_inputs
+        assert [t.name for t in config.output] == [t.name for t in spec.outputs]
+
+
+def test_native_backend_refuses_lora(tiny_checkpoint, tmp_path, capsys):
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "r"), "--target", "openvino"]
+    with pytest.raises(SystemExit):
+        build_cli.main([*args, "--openvino-backend", "native", "--lora"])
+    assert "--openvino-backend native cannot run LoRA" in capsys.readouterr().err
+
+
+def test_precision_options_belong_to_the_openvino_target(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_cli.main(
+            ["--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), "--precision", "bf16"]
+        )
+    assert "options of --target openvino" in capsys.readouterr().err
+
+
+def _with_precision(repo: Path, tmp_path: Path, precision: str) -> Path:
+    copy = tmp_path / f"repo-{precision}"
+    shutil.copytree(repo, copy)
+    for sidecar in copy.glob("*/1/model.xml.json"):
+        record = json.loads(sidecar.read_text())
+        record["key"]["precision"] = precision
+        sidecar.write_text(json.dumps(record))
+    return copy
+
+
+def test_sd_serve_refuses_bf16_engines_on_a_cpu_without_bf16(openvino_repository, tmp_path):
+    bf16 = _with_precision(openvino_repository, tmp_path, "bf16")
+    with pytest.raises(serve.ServeError, match=r"built for bf16, which this CPU does not run .*AVX512_BF16"):
+        serve.check_openvino_precision(bf16, host_supports=lambda precision: precision != "bf16")
+    assert serve.check_openvino_precision(bf16, host_supports=lambda precision: True) == []
+    assert serve.check_openvino_precision(openvino_repository, host_supports=lambda p: p != "bf16") == []
+
+
+def test_sd_serve_warns_of_fp32_on_the_native_backend_of_a_bf16_cpu(openvino_repository, tmp_path):
+    native = tmp_path / "native"
+    shutil.copytree(openvino_repository, native)
+    config = native / UNET / "config.pbtxt"
+    config.write_text(config.read_text().replace('backend: "python"', 'backend: "openvino"'))
+    (warning,) = serve.check_openvino_precision(native, host_supports=lambda precision: True)
+    assert warning.startswith("unet: fp32 OpenVINO engines on Triton's openvino backend run in bf16")
+
+
+@pytest.mark.skipif(BF16_HOST, reason="this CPU runs bf16")
+def test_sd_serve_command_line_says_why_it_will_not_start(openvino_repository, tmp_path):
+    from tests.triton_server import run_sd_serve
+
+    bf16 = _with_precision(openvino_repository, tmp_path, "bf16")
+    result = run_sd_serve("--model-repository", str(bf16))
+    assert result.returncode == 1
+    assert "were built for bf16, which this CPU does not run" in result.stdout
