@@ -22,7 +22,7 @@ import openvino as ov
 
 from build_engines.onnx_export import CHECK_SIZES, sample_inputs
 from python_backend.ov_sessions import INFERENCE_PRECISION, IR_FILE, compile_config
-from python_backend.shapes import EngineSpec
+from python_backend.shapes import EngineSpec, with_scaled_latents
 
 WEIGHTS_FILE = "model.bin"
 SIDECAR_FILE = "model.xml.json"
@@ -81,7 +81,8 @@ def check_against_onnx(spec: EngineSpec, ir: Path, onnx_path: Path) -> float:
     over the outputs. f32, whatever the build's precision: this checks the conversion; the reduced precision
     itself is judged by the quality budget (perf/quality.py)."""
     # Axes the export check has no size for: a LoRA branch graph's rank per layer (lora_branch.py)
-    axes = {d for t in spec.inputs for d in t.dims if isinstance(d, str)} - CHECK_SIZES.keys()
+    sized = with_scaled_latents(CHECK_SIZES)
+    axes = {d for t in spec.inputs for d in t.dims if isinstance(d, str)} - sized.keys()
     feeds = sample_inputs(spec, {**CHECK_SIZES, **dict.fromkeys(axes, CHECK_RANK)}, seed=1)
     reference = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
     core = ov.Core()

@@ -34,9 +34,11 @@ from python_backend.shapes import (
     BATCH_AXES,
     CONTROLNET,
     LORA_LIBRARY,
+    OPEN_ON_FIRST_REQUEST,
     PIPELINE,
     PIPELINE_MANIFEST,
     UNET,
+    VAE_ENCODER,
     EngineSpec,
     PipelineManifest,
     Profile,
@@ -86,6 +88,8 @@ def python_engine_config(
     if lora_component is not None:
         _tensor(config.input.add(), LORA_INPUT, np.object_, (1,)).optional = True
         config.parameters["lora_component"].string_value = lora_component
+    if spec.name == VAE_ENCODER:  # only img2img and inpainting use it
+        config.parameters[OPEN_ON_FIRST_REQUEST].string_value = "true"
     return config
 
 

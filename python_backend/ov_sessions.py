@@ -18,8 +18,10 @@ or AMX).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,7 @@ class CompiledGraph:
         self.outputs = [port.get_any_name() for port in model.outputs]
         self.input_shapes = [(port.get_any_name(), port.get_partial_shape()) for port in model.inputs]
         self._compiled: OrderedDict[tuple[tuple[int, ...], ...], ov.CompiledModel] = OrderedDict()
+        self._settled: weakref.WeakSet[ov.CompiledModel] = weakref.WeakSet()
         self._lock = threading.Lock()
         self.compile_seconds: dict[tuple[tuple[int, ...], ...], float] = {}  # per shape, for the logs
         if shapes == DYNAMIC:  # compiled here, so that the first request does not pay it
@@ -97,8 +100,12 @@ class CompiledGraph:
     def __call__(self, feeds: dict[str, Any]) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(feeds[name]) for name in self.inputs]
         key = () if self.shapes == DYNAMIC else tuple(a.shape for a in arrays)
-        request = self._compiled_for(key).create_infer_request()
+        compiled = self._compiled_for(key)
+        request = compiled.create_infer_request()
         request.infer(arrays)
+        if compiled not in self._settled:  # its first run has laid out its weights (dynamic shapes: lazily)
+            self._settled.add(compiled)
+            release_file_pages(self.path.with_suffix(".bin"))
         return [np.array(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
 
     @property
@@ -165,7 +172,33 @@ class OpenVinoSessions(LoraEngine):
         if branched is not None:
             self.branched = branched
             targets = branch_targets(_static_dims(branched))
-            self.feeder = BranchFeeder(AdapterStore(lora_dir, component, targets, cache_bytes))
+            # min_rank 1: OpenVINO compiles no empty tensors (a layer no row uses gets one rank of zeros)
+            store = AdapterStore(lora_dir, component, targets, cache_bytes)
+            self.feeder = BranchFeeder(store, min_rank=1, pow2_ranks=shapes == STATIC)
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages: dropped, read again if touched)
+
+
+def release_file_pages(path: Path) -> None:
+    """Give back the resident pages of this process's memory maps of `path`.
+
+    A compiled model holds its weights in its own layout, and OpenVINO keeps the IR's memory-mapped weights
+    beside them, which it no longer reads: resident, they count a second time in the process's memory (PSS),
+    though the kernel would drop them under pressure. A hint only: pages read again are read from the file,
+    and where madvise cannot do it (another OS, an older kernel) nothing changes."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    name = str(path.resolve())
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == name:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            libc.madvise(start, end - start, MADV_PAGEOUT)
 
 
 def _static_dims(graph: CompiledGraph) -> list[tuple[str, list[int | str]]]:

@@ -137,6 +137,19 @@ def test_feeds_pad_each_row_to_the_batch_rank_and_zero_rows_without_lora():
     assert branch_targets(graph_inputs) == targets
 
 
+def test_power_of_two_ranks_pad_with_zeros_and_keep_the_product():
+    """OpenVINO's static shapes compile per rank: padding to powers of two keeps the shapes few."""
+    targets = {"a": BranchTarget("a", (3,), 2), "b": BranchTarget("b", (4,), 5)}
+    rng = np.random.default_rng(1)
+    r3 = lora.LowRank(rng.random((3, 3), np.float32), rng.random((2, 3), np.float32))
+    feeds = branch_feeds(targets, [{"a": r3}, {}], min_rank=1, pow2_ranks=True)
+    down, up = feeds["a" + DOWN_SUFFIX], feeds["a" + UP_SUFFIX]
+    assert down.shape == (2, 4, 3) and up.shape == (2, 2, 4)
+    assert np.allclose(up[0] @ down[0], r3.up @ r3.down) and not up[1].any()
+    assert feeds["b" + DOWN_SUFFIX].shape == (2, 1, 4)  # no row uses it: one rank of zeros
+    assert not feeds["b" + DOWN_SUFFIX].any()
+
+
 def test_library_finds_files_by_name_and_alias_as_a1111_does(folder, shapes, tiny_checkpoint):
     library = LoraLibrary(folder, shapes)
     assert library.find("ink").file == "ink.safetensors"

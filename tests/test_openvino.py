@@ -99,6 +99,28 @@ def test_dynamic_shapes_compile_once_and_agree_with_static(openvino_repository):
     assert dynamic.compiled_shapes == [()]
 
 
+def _resident_bytes(path: Path) -> int:
+    """The resident bytes of this process's memory maps of `path` (/proc/self/smaps)."""
+    resident, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) == 6 and fields[5] == str(path.resolve())
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1]) * 1024
+    return resident
+
+
+def test_the_irs_mapped_weights_are_given_back_after_the_first_run(openvino_repository):
+    """The compiled model holds the weights in its own layout: the IR's mapped pages would count twice."""
+    weights = openvino_repository / UNET / "1" / "model.bin"
+    for shapes in (STATIC, DYNAMIC):
+        graph = CompiledGraph(ov.Core(), weights.with_suffix(".xml"), compile_config("fp32", None), shapes)
+        expected = graph(unet_feeds(2, 8))[0]
+        assert _resident_bytes(weights) < 0.05 * weights.stat().st_size, shapes
+        np.testing.assert_array_equal(graph(unet_feeds(2, 8))[0], expected)  # read again where needed
+
+
 def test_precision_is_explicit_and_checked():
     assert compile_config("fp32", None)["INFERENCE_PRECISION_HINT"] == "f32"
     assert compile_config("bf16", None)["INFERENCE_PRECISION_HINT"] == "bf16"
@@ -213,3 +235,35 @@ def test_sd_serve_command_line_says_why_it_will_not_start(openvino_repository, t
     result = run_sd_serve("--model-repository", str(bf16))
     assert result.returncode == 1
     assert "were built for bf16, which this CPU does not run" in result.stdout
+
+
+def _stub_maps(server, model: str) -> str:
+    from perf.compare import model_of_process, process_tree
+
+    (pid,) = [p for p in process_tree(server.triton_pid()) if model_of_process(p) == model]
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_the_vae_encoder_opens_with_the_first_image_request(request, target):
+    """A server whose clients send no images never loads the VAE encoder's runtime or weights: its process
+    maps neither OpenVINO's nor ONNX Runtime's library until the first img2img request."""
+    from client import StableDiffusionClient
+    from tests.parity import png_bytes, smooth_picture
+    from tests.triton_server import TritonServer
+
+    repo = request.getfixturevalue("model_repository" if target == "onnx" else "openvino_repository")
+    config = repository.read_config(repo / "vae_encoder")
+    assert config.parameters["open_on_first_request"].string_value == "true"
+    assert "open_on_first_request" not in repository.read_config(repo / "vae_decoder").parameters
+    library = "libopenvino" if target == "openvino" else "onnxruntime"
+    with TritonServer(repo) as server:
+        client = StableDiffusionClient(server.grpc_url)
+        client.generate("a cat", steps=2, width=64, height=64, seed=1)
+        assert library in _stub_maps(server, "vae_decoder")
+        assert library not in _stub_maps(server, "vae_encoder")
+        image = png_bytes(smooth_picture(64, 64))
+        result = client.generate("a cat", steps=2, width=64, height=64, seed=1, image=image, strength=0.5)
+        assert len(result.images) == 1
+        assert library in _stub_maps(server, "vae_encoder")

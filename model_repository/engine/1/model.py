@@ -22,7 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.adapters import DEFAULT_CACHE_BYTES, LORA_CACHE_ENV, LORA_INPUT
-from python_backend.shapes import LORA_DIR_ENV, OPENVINO_CACHE_ENV
+from python_backend.shapes import LORA_DIR_ENV, OPEN_ON_FIRST_REQUEST, OPENVINO_CACHE_ENV
 
 
 class TritonPythonModel:
@@ -31,6 +31,14 @@ class TritonPythonModel:
         self.name = config["name"]
         self.inputs = [t["name"] for t in config["input"] if t["name"] != LORA_INPUT]
         self.outputs = [t["name"] for t in config["output"]]
+        self.args, self.config, self.sessions = args, config, None
+        # An engine only some requests use (the VAE encoder: img2img, inpainting) opens with the first of
+        # them, so that a server whose clients never send images does not hold it (build-engines says so).
+        if config["parameters"].get(OPEN_ON_FIRST_REQUEST, {}).get("string_value") != "true":
+            self.sessions = self._open()
+
+    def _open(self):
+        args, config = self.args, self.config
         component = config["parameters"].get("lora_component", {}).get("string_value")
         folder, cache = os.environ.get(LORA_DIR_ENV), os.environ.get(LORA_CACHE_ENV)
         version = Path(args["model_repository"]) / args["model_version"]
@@ -41,13 +49,13 @@ class TritonPythonModel:
             from python_backend.trt_sessions import PlanSessions
 
             device = torch.device("cuda", int(args["model_instance_device_id"]))
-            self.sessions = PlanSessions(version, device, component, lora_dir, cache_bytes)
+            sessions = PlanSessions(version, device, component, lora_dir, cache_bytes)
         elif (version / "model.xml").exists():
             from python_backend.ov_sessions import OpenVinoSessions
 
             parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
             cache_dir = os.environ.get(OPENVINO_CACHE_ENV)
-            self.sessions = OpenVinoSessions(
+            sessions = OpenVinoSessions(
                 version,
                 parameters["precision"],
                 component,
@@ -61,12 +69,15 @@ class TritonPythonModel:
             from python_backend.ort_sessions import EngineSessions
 
             # spinning=False: four engine processes share the cores
-            self.sessions = EngineSessions(version, component, lora_dir, cache_bytes, spinning=False)
-        assert self.sessions.outputs == self.outputs, (self.sessions.outputs, self.outputs)
+            sessions = EngineSessions(version, component, lora_dir, cache_bytes, spinning=False)
+        assert sessions.outputs == self.outputs, (sessions.outputs, self.outputs)
+        return sessions
 
     def execute(self, requests):
         """Triton's dynamic batcher may hand over several requests (same shapes but the batch axis): one
         session run over their concatenation, split back by each request's batch size."""
+        if self.sessions is None:  # one execute at a time: opened once
+            self.sessions = self._open()
         responses = [None] * len(requests)
         keys = {}  # request index → its rows' LoRA set keys
         for i, request in enumerate(requests):
