@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import hashlib
 import math
 import os
@@ -37,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -501,16 +502,23 @@ def rounded_weights_repository(reference_repository: Path, out: Path, kind: str)
     return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class CandidateContext:
+    """What a candidate is made from. `reference` (the fp32 engines) is loaded on first use: main() makes the
+    candidate first, so that an export's torch modules are gone before the reference's sessions load."""
+
     checkpoint: Path
     reference_repository: Path
-    reference: Engines
+    load_reference: Callable[[], Engines]
     geometry: ModelGeometry
     work_dir: Path
     vae_precision: str = "fp32"  # fp16-onnx: the VAE engines' precision
     noise: float = 0.05  # noisy-unet: the noise's size relative to the UNet output's RMS
     notes: list[str] = field(default_factory=list)  # lines the candidate adds to the report
+
+    @cached_property
+    def reference(self) -> Engines:
+        return self.load_reference()
 
 
 @dataclass(frozen=True)
@@ -745,12 +753,20 @@ def main(argv: list[str] | None = None) -> int:
     arch = architecture(assets.manifest.geometry)
     settings = default_settings(arch, args.size, args.steps)
     settings = Settings(settings.size, settings.steps, schedulers=args.schedulers)
-    reference = OnnxRuntimeEngines(repo, assets.manifest.geometry)
+    geometry = assets.manifest.geometry
     candidate = CANDIDATES[args.candidate]
     context = CandidateContext(
-        checkpoint, repo, reference, assets.manifest.geometry, work_dir, args.vae_precision, args.noise
+        checkpoint,
+        repo,
+        partial(OnnxRuntimeEngines, repo, geometry),
+        geometry,
+        work_dir,
+        args.vae_precision,
+        args.noise,
     )
     engines = candidate.make(context)
+    gc.collect()  # an export's torch modules, before the reference's sessions load
+    reference = context.reference
     budget = BUDGETS[candidate.precision]
 
     started = time.perf_counter()
