@@ -556,6 +556,26 @@ def rounded_weights(kind: str) -> Callable[[CandidateContext], Engines]:
     return make
 
 
+def openvino(precision: str) -> Callable[[CandidateContext], Engines]:
+    """The openvino target's engines (build-engines --target openvino --precision), in-process as served."""
+
+    def make(context: CandidateContext) -> Engines:
+        from perf.compare import build_repository
+        from python_backend.engines import OpenVinoEngines
+        from python_backend.ov_sessions import host_supports
+
+        if not host_supports(precision):
+            raise SystemExit(f"perf.quality: this CPU does not run {precision} (it needs AVX512_BF16 or AMX)")
+        args = ("--target", "openvino", "--precision", precision)
+        repo = build_repository(
+            context.checkpoint, context.work_dir, f"repository-openvino-{precision}", *args
+        )
+        context.notes.append(f"candidate repository: `{repo}`")
+        return OpenVinoEngines(repo, context.geometry, precision)
+
+    return make
+
+
 def noisy_unet(context: CandidateContext) -> Engines:
     context.notes.append(f"noise: {context.noise:g} × the RMS of each UNet output")
     return NoisyEngines(context.reference, context.noise)
@@ -585,8 +605,9 @@ CANDIDATES: dict[str, Candidate] = {
         "the fp32 graphs with weight matrices rounded to int8 per row (activations fp32)",
         rounded_weights("int8"),
     ),
-    # The OpenVINO target's in-process engines plug in here, e.g.
-    # "openvino-bf16": Candidate("bf16", "...", lambda context: OpenVinoEngines(...)),
+    "openvino-bf16": Candidate(
+        "bf16", "the openvino target at --precision bf16 (needs AVX512_BF16 or AMX)", openvino("bf16")
+    ),
 }
 
 # ------------------------------------------------------------------------------------------------

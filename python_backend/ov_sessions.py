@@ -19,6 +19,7 @@ or AMX).
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 import weakref
@@ -190,6 +191,12 @@ def release_file_pages(path: Path) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         maps = Path("/proc/self/maps").read_text().splitlines()
+        # The kernel drops only clean pages: an IR written moments ago (a build just before) may not be yet.
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
     except OSError:
         return
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -12,6 +12,7 @@ import pytest
 
 from perf import quality
 from python_backend.engines import OnnxRuntimeEngines
+from python_backend.ov_sessions import host_supports
 from python_backend.pipeline import PipelineAssets
 from python_backend.shapes import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 
@@ -34,6 +35,12 @@ def fp16_repository(
         VAE_ENCODER: "fp32",
     }
     return out
+
+
+@pytest.fixture(scope="module")
+def engines(model_repository: Path, assets: PipelineAssets) -> OnnxRuntimeEngines:
+    """The reference: the fp32 onnx repository on ONNX Runtime (the budget's reference, as perf.quality's)."""
+    return OnnxRuntimeEngines(model_repository, assets.manifest.geometry)
 
 
 def failed(checks: list[quality.Check]) -> set[str]:
@@ -123,3 +130,18 @@ def test_every_budget_names_every_engine_and_architecture() -> None:
 
 def test_cli_scheduler_names() -> None:
     assert quality.parse_schedulers("own, DPM++ 2M Karras,euler_a") == (None, "dpmpp_2m_karras", "euler_a")
+
+
+@pytest.mark.skipif(not host_supports("bf16"), reason="this CPU has neither AVX512_BF16 nor AMX")
+def test_the_openvino_bf16_engines_are_within_the_bf16_budget(
+    tiny_checkpoint: Path, engines: OnnxRuntimeEngines, assets: PipelineAssets, tmp_path: Path
+) -> None:
+    context = quality.CandidateContext(
+        tiny_checkpoint, tmp_path, lambda: engines, assets.manifest.geometry, tmp_path
+    )
+    candidate = quality.CANDIDATES["openvino-bf16"]
+    report = quality.evaluate(engines, candidate.make(context), assets, SETTINGS)
+    checks = quality.judge(report, quality.BUDGETS["bf16"], quality.TINY)
+    assert not failed(checks), quality.markdown(
+        report, quality.BUDGETS["bf16"], quality.TINY, SETTINGS, "openvino-bf16", {}
+    )
