@@ -205,12 +205,14 @@ class OpenVinoWorker:
         """A line for the report: versions, the precision the UNet was compiled with and its threads."""
         i = self.info
         versions = ", ".join(f"{k} {v}" for k, v in i.get("versions", {}).items())
-        exported = "exported now" if i.get("exported") else "reused"
+        exported = (
+            f"exported by this run in {i['export_s']:.0f} s" if i.get("exported") else "of an earlier run"
+        )
         return (
             f"its own venv ({versions}); INFERENCE_PRECISION_HINT {PRECISIONS[self.precision]}: "
             f"UNet compiled at {i.get('unet_precision')} (a hint the CPU lacks falls back to f32), "
             f"{i.get('threads', '?')} threads (OpenVINO's default: all cores); IR {exported} "
-            f"({i.get('load_s')} s to load, {i.get('compile_s')} s to reshape and compile), scheduler "
+            f"({i.get('load_s')} s to load it, {i.get('compile_s')} s to reshape and compile), scheduler "
             f"{i.get('scheduler')}; each call includes a JSON line each way and a .npy file"
         )
 
@@ -221,11 +223,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def export(python: Path, checkpoint: Path, cache: Path) -> None:
+def export(python: Path, checkpoint: Path, cache: Path) -> float | None:
     """The checkpoint's OpenVINO IR in `cache`, exported by a worker process of its own that exits after (its
-    peak memory is gone before the other contestants load), unless an earlier run exported it."""
+    peak memory is gone before the other contestants load), unless an earlier run exported it: the seconds
+    the export took, or None."""
     if (cache / checkpoint_key(checkpoint) / "ir" / "model_index.json").is_file():
-        return
+        return None
     cache.mkdir(parents=True, exist_ok=True)
     log = cache / "export.log"
     print(f"perf.optimum_openvino: exporting {checkpoint} to OpenVINO IR (log: {log})", flush=True)
@@ -251,6 +254,7 @@ def export(python: Path, checkpoint: Path, cache: Path) -> None:
         why = answer.get("error") or f"exit code {done.returncode}"
         raise OpenVinoError(f"the export failed: {why}; last lines of {log}: " + " | ".join(lines[-4:]))
     print(f"perf.optimum_openvino: exported in {answer['export_s']:.0f} s to {answer['ir']}")
+    return float(answer["export_s"])
 
 
 def start(
@@ -260,5 +264,8 @@ def start(
     raises OpenVinoError."""
     python = ensure_venv()
     cache = cache or export_cache_dir()
-    export(python, checkpoint, cache)
-    return OpenVinoWorker(python, checkpoint, size, precision, cache, out_dir)
+    export_s = export(python, checkpoint, cache)
+    worker = OpenVinoWorker(python, checkpoint, size, precision, cache, out_dir)
+    if export_s is not None:
+        worker.info["export_s"], worker.info["exported"] = export_s, True
+    return worker
