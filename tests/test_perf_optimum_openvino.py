@@ -67,3 +67,44 @@ def test_openvino_contestant_makes_diffusers_image(
     assert image.dtype == np.uint8 and image.shape == (1, 64, 64, 3)
     diff = max_pixel_diff(image, expected)
     assert diff <= MAX_DIFF, f"{diff}/255 from diffusers' image"
+
+
+def test_ensure_venv_reuses_a_finished_venv_and_remakes_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No pip here: the commands are recorded. A venv made from other requirements, or never finished (no
+    marker), is made again; one whose making failed is removed, and the failure says what pip said."""
+    commands: list[list[str]] = []
+    venv = tmp_path / "venv"
+
+    def record(command: list[str]) -> None:
+        commands.append(list(command))
+        if command[1:3] == ["-m", "venv"]:
+            (venv / "bin").mkdir(parents=True)
+
+    monkeypatch.setattr(ov, "_run", record)
+
+    assert ov.ensure_venv(venv) == venv / "bin" / "python"
+    assert [c[-len(ov.NO_DEPS) :] for c in commands[2:]] == [list(ov.NO_DEPS)]
+    assert all(r in commands[1] for r in ov.REQUIREMENTS) and "--no-deps" in commands[2]
+    assert ov.venv_ready(venv)
+
+    commands.clear()
+    ov.ensure_venv(venv)
+    assert commands == []  # reused
+
+    (venv / "requirements.txt").write_text("optimum-intel==0.0.1\n")
+    (venv / "stale").write_text("")
+    ov.ensure_venv(venv)
+    assert len(commands) == 3 and not (venv / "stale").exists()
+
+    def failing(command: list[str]) -> None:
+        if "pip" in command:
+            raise ov.OpenVinoError("pip install failed (exit code 1): no registry")
+        (venv / "bin").mkdir(parents=True)
+
+    (venv / "requirements.txt").unlink()
+    monkeypatch.setattr(ov, "_run", failing)
+    with pytest.raises(ov.OpenVinoError, match="no registry"):
+        ov.ensure_venv(venv)
+    assert not venv.exists()
