@@ -2,13 +2,16 @@
 
     python -m perf.compare --checkpoint DIR [--size 64] [--steps 4] [--repeats 3] [--out perf/results/NAME.md]
                            [--loras 0,1,3 [--lora-rank 16]] [--controlnets 0,1,2]
+                           [--target onnx|openvino] [--precision fp32|bf16] [--no-optimum-openvino]
+                           [--no-in-process]
 
 Builds (or reuses: build-engines skips finished exports) the ONNX model repository of the checkpoint in a
 work folder, then times the same request (prompt, seed, size, steps, scheduler, guidance) on each
 contestant: one warm-up call each, then `--repeats` rounds of one timed call per contestant (interleaved);
 the median is reported. The images of our pipeline must equal diffusers' within 2/255 per pixel, else the
-exit code is 1 (the report is still written). `--loras` measures LoRA requests instead (perf/compare_lora.py),
-`--controlnets` requests with ControlNet units (perf/compare_controlnet.py).
+exit code is 1 (the report is still written). Contestant (e), optimum-intel's OpenVINO pipeline, runs in a
+venv of its own (perf/optimum_openvino.py), made on first use. `--loras` measures LoRA requests instead
+(perf/compare_lora.py), `--controlnets` requests with ControlNet units (perf/compare_controlnet.py).
 See perf/README.md.
 """
 
@@ -82,7 +85,7 @@ class Settings:
 
 @dataclass
 class Measurement:
-    key: str  # a, b, c, d
+    key: str  # a, b, c, d, e
     name: str
     call: Callable[[], np.ndarray] | None = field(default=None, repr=False)  # one image, uint8 [1, H, W, 3]
     skipped: str = ""  # why it is not measured (then `call` is None)
@@ -95,6 +98,7 @@ class Measurement:
     server_pss: int = 0  # bytes, the sum of their Pss after the timed calls
     pss_by_model: dict[str, list[int]] = field(default_factory=dict)  # "tritonserver" or a model: each Pss
     many: Callable[[int, int], None] | None = field(default=None, repr=False)  # served: (clients, seed0)
+    note: str = ""  # a line for the report about how it ran (versions, precision, threads)
 
     @property
     def median_s(self) -> float:
@@ -307,6 +311,30 @@ def optimum_ort(s: Settings) -> Measurement:
     return Measurement(key, name, call)
 
 
+def optimum_openvino(s: Settings, precision: str, stack: contextlib.ExitStack) -> Measurement:
+    """(e) optimum-intel's OVStableDiffusionPipeline (OpenVINO at `precision`, fp32 or bf16), what FastSD CPU
+    runs: in its own venv (made on first use) and worker process (perf/optimum_openvino.py), which runs until
+    `stack` closes. Its first call is tried here; a failure skips it with the reason, never ends the run."""
+    import tempfile
+
+    from perf import optimum_openvino as ov
+
+    key, name = "e", f"optimum-intel OVStableDiffusionPipeline (OpenVINO {precision})"
+    if s.scheduler:
+        return Measurement(key, name, skipped="it runs the checkpoint's own scheduler: not with --scheduler")
+    try:
+        out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="perf-openvino-")))
+        worker = stack.enter_context(ov.start(s.checkpoint, s.size, precision, out_dir))
+
+        def call() -> np.ndarray:
+            return worker.generate(s.prompt, s.seed, s.steps, s.guidance)
+
+        call()
+    except Exception as e:  # the venv (no registry...), the export, the worker: report, do not end the run
+        return Measurement(key, name, skipped=f"optimum-intel failed: {type(e).__name__}: {e}")
+    return Measurement(key, name, call, note=worker.describe())
+
+
 # ------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -452,7 +480,8 @@ def report(
         assert m.images is not None
         diff = max_pixel_diff(m.images, ref.images)
         verdict = ""
-        if m.key in ("b", "c") and s.precision == "fp32":  # reduced precision: perf/quality.py judges it
+        # Ours at fp32; (d) and (e) are other pipelines: shown, not judged. Reduced precision: perf.quality.
+        if m.key in ("b", "c") and s.precision == "fp32":
             ok = diff <= TOLERANCE
             parity_ok &= ok
             verdict = " ok" if ok else f" **FAIL (> {TOLERANCE})**"
@@ -478,7 +507,17 @@ def report(
         "",
         *rows,
         "",
+        *(f"- ({m.key}) {m.name}: {m.note}" for m in results if m.note and not m.skipped),
     ]
+    e = by_key.get("e")
+    if e:
+        assert e.images is not None
+        lines.append(
+            f"- (e) vs diffusers (a): max pixel diff {max_pixel_diff(e.images, ref.images)}/255, speed "
+            f"{ref.median_s / e.median_s:.2f}× (shown, not judged: another pipeline on the same weights)"
+        )
+    if lines[-1]:
+        lines.append("")
     b, c = by_key.get("b"), by_key.get("c")
     full_size = is_full_size(s.checkpoint)
     if c:
@@ -665,12 +704,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision",
         choices=["fp32", "bf16"],
         default="fp32",
-        help="with --target openvino: the engines' precision (default fp32)",
+        help="the OpenVINO precision of ours (with --target openvino) and of contestant (e), optimum-intel's "
+        "OpenVINO pipeline (default fp32)",
+    )
+    parser.add_argument(
+        "--no-optimum-openvino",
+        action="store_true",
+        help="leave out contestant (e) (its venv is made on first use: ≈2 min, 1.6 GB)",
+    )
+    parser.add_argument(
+        "--no-in-process",
+        action="store_true",
+        help="leave out contestant (b), e.g. where the full-size models of every contestant do not fit in "
+        "memory at once",
     )
     parser.add_argument("--out", type=Path, help="write the report here as Markdown")
     args = parser.parse_args(argv)
     if args.precision != "fp32" and args.target != "openvino":
-        parser.error("--precision is an option of --target openvino")
+        parser.error("--precision bf16 compares ours at bf16 with (e): give --target openvino too")
     if args.lora_rank < 1:
         parser.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.loras is not None and args.controlnets is not None:
@@ -725,13 +776,22 @@ def main(argv: list[str] | None = None) -> int:
         return compare_controlnet.main(s, args.controlnets, work_dir, args.out)
     repo = build_repository(checkpoint, work_dir, s.repository_name, *s.build_args)
 
-    with contextlib.ExitStack() as stack:  # stops the server however the run ends
-        contestants = [diffusers_eager(s), in_process(s, repo), served(s, repo, stack), optimum_ort(s)]
+    with contextlib.ExitStack() as stack:  # stops the server and the OpenVINO worker however the run ends
+        # (e) loads first: its export (a process of its own, GBs at full size) ends before the others load.
+        openvino = [] if args.no_optimum_openvino else [optimum_openvino(s, s.precision, stack)]
+        ours = [] if args.no_in_process else [in_process(s, repo)]
+        contestants = [diffusers_eager(s), *ours, served(s, repo, stack), optimum_ort(s), *openvino]
         measure(contestants, s.repeats)
         levels = sorted({1, s.concurrency}) if s.concurrency > 1 else []
-        throughputs = {n: throughput(contestants[2], n, s.rounds) for n in levels}
+        throughputs = {
+            n: throughput(next(m for m in contestants if m.key == "c"), n, s.rounds) for n in levels
+        }
+    reference = contestants[0].images
     for m in contestants:
-        print(f"perf.compare: ({m.key}) {m.name}: " + (m.skipped or f"median {m.median_s:.3f} s"))
+        status = m.skipped or f"median {m.median_s:.3f} s"
+        if not m.skipped and m is not contestants[0] and m.images is not None and reference is not None:
+            status += f", max pixel diff vs (a) {max_pixel_diff(m.images, reference)}/255"
+        print(f"perf.compare: ({m.key}) {m.name}: {status}")
 
     text, parity_ok = report(s, contestants, repo, throughputs)
     publish(text, args.out, "perf.compare")

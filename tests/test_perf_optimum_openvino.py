@@ -1,0 +1,110 @@
+"""perf.compare's contestant (e), optimum-intel's OVStableDiffusionPipeline in its own venv and worker
+process: one image on the tiny checkpoint, against diffusers' on the same weights, seed and scheduler.
+
+The venv (perf/optimum_openvino.py: ≈1.5 min to make with a package registry, 1.6 GB, in
+~/.cache/sd-triton/perf/optimum-intel-venv) is made on first use and kept; the test skips when it cannot be
+made (no registry), or when SD_TRITON_SKIP_OPENVINO=1 asks. Each session exports the tiny checkpoint again
+(a fresh folder): ≈1 min in all once the venv exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perf import optimum_openvino as ov
+from perf.compare import Settings, diffusers_eager, max_pixel_diff, optimum_openvino, process_tree
+
+SKIP_ENV = "SD_TRITON_SKIP_OPENVINO"
+# Measured on the tiny checkpoint, 64 px, 2 steps, seed 42: 1/255 (OpenVINO f32 against eager torch, the
+# same weights and scheduler: only the kernels' float rounding differs). 3/255 leaves a margin for other
+# CPUs' kernels; a text encoder with random weights or another scheduler moves pixels by far more.
+MAX_DIFF = 3
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    if os.environ.get(SKIP_ENV) == "1":
+        pytest.skip(f"{SKIP_ENV}=1: optimum-intel's venv is not made or used")
+    try:
+        return ov.ensure_venv()
+    except ov.OpenVinoError as e:
+        pytest.skip(f"optimum-intel's venv ({ov.venv_dir()}) cannot be made (no package registry?): {e}")
+
+
+def workers() -> list[int]:
+    """This process's children running the worker script."""
+    found = []
+    for pid in process_tree(os.getpid())[1:]:
+        with contextlib.suppress(OSError):
+            if ov.WORKER.name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
+def test_openvino_contestant_makes_diffusers_image(
+    venv: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The exported IR of this session's checkpoint in tmp_path, not in the user's cache.
+    monkeypatch.setattr(ov, "export_cache_dir", lambda: tmp_path / "openvino")
+    s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, "a photo of an astronaut riding a horse on mars", None)
+    with contextlib.ExitStack() as stack:
+        m = optimum_openvino(s, "fp32", stack)
+        assert not m.skipped, m.skipped
+        assert m.call is not None
+        image = m.call()
+        assert "UNet compiled at f32" in m.note, m.note
+        assert len(workers()) == 1
+    assert workers() == []  # the run's end stops the worker
+
+    reference = diffusers_eager(s).call
+    assert reference is not None
+    expected = reference()
+    assert image.dtype == np.uint8 and image.shape == (1, 64, 64, 3)
+    diff = max_pixel_diff(image, expected)
+    assert diff <= MAX_DIFF, f"{diff}/255 from diffusers' image"
+
+
+def test_ensure_venv_reuses_a_finished_venv_and_remakes_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No pip here: the commands are recorded. A venv made from other requirements, or never finished (no
+    marker), is made again; one whose making failed is removed, and the failure says what pip said."""
+    commands: list[list[str]] = []
+    venv = tmp_path / "venv"
+
+    def record(command: list[str]) -> None:
+        commands.append(list(command))
+        if command[1:3] == ["-m", "venv"]:
+            (venv / "bin").mkdir(parents=True)
+
+    monkeypatch.setattr(ov, "_run", record)
+
+    assert ov.ensure_venv(venv) == venv / "bin" / "python"
+    assert [c[-len(ov.NO_DEPS) :] for c in commands[2:]] == [list(ov.NO_DEPS)]
+    assert all(r in commands[1] for r in ov.REQUIREMENTS) and "--no-deps" in commands[2]
+    assert ov.venv_ready(venv)
+
+    commands.clear()
+    ov.ensure_venv(venv)
+    assert commands == []  # reused
+
+    (venv / "requirements.txt").write_text("optimum-intel==0.0.1\n")
+    (venv / "stale").write_text("")
+    ov.ensure_venv(venv)
+    assert len(commands) == 3 and not (venv / "stale").exists()
+
+    def failing(command: list[str]) -> None:
+        if "pip" in command:
+            raise ov.OpenVinoError("pip install failed (exit code 1): no registry")
+        (venv / "bin").mkdir(parents=True)
+
+    (venv / "requirements.txt").unlink()
+    monkeypatch.setattr(ov, "_run", failing)
+    with pytest.raises(ov.OpenVinoError, match="no registry"):
+        ov.ensure_venv(venv)
+    assert not venv.exists()
