@@ -27,7 +27,12 @@ from build_engines.onnx_export import EXTERNAL_DATA
 from python_backend import schedulers
 from python_backend.adapters import LORA_INPUT
 from python_backend.control import unit_inputs
-from python_backend.ov_sessions import DEFAULT_COMPILED_LIMIT, STATIC
+from python_backend.ov_sessions import (
+    DEFAULT_COMPILED_LIMIT,
+    RELEASE_AFTER_RUN,
+    STATIC,
+    runs_once_per_request,
+)
 from python_backend.pipeline import EMBEDDINGS_FILE, LORA_TARGETS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
 from python_backend.request import CONTROL_INPUTS, REQUEST_INPUTS, STREAM_INPUTS
 from python_backend.shapes import (
@@ -321,6 +326,8 @@ def write_openvino_model(
     config.parameters["precision"].string_value = openvino.precision
     config.parameters["shapes"].string_value = openvino.shapes
     config.parameters["compiled_shapes"].string_value = str(openvino.compiled_shapes)
+    if runs_once_per_request(spec.name):
+        config.parameters[RELEASE_AFTER_RUN].string_value = "true"
     write_config(model_dir, config)
     shutil.copyfile(SOURCES / "engine" / "1" / "model.py", model_dir / "1" / "model.py")
 

@@ -154,7 +154,7 @@ class OpenVinoEngines(_LocalEngines):
         shapes: str = "static",
         cache_dir: Path | None = None,
     ) -> None:
-        from python_backend.ov_sessions import OpenVinoSessions
+        from python_backend.ov_sessions import OpenVinoSessions, runs_once_per_request
 
         self._sessions = {
             name: OpenVinoSessions(
@@ -164,6 +164,7 @@ class OpenVinoEngines(_LocalEngines):
                 lora_dir,
                 shapes=shapes,
                 cache_dir=cache_dir,
+                release_after_run=runs_once_per_request(name),
             )
             for name in _engine_names(geometry, controlnets)
         }

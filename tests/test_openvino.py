@@ -15,7 +15,14 @@ import pytest
 from build_engines import cli as build_cli
 from build_engines import openvino_engine, repository
 from python_backend.engines import OnnxRuntimeEngines, OpenVinoEngines
-from python_backend.ov_sessions import DYNAMIC, STATIC, CompiledGraph, compile_config, host_supports
+from python_backend.ov_sessions import (
+    DYNAMIC,
+    RELEASE_AFTER_RUN,
+    STATIC,
+    CompiledGraph,
+    compile_config,
+    host_supports,
+)
 from python_backend.pipeline import PipelineAssets, generate
 from python_backend.request import GenerationRequest
 from python_backend.shapes import ENGINE_NAMES, UNET, engine_specs
@@ -45,6 +52,8 @@ def test_build_writes_ir_and_python_models_and_keeps_them(openvino_repository, t
         assert config.backend == "python"
         assert config.parameters["precision"].string_value == "fp32"
         assert config.parameters["shapes"].string_value == STATIC
+        # Activations are given back after each run by the engines that run once per request.
+        assert (RELEASE_AFTER_RUN in config.parameters) == (engine != UNET)
     assert repository.read_config(openvino_repository / UNET).HasField("dynamic_batching")
     # A second build over it keeps every IR (same ONNX record, precision and OpenVINO).
     args = [
@@ -119,6 +128,18 @@ def test_the_irs_mapped_weights_are_given_back_after_the_first_run(openvino_repo
         expected = graph(unet_feeds(2, 8))[0]
         assert _resident_bytes(weights) < 0.05 * weights.stat().st_size, shapes
         np.testing.assert_array_equal(graph(unet_feeds(2, 8))[0], expected)  # read again where needed
+
+
+def test_releasing_activations_after_each_run_keeps_the_results(openvino_repository):
+    path = openvino_repository / "vae_decoder" / "1" / "model.xml"
+    graphs = [
+        CompiledGraph(ov.Core(), path, compile_config("fp32", None), release_after_run=release)
+        for release in (False, True)
+    ]
+    latent = {"latent": np.random.default_rng(3).standard_normal((1, 4, 8, 8), dtype=np.float32)}
+    expected = graphs[0](latent)[0]
+    for _ in range(2):  # the second run allocates again what the first gave back
+        np.testing.assert_array_equal(graphs[1](latent)[0], expected)
 
 
 def test_precision_is_explicit_and_checked():

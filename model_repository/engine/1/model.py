@@ -51,7 +51,7 @@ class TritonPythonModel:
             device = torch.device("cuda", int(args["model_instance_device_id"]))
             sessions = PlanSessions(version, device, component, lora_dir, cache_bytes)
         elif (version / "model.xml").exists():
-            from python_backend.ov_sessions import OpenVinoSessions
+            from python_backend.ov_sessions import RELEASE_AFTER_RUN, OpenVinoSessions
 
             parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
             cache_dir = os.environ.get(OPENVINO_CACHE_ENV)
@@ -64,6 +64,7 @@ class TritonPythonModel:
                 shapes=parameters["shapes"],
                 compiled_limit=int(parameters["compiled_shapes"]),
                 cache_dir=Path(cache_dir) if cache_dir else None,
+                release_after_run=parameters.get(RELEASE_AFTER_RUN) == "true",
             )
         else:
             from python_backend.ort_sessions import EngineSessions
