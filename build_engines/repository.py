@@ -277,8 +277,8 @@ def engine_dir(repository: Path, engine: str, prefix: str = "") -> Path:
 
 
 def onnx_dir(repository: Path, engine: str, target: str, prefix: str = "") -> Path:
-    """Where an engine's ONNX file goes: it is the model itself on the onnx target, and the TensorRT
-    build's source beside the plan otherwise (Triton ignores non-numeric folders)."""
+    """Where an engine's ONNX file goes: it is the model itself on the onnx target, and the source of the
+    TensorRT plan or OpenVINO IR beside it otherwise (Triton ignores non-numeric folders)."""
     return engine_dir(repository, engine, prefix) / ("1" if target == "onnx" else "onnx")
 
 
