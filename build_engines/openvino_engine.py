@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import openvino as ov
 
 from build_engines.onnx_export import CHECK_SIZES, sample_inputs
-from python_backend.ov_sessions import INFERENCE_PRECISION, IR_FILE, compile_config
+from python_backend.ov_sessions import INFERENCE_PRECISION, IR_FILE, compile_config, ov
 from python_backend.shapes import EngineSpec, with_scaled_latents
 
 WEIGHTS_FILE = "model.bin"

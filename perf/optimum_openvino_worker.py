@@ -38,6 +38,9 @@ from typing import Any
 # OpenVINO's CPU plugin takes these; the precision of the compiled models when none is set depends on the CPU
 # (bf16 where it has AMX/AVX-512 bf16), so it is always given.
 PRECISIONS = ("f32", "bf16")
+# OpenVINO's package sends usage telemetry as it is imported unless told not to; without its telemetry module
+# it uses its own no-op stub (as python_backend/ov_sessions.py does for the server and the build).
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # None: "not importable"
 
 
 def checkpoint_key(checkpoint: Path) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import time
 import weakref
@@ -28,16 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openvino as ov
 
-from python_backend.adapters import (
+# OpenVINO's package sends usage telemetry (to Google Analytics) as it is imported, unless the user opted out
+# in a file in their home folder: a server and an offline build must not. Without its telemetry module
+# OpenVINO uses its own no-op stub (openvino/tools/ovc/telemetry_stub.py). Import OpenVINO through this
+# module (`from python_backend.ov_sessions import ov`), so that this comes first.
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # None: "not importable"
+import openvino as ov  # noqa: E402
+
+from python_backend.adapters import (  # noqa: E402
     DEFAULT_CACHE_BYTES,
     AdapterStore,
     BranchFeeder,
     LoraEngine,
     branch_targets,
 )
-from python_backend.shapes import CONTROLNET, UNET
+from python_backend.shapes import CONTROLNET, UNET  # noqa: E402
 
 IR_FILE = "model.xml"  # beside it model.bin, the weights
 LORA_IR = Path("lora") / IR_FILE  # the UNet's branch graph, beside its plain model.xml

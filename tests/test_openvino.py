@@ -5,11 +5,13 @@ serving tests, which run on both CPU targets (tests/conftest.py `engines`, tests
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 import pytest
 
 from build_engines import cli as build_cli
@@ -22,6 +24,7 @@ from python_backend.ov_sessions import (
     CompiledGraph,
     compile_config,
     host_supports,
+    ov,
 )
 from python_backend.pipeline import PipelineAssets, generate
 from python_backend.request import GenerationRequest
@@ -120,9 +123,12 @@ def _resident_bytes(path: Path) -> int:
     return resident
 
 
-def test_the_irs_mapped_weights_are_given_back_after_the_first_run(openvino_repository):
-    """The compiled model holds the weights in its own layout: the IR's mapped pages would count twice."""
-    weights = openvino_repository / UNET / "1" / "model.bin"
+def test_the_irs_mapped_weights_are_given_back_after_the_first_run(openvino_repository, tmp_path):
+    """The compiled model holds the weights in its own layout: the IR's mapped pages would count twice.
+    (A copy of the IR: the kernel gives back only pages no other mapping holds, and this process has other
+    engines on the repository's.)"""
+    shutil.copytree(openvino_repository / UNET / "1", tmp_path / "unet")
+    weights = tmp_path / "unet" / "model.bin"
     for shapes in (STATIC, DYNAMIC):
         graph = CompiledGraph(ov.Core(), weights.with_suffix(".xml"), compile_config("fp32", None), shapes)
         expected = graph(unet_feeds(2, 8))[0]
@@ -288,3 +294,22 @@ def test_the_vae_encoder_opens_with_the_first_image_request(request, target):
         result = client.generate("a cat", steps=2, width=64, height=64, seed=1, image=image, strength=0.5)
         assert len(result.images) == 1
         assert library in _stub_maps(server, "vae_encoder")
+
+
+def test_openvino_sends_no_telemetry(openvino_repository, tmp_path):
+    """OpenVINO's package phones home as it is imported, and again as it converts a model, unless told not
+    to: our import of it must not, nor must a conversion (the build is offline)."""
+    from tests.test_single_file import BLOCK_NETWORK, PROJECT_ROOT
+
+    site, tried = tmp_path / "site", tmp_path / "network-tried"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCK_NETWORK.format(tried=str(tried)))
+    onnx = openvino_repository / "vae_decoder" / "onnx" / "model.onnx"
+    code = (
+        "import time; from python_backend.ov_sessions import ov; "
+        f"ov.save_model(ov.convert_model({str(onnx)!r}), {str(tmp_path / 'model.xml')!r}); time.sleep(2)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PROJECT_ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not tried.exists(), f"OpenVINO tried the network: {tried.read_text()}"
