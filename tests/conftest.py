@@ -27,6 +27,14 @@ def model_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     return repo
 
 
+CPU_TARGETS = ["onnx", "openvino"]  # what fixtures that run a test on both CPU targets are parametrized with
+
+
+def cpu_repository(request: pytest.FixtureRequest) -> Path:
+    """The tiny checkpoint's repository for the CPU target a fixture is parametrized with (CPU_TARGETS)."""
+    return request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
+
+
 @pytest.fixture(scope="session")
 def openvino_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint built for the openvino target (fp32)."""
@@ -65,10 +73,10 @@ def assets(model_repository: Path) -> PipelineAssets:
     return PipelineAssets.load(model_repository / "pipeline" / "1")
 
 
-@pytest.fixture(scope="session", params=["onnx", "openvino"])
+@pytest.fixture(scope="session", params=CPU_TARGETS)
 def engines(request: pytest.FixtureRequest, assets: PipelineAssets) -> Engines:
     """The tiny checkpoint's engines in this process: the onnx target's on ONNX Runtime sessions, and the
     openvino target's on OpenVINO (fp32), so that every test of the core runs on both."""
     if request.param == "onnx":
-        return OnnxRuntimeEngines(request.getfixturevalue("model_repository"), assets.manifest.geometry)
-    return OpenVinoEngines(request.getfixturevalue("openvino_repository"), assets.manifest.geometry, "fp32")
+        return OnnxRuntimeEngines(cpu_repository(request), assets.manifest.geometry)
+    return OpenVinoEngines(cpu_repository(request), assets.manifest.geometry, "fp32")

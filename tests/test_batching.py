@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from build_engines import cli as build_cli
 from build_engines import repository
 from client import StableDiffusionClient
-from tests.conftest import PROFILE_ARGS
+from tests.conftest import CPU_TARGETS, PROFILE_ARGS, cpu_repository
 from tests.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -31,10 +31,10 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["onnx", "openvino"])
+@pytest.fixture(scope="module", params=CPU_TARGETS)
 def server(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """A batching server on each CPU target: the onnx target's and the openvino target's."""
-    built = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
+    built = cpu_repository(request)
     repo = tmp_path_factory.mktemp("batching") / "repo"
     shutil.copytree(built, repo)  # the exports are reused: only the configs are rewritten
     args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *PROFILE_ARGS, "--response-cache"]

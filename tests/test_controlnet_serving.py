@@ -13,7 +13,7 @@ import pytest
 
 from build_engines import cli as build_cli
 from client import ControlNetUnit, GenerationError, StableDiffusionClient
-from tests.conftest import PROFILE_ARGS
+from tests.conftest import CPU_TARGETS, PROFILE_ARGS, cpu_repository
 from tests.parity import max_pixel_diff
 from tests.test_controlnet import PROMPT, SCHEDULER, SEED, SIZE, STEPS, _control_image, _diffusers, _png
 from tests.triton_server import TritonServer, concurrent_unet_runs
@@ -29,10 +29,10 @@ def controlnets(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return {n: write_tiny_controlnet(folder / n, tiny_checkpoint, s) for n, s in (("canny", 1), ("depth", 2))}
 
 
-@pytest.fixture(scope="module", params=["onnx", "openvino"])
+@pytest.fixture(scope="module", params=CPU_TARGETS)
 def server(request: pytest.FixtureRequest, tiny_checkpoint: Path, controlnets, tmp_path_factory):
     """ControlNets served on each CPU target."""
-    built = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
+    built = cpu_repository(request)
     repo = tmp_path_factory.mktemp("controlnet-serving") / "repo"
     shutil.copytree(built, repo)  # the plain exports are reused
     args = [

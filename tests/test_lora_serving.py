@@ -19,7 +19,7 @@ from build_engines import cli as build_cli
 from build_engines.tiny_checkpoint import write_tiny_lora
 from client import GenerationError, StableDiffusionClient
 from python_backend.extra_networks import parse_extra_networks
-from tests.conftest import PROFILE_ARGS
+from tests.conftest import CPU_TARGETS, PROFILE_ARGS, cpu_repository
 from tests.parity import TOLERANCE, max_pixel_diff
 from tests.triton_server import TritonServer, concurrent_unet_runs
 
@@ -39,7 +39,7 @@ def lora_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return folder
 
 
-@pytest.fixture(scope="module", params=["onnx", "openvino"])
+@pytest.fixture(scope="module", params=CPU_TARGETS)
 def server(
     request: pytest.FixtureRequest,
     tiny_checkpoint: Path,
@@ -47,7 +47,7 @@ def server(
     tmp_path_factory: pytest.TempPathFactory,
 ):
     """LoRAs served on each CPU target."""
-    built = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
+    built = cpu_repository(request)
     repo = tmp_path_factory.mktemp("lora-serving") / "repo"
     shutil.copytree(built, repo)  # the exports are reused: only the configs are rewritten
     args = [

@@ -19,6 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from client import GenerationError, StableDiffusionClient, parse_infotext, read_infotext
+from tests.conftest import CPU_TARGETS, cpu_repository
 from tests.parity import TOLERANCE, diffusers_images, max_pixel_diff, png_bytes, smooth_picture
 from tests.triton_server import TritonServer
 
@@ -29,11 +30,11 @@ NEGATIVE = "blurry"
 STEPS = 5
 
 
-@pytest.fixture(scope="module", params=["onnx", "openvino"])
+@pytest.fixture(scope="module", params=CPU_TARGETS)
 def server(request: pytest.FixtureRequest):
     """The tiny checkpoint served from its onnx target's repository, and from its openvino target's: every
     test here runs against both."""
-    repo = request.getfixturevalue("model_repository" if request.param == "onnx" else "openvino_repository")
+    repo = cpu_repository(request)
     with TritonServer(repo) as running:
         yield running
 
