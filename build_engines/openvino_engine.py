@@ -1,9 +1,10 @@
 """Convert our checked ONNX exports to OpenVINO IR (model.xml + model.bin) for the openvino target, and check
 each IR against ONNX Runtime.
 
-The IR keeps the ONNX file's dynamic axes: the engine model compiles it per shape at serving time
-(python_backend/ov_sessions.py). Weights are stored fp32 for an fp32 build and fp16 for a bf16 one (half the
-file and the memory map; OpenVINO converts them to bf16 when it compiles).
+The IR keeps the ONNX file's dynamic axes, and names them (ov_sessions.AXES_INFO): the engine model compiles
+it per image count and size at serving time (python_backend/ov_sessions.py). Weights are stored fp32 for an
+fp32 build and fp16 for a bf16 one (half the file and the memory map; OpenVINO converts them to bf16 when it
+compiles).
 
 A JSON sidecar records what the IR was made from (the ONNX export's own record, the precision, OpenVINO's
 version); a later build with the same record keeps it.
@@ -20,12 +21,12 @@ import numpy as np
 import onnxruntime as ort
 
 from build_engines.onnx_export import CHECK_SIZES, sample_inputs
-from python_backend.ov_sessions import INFERENCE_PRECISION, IR_FILE, compile_config, ov
+from python_backend.ov_sessions import AXES_INFO, INFERENCE_PRECISION, IR_FILE, compile_config, ov
 from python_backend.shapes import EngineSpec, with_scaled_latents
 
 WEIGHTS_FILE = "model.bin"
 SIDECAR_FILE = "model.xml.json"
-IR_FORMAT = 1  # bump when the conversion itself changes, so that kept IR files are redone
+IR_FORMAT = 2  # bump when the conversion itself changes, so that kept IR files are redone (2: AXES_INFO)
 # The IR run in f32 vs ONNX Runtime on the same inputs (CHECK_SIZES), relative L2 error per output. fp32: the
 # same weights, only kernels differ (measured ≤ 3e-6 on the full-size UNet). bf16 builds store fp16 weights:
 # their rounding alone (measured: ≈ 5e-4 relative on the tiny UNet).
@@ -60,6 +61,11 @@ def convert_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, precision: 
     for stale in (target, sidecar, out_dir / WEIGHTS_FILE):
         stale.unlink(missing_ok=True)
     model = ov.convert_model(onnx_path)
+    # The axes' names, which the IR's shapes do not keep: the engine model compiles per image axes' sizes.
+    model.set_rt_info(
+        json.dumps({t.name: [d if isinstance(d, str) else None for d in t.dims] for t in spec.inputs}),
+        AXES_INFO,
+    )
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         ov.save_model(model, Path(tmp) / IR_FILE, compress_to_fp16=precision != "fp32")
         del model

@@ -191,21 +191,17 @@ class BranchFeeder:
     (the steps of one request, or of the same requests batched again) reuse the last feeds.
 
     `zeros(shape)` makes a float32 array of zeros where the engine reads its inputs (numpy by default);
-    every target gets at least `min_rank` (a TensorRT profile has no empty tensors: zeros add nothing). With
-    `pow2_ranks` each layer's rank is padded with zeros up to a power of two, so that an engine compiled per
-    input shape (OpenVINO's static shapes) sees a few shapes, not one per combination of LoRA ranks."""
+    every target gets at least `min_rank` (a TensorRT profile has no empty tensors: zeros add nothing)."""
 
     def __init__(
         self,
         store: AdapterStore,
         zeros: Callable[[tuple[int, ...]], Any] | None = None,
         min_rank: int = 0,
-        pow2_ranks: bool = False,
     ) -> None:
         self.store = store
         self.zeros = zeros or (lambda shape: np.zeros(shape, np.float32))
         self.min_rank = min_rank
-        self.pow2_ranks = pow2_ranks
         self._last: tuple[tuple[str, ...], dict[str, Any]] | None = None
 
     def feeds(self, keys: Sequence[str]) -> dict[str, Any]:
@@ -214,7 +210,7 @@ class BranchFeeder:
         if last is not None and last[0] == rows:
             return last[1]
         compiled = [self.store.compiled(key) for key in rows]
-        feeds = branch_feeds(self.store.targets, compiled, self.zeros, self.min_rank, self.pow2_ranks)
+        feeds = branch_feeds(self.store.targets, compiled, self.zeros, self.min_rank)
         self._last = (rows, feeds)
         return feeds
 
@@ -224,7 +220,6 @@ def branch_feeds(
     rows: Sequence[Mapping[str, lora.LowRank]],
     zeros: Callable[[tuple[int, ...]], Any] | None = None,
     min_rank: int = 0,
-    pow2_ranks: bool = False,
 ) -> dict[str, Any]:
     """The branch inputs of one engine run: row n's LoRA factors at index n, zero-padded to the largest rank
     among the rows (a zero row adds nothing); `min_rank` (default 0) where no row has the layer."""
@@ -234,8 +229,6 @@ def branch_feeds(
     for path, target in targets.items():
         rank = max((row[path].down.shape[0] for row in rows if path in row), default=0)
         rank = max(rank, min_rank)
-        if pow2_ranks and rank > 0:
-            rank = 1 << (rank - 1).bit_length()
         down = zeros((n, rank, *target.in_shape))
         up = zeros((n, target.out, rank))
         for i, row in enumerate(rows):

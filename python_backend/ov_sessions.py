@@ -6,11 +6,15 @@ An engine folder holds the IR `model.xml` (+ `model.bin`, memory-mapped), and th
 branch graph in `lora/model.xml`, as on the onnx target (python_backend/ort_sessions.py).
 
 Shapes. OpenVINO's CPU plugin runs a model compiled for static shapes at its best speed, so by default each
-set of input shapes (batch, image size, prompt length, LoRA ranks) gets its own compiled model on first use:
-compiled once, kept in memory (at most `compiled_limit` per graph, least recently used dropped first, as each
-holds its own copy of the weights in the inference precision), and with a cache folder also written to disk,
-so that the next process, or this one after an eviction, imports it instead of compiling again. `dynamic`
-compiles each graph once for every shape instead: one copy of the weights, no compile on a new size.
+image count and size (the sizes of its image axes, `shapes.is_image_axis`: the batch rows and the sides) gets
+its own compiled model on first use: compiled once, kept in memory (at most `compiled_limit` per graph, least
+recently used dropped first, as each holds its own copy of the weights in the inference precision), and with
+a cache folder also written to disk, so that the next process, or this one after an eviction, imports it
+instead of compiling again. The axes that follow what a request says rather than its images (prompt length,
+LoRA ranks) stay dynamic in every compiled model: keyed too, mixed traffic compiled on nearly every request
+(perf/results/soak-tiny-openvino-180s.md). `dynamic` compiles each graph once for every shape instead: one
+copy of the weights, no compile on a new size. The IR names its inputs' axes (AXES_INFO, written by
+build_engines/openvino_engine.py from `shapes.engine_specs`).
 
 Precision is always explicit (OpenVINO's default depends on the host CPU: bf16 wherever it has AVX512_BF16
 or AMX).
@@ -19,6 +23,7 @@ or AMX).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 import threading
@@ -44,9 +49,11 @@ from python_backend.adapters import (  # noqa: E402
     LoraEngine,
     branch_targets,
 )
-from python_backend.shapes import CONTROLNET, UNET  # noqa: E402
+from python_backend.shapes import CONTROLNET, UNET, is_image_axis  # noqa: E402
 
 IR_FILE = "model.xml"  # beside it model.bin, the weights
+# The IR's rt_info entry naming each input's axes: JSON {input: [axis name, or null for a fixed dim, ...]}
+AXES_INFO = "sd_triton_axes"
 LORA_IR = Path("lora") / IR_FILE  # the UNet's branch graph, beside its plain model.xml
 # build-engines --precision → OpenVINO's inference precision
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
@@ -83,9 +90,21 @@ def compile_config(precision: str, cache_dir: Path | None) -> dict[str, Any]:
     return config
 
 
+Key = tuple[tuple[int, ...], ...]  # per input, the sizes of its image axes; () for dynamic shapes
+
+
+class _Compiled:
+    """One compiled model and its idle infer requests: a request holds the activations' memory, and one made
+    per call would allocate them again at every UNet step."""
+
+    def __init__(self, model: ov.CompiledModel) -> None:
+        self.model = model
+        self.idle: list[ov.InferRequest] = []
+
+
 class CompiledGraph:
-    """One IR, compiled per set of input shapes (`static`) or once (`dynamic`). Safe to call from several
-    threads: each call has its own infer request.
+    """One IR, compiled per image count and size (`static`) or once (`dynamic`). Safe to call from several
+    threads: each call runs its own infer request.
 
     `release_after_run`: give back the activations' memory after each run, for an engine that runs once per
     request (text encoder, VAE): the full-size VAE decoder keeps 190 MB at 256 px between runs otherwise, and
@@ -110,42 +129,59 @@ class CompiledGraph:
         self.inputs = [port.get_any_name() for port in model.inputs]
         self.outputs = [port.get_any_name() for port in model.outputs]
         self.input_shapes = [(port.get_any_name(), port.get_partial_shape()) for port in model.inputs]
-        self._compiled: OrderedDict[tuple[tuple[int, ...], ...], ov.CompiledModel] = OrderedDict()
+        if not model.has_rt_info(AXES_INFO):
+            raise ValueError(f"{path} does not name its axes: rebuild it with this version's build-engines")
+        axes = json.loads(model.get_rt_info(AXES_INFO).astype(str))
+        # Per input, the positions of its image axes: the dims a static compile fixes.
+        self.image_dims = [
+            tuple(i for i, axis in enumerate(axes[name]) if axis is not None and is_image_axis(axis))
+            for name in self.inputs
+        ]
+        self._compiled: OrderedDict[Key, _Compiled] = OrderedDict()
         self._settled: weakref.WeakSet[ov.CompiledModel] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()  # with release_after_run: no release while another run is on
-        self.compile_seconds: dict[tuple[tuple[int, ...], ...], float] = {}  # per shape, for the logs
+        self.compile_seconds: dict[Key, float] = {}  # per shape, for the logs
         if shapes == DYNAMIC:  # compiled here, so that the first request does not pay it
-            self._compiled[()] = self._compile(model, ())
+            self._compiled[()] = _Compiled(self._compile(model, ()))
+
+    def key(self, arrays: list[np.ndarray]) -> Key:
+        if self.shapes == DYNAMIC:
+            return ()
+        return tuple(tuple(a.shape[i] for i in dims) for a, dims in zip(arrays, self.image_dims, strict=True))
 
     def __call__(self, feeds: dict[str, Any]) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(feeds[name]) for name in self.inputs]
-        key = () if self.shapes == DYNAMIC else tuple(a.shape for a in arrays)
-        compiled = self._compiled_for(key)
-        request = compiled.create_infer_request()
+        compiled = self._compiled_for(self.key(arrays))
         if self.release_after_run:
             with self._run_lock:
+                request = compiled.model.create_infer_request()
                 request.infer(arrays)
                 outputs = self._outputs(request)
                 del request
-                compiled.release_memory()
+                compiled.model.release_memory()
         else:
+            with self._lock:
+                request = compiled.idle.pop() if compiled.idle else compiled.model.create_infer_request()
             request.infer(arrays)
             outputs = self._outputs(request)
-        if compiled not in self._settled:  # its first run has laid out its weights (dynamic shapes: lazily)
-            self._settled.add(compiled)
+            with self._lock:
+                compiled.idle.append(request)
+        if compiled.model not in self._settled:  # its first run has laid out its weights (dynamic: lazily)
+            self._settled.add(compiled.model)
             release_file_pages(self.path.with_suffix(".bin"))
         return outputs
 
     def _outputs(self, request: ov.InferRequest) -> list[np.ndarray]:
+        # Copies: the request's output tensors are overwritten by its next run.
         return [np.array(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
 
     @property
-    def compiled_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
+    def compiled_shapes(self) -> list[Key]:
         with self._lock:
             return list(self._compiled)
 
-    def _compiled_for(self, key: tuple[tuple[int, ...], ...]) -> ov.CompiledModel:
+    def _compiled_for(self, key: Key) -> _Compiled:
         with self._lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
@@ -153,14 +189,20 @@ class CompiledGraph:
             # Compiled under the lock: two first calls at one size compile it once, and at most one extra
             # copy of the weights is ever being made.
             model = self.core.read_model(self.path)
-            model.reshape({name: list(shape) for name, shape in zip(self.inputs, key, strict=True)})
-            compiled = self._compile(model, key)
+            shapes = {}
+            for (name, shape), dims, sizes in zip(self.input_shapes, self.image_dims, key, strict=True):
+                fixed = ov.PartialShape(shape)
+                for i, size in zip(dims, sizes, strict=True):
+                    fixed[i] = ov.Dimension(size)
+                shapes[name] = fixed
+            model.reshape(shapes)
+            compiled = _Compiled(self._compile(model, key))
             self._compiled[key] = compiled
             while len(self._compiled) > self.compiled_limit:
                 self._compiled.popitem(last=False)
             return compiled
 
-    def _compile(self, model: ov.Model, key: tuple[tuple[int, ...], ...]) -> ov.CompiledModel:
+    def _compile(self, model: ov.Model, key: Key) -> ov.CompiledModel:
         started = time.perf_counter()
         compiled = self.core.compile_model(model, "CPU", self.config)
         self.compile_seconds[key] = time.perf_counter() - started
@@ -208,7 +250,7 @@ class OpenVinoSessions(LoraEngine):
             targets = branch_targets(_static_dims(branched))
             # min_rank 1: OpenVINO compiles no empty tensors (a layer no row uses gets one rank of zeros)
             store = AdapterStore(lora_dir, component, targets, cache_bytes)
-            self.feeder = BranchFeeder(store, min_rank=1, pow2_ranks=shapes == STATIC)
+            self.feeder = BranchFeeder(store, min_rank=1)
 
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages: dropped, read again if touched)

@@ -23,6 +23,14 @@ SideRange = tuple[int, int, int]  # (min, opt, max) pixels of one image side
 BATCH_AXES = frozenset({"batch", "guided_batch", "text_rows"})
 
 
+def is_image_axis(axis: str) -> bool:
+    """Whether a dynamic axis follows the images a request asks for: how many (its rows through the UNet and
+    VAE) and their size in pixels or latent cells. The others follow what the request says: the prompt's
+    length (`text_rows`, `text_sequence`) and its LoRAs' ranks. OpenVINO compiles a static model per set of
+    image axes' sizes and leaves the others dynamic (python_backend/ov_sessions.py)."""
+    return axis in ("batch", "guided_batch", "height", "width") or axis.startswith("latent_")
+
+
 @dataclass(frozen=True)
 class Profile:
     """What the engines are built for: image sides in pixels and images per request."""

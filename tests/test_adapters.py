@@ -137,16 +137,16 @@ def test_feeds_pad_each_row_to_the_batch_rank_and_zero_rows_without_lora():
     assert branch_targets(graph_inputs) == targets
 
 
-def test_power_of_two_ranks_pad_with_zeros_and_keep_the_product():
-    """OpenVINO's static shapes compile per rank: padding to powers of two keeps the shapes few."""
+def test_min_rank_gives_an_unused_layer_one_rank_of_zeros():
+    """OpenVINO compiles no empty tensors: a layer no row uses gets one rank of zeros, which adds nothing."""
     targets = {"a": BranchTarget("a", (3,), 2), "b": BranchTarget("b", (4,), 5)}
     rng = np.random.default_rng(1)
     r3 = lora.LowRank(rng.random((3, 3), np.float32), rng.random((2, 3), np.float32))
-    feeds = branch_feeds(targets, [{"a": r3}, {}], min_rank=1, pow2_ranks=True)
+    feeds = branch_feeds(targets, [{"a": r3}, {}], min_rank=1)
     down, up = feeds["a" + DOWN_SUFFIX], feeds["a" + UP_SUFFIX]
-    assert down.shape == (2, 4, 3) and up.shape == (2, 2, 4)
+    assert down.shape == (2, 3, 3) and up.shape == (2, 2, 3)
     assert np.allclose(up[0] @ down[0], r3.up @ r3.down) and not up[1].any()
-    assert feeds["b" + DOWN_SUFFIX].shape == (2, 1, 4)  # no row uses it: one rank of zeros
+    assert feeds["b" + DOWN_SUFFIX].shape == (2, 1, 4)
     assert not feeds["b" + DOWN_SUFFIX].any()
 
 

@@ -37,12 +37,12 @@ BF16_HOST = host_supports("bf16")
 NEEDS_BF16 = pytest.mark.skipif(not BF16_HOST, reason="this CPU has neither AVX512_BF16 nor AMX")
 
 
-def unet_feeds(batch: int, side: int, seed: int = 0) -> dict[str, np.ndarray]:
+def unet_feeds(batch: int, side: int, seed: int = 0, tokens: int = 77) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
         "timestep": np.full((batch, 1), 500, np.float32),
-        "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, tokens, 32), dtype=np.float32),
     }
 
 
@@ -97,8 +97,27 @@ def test_static_shapes_compile_once_per_shape_within_the_limit(openvino_reposito
     graph(large)
     graph(unet_feeds(1, 8))
     shapes = graph.compiled_shapes
-    assert len(shapes) == 2 and shapes[-1][0] == (1, 4, 8, 8)  # the least recently used went
+    assert len(shapes) == 2 and shapes[-1] == ((1, 8, 8), (1,), (1,))  # the least recently used went
     np.testing.assert_array_equal(graph(small)[0], first[0])  # compiled again (from the disk cache)
+
+
+def test_static_shapes_key_on_the_images_and_leave_the_prompt_length_dynamic(openvino_repository):
+    """Mixed traffic: a compiled model per prompt length too would compile on nearly every request."""
+    path = openvino_repository / UNET / "1" / "model.xml"
+    static = CompiledGraph(ov.Core(), path, compile_config("fp32", None), STATIC, 1)
+    dynamic = CompiledGraph(ov.Core(), path, compile_config("fp32", None), DYNAMIC)
+    for tokens in (77, 154, 231):
+        feeds = unet_feeds(2, 8, tokens=tokens)
+        np.testing.assert_allclose(static(feeds)[0], dynamic(feeds)[0], atol=1e-5)
+    assert static.compiled_shapes == [((2, 8, 8), (2,), (2,))] and len(static.compile_seconds) == 1
+
+
+def test_an_ir_that_does_not_name_its_axes_is_refused(openvino_repository, tmp_path):
+    """IRs from before the axes were named (or converted by hand) cannot be compiled per image size."""
+    ir = tmp_path / "model.xml"
+    ov.save_model(ov.convert_model(openvino_repository / UNET / "onnx" / "model.onnx"), ir)
+    with pytest.raises(ValueError, match="does not name its axes: rebuild it"):
+        CompiledGraph(ov.Core(), ir, compile_config("fp32", None))
 
 
 def test_dynamic_shapes_compile_once_and_agree_with_static(openvino_repository):
@@ -189,7 +208,7 @@ def test_bf16_engines_run_in_bf16(openvino_repository):
     feeds = unet_feeds(2, 8)
     graph(feeds)
     (compiled,) = graph._compiled.values()
-    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "bf16"
+    assert compiled.model.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
 
 
 def test_native_backend_configs(tiny_checkpoint, tmp_path):
