@@ -206,6 +206,9 @@ def pipeline_config(
         config.response_cache.enable = serving.response_cache
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     config.parameters["max_concurrent_requests"].string_value = str(serving.max_concurrent_requests)
+    # Clients use one of `pipeline` and `pipeline_stream` (the A1111 gateway the stream): each imports torch
+    # and diffusers (~300 MB) with its first request, so that the one left unused does not hold them.
+    config.parameters[OPEN_ON_FIRST_REQUEST].string_value = "true"
     # The dynamic batcher here only for its queue policy (max_batch_size 0: one request per execute).
     # Requests wait in its queue while every worker is busy (model.py blocks in execute), so the queue
     # metrics (and an autoscaler reading them) see them and the policy bounds them.

@@ -336,7 +336,8 @@ DRAIN_FILE_ENV = "SD_SERVE_DRAIN_FILE"
 JOBS_DIR_ENV = "SD_JOBS_DIR"
 # Set by sd-serve --lora-dir: the folder of LoRA files the pipelines and engine models read.
 LORA_DIR_ENV = "SD_LORA_DIR"
-# An engine model's config parameter: "true" when it opens its engine with its first request, not at load.
+# An engine or pipeline model's config parameter: "true" when it opens its engine (a pipeline: its core)
+# with its first request, not at load.
 OPEN_ON_FIRST_REQUEST = "open_on_first_request"
 # Set by sd-serve --openvino-cache-dir: where OpenVINO engines keep the models they compile (per host CPU).
 OPENVINO_CACHE_ENV = "SD_OPENVINO_CACHE_DIR"

@@ -292,27 +292,37 @@ def _stub_maps(server, model: str) -> str:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
-def test_the_vae_encoder_opens_with_the_first_image_request(request, target):
+def test_models_only_some_requests_use_open_with_the_first_of_them(request, target):
     """A server whose clients send no images never loads the VAE encoder's runtime or weights: its process
-    maps neither OpenVINO's nor ONNX Runtime's library until the first img2img request."""
+    maps neither OpenVINO's nor ONNX Runtime's library until the first img2img request. And clients use one
+    of the two pipeline models: each imports torch with its first request."""
     from client import StableDiffusionClient
     from tests.parity import png_bytes, smooth_picture
     from tests.triton_server import TritonServer
 
     repo = request.getfixturevalue("model_repository" if target == "onnx" else "openvino_repository")
-    config = repository.read_config(repo / "vae_encoder")
-    assert config.parameters["open_on_first_request"].string_value == "true"
+    for model in ("vae_encoder", "pipeline", "pipeline_stream"):
+        assert repository.read_config(repo / model).parameters["open_on_first_request"].string_value == "true"
     assert "open_on_first_request" not in repository.read_config(repo / "vae_decoder").parameters
     library = "libopenvino" if target == "openvino" else "onnxruntime"
     with TritonServer(repo) as server:
+        assert "libtorch" not in _stub_maps(server, "pipeline")
         client = StableDiffusionClient(server.grpc_url)
-        client.generate("a cat", steps=2, width=64, height=64, seed=1)
+        first = client.generate("a cat", steps=2, width=64, height=64, seed=1)
         assert library in _stub_maps(server, "vae_decoder")
         assert library not in _stub_maps(server, "vae_encoder")
+        assert "libtorch" in _stub_maps(server, "pipeline")
+        assert "libtorch" not in _stub_maps(server, "pipeline_stream")
         image = png_bytes(smooth_picture(64, 64))
         result = client.generate("a cat", steps=2, width=64, height=64, seed=1, image=image, strength=0.5)
         assert len(result.images) == 1
         assert library in _stub_maps(server, "vae_encoder")
+        steps = []
+        streamed = client.generate(
+            "a cat", steps=2, width=64, height=64, seed=1, on_progress=lambda status, _: steps.append(status)
+        )
+        assert steps and steps[-1]["step"] == steps[-1]["total"]  # it streamed progress
+        np.testing.assert_array_equal(np.asarray(streamed.images[0]), np.asarray(first.images[0]))
 
 
 def test_openvino_sends_no_telemetry(openvino_repository, tmp_path):

@@ -151,6 +151,9 @@ def test_sigterm_drains_requests_in_progress_and_stops_cleanly(model_repository:
         triton = server.triton_pid()
         assert triton is not None
         pids = {triton, *(s.pid for s in supervisor.child_stubs(triton))}
+        # The pipeline opens its core with its first request: after this one the next two are in progress
+        # within a second, not still waiting in the queue.
+        assert infer(server.grpc_url) == ("OK", "")
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             in_progress = [
                 pool.submit(infer, server.grpc_url, **LONG | {"num_inference_steps": steps})

@@ -10,6 +10,11 @@ meet in the UNet's dynamic batcher.
 A request's Triton `timeout` (microseconds, as every Triton client can send it) bounds its wait in the
 queue (Triton's queue policy) and its generation: the denoising loop stops once it has run that long,
 since Triton 2.51 does not cancel a unary request whose client gave up.
+
+With the `open_on_first_request` parameter (build-engines sets it) the core (torch, diffusers, the tokenizer:
+~300 MB) is imported with the first request, not at load: clients use one of `pipeline` and
+`pipeline_stream` (the A1111 gateway the stream), and the other then holds ~30 MB. The first request waits
+those few seconds once. Everything here that imports torch is therefore imported where it is used.
 """
 
 import json
@@ -22,13 +27,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from python_backend.bls import BlsEngines
 from python_backend.control import unit_inputs
-from python_backend.engines import EngineUnavailable
 from python_backend.jobs import JobBoard, job_id_from_input
 from python_backend.metrics import PipelineMetrics
-from python_backend.pipeline import Cancelled, Interrupted, PipelineAssets, generate
-from python_backend.previews import preview_png
 from python_backend.request import (
     CONTROL_INPUTS,
     REQUEST_INPUTS,
@@ -36,26 +37,24 @@ from python_backend.request import (
     InvalidInput,
     request_from_inputs,
 )
-from python_backend.shapes import DRAIN_FILE_ENV, LORA_DIR_ENV, TEXT_ENCODER, UNET
+from python_backend.shapes import (
+    DRAIN_FILE_ENV,
+    LORA_DIR_ENV,
+    OPEN_ON_FIRST_REQUEST,
+    PIPELINE_MANIFEST,
+    TEXT_ENCODER,
+    UNET,
+    PipelineManifest,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class DeadlineExceeded(Cancelled):
-    pass
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        lora_dir = os.environ.get(LORA_DIR_ENV)  # sd-serve --lora-dir
-        folder = Path(args["model_repository"]) / args["model_version"]
-        self.assets = PipelineAssets.load(folder, Path(lora_dir) if lora_dir else None)
-        manifest = self.assets.manifest
-        lora_engines = (TEXT_ENCODER, UNET) if self.assets.loras is not None else ()
-        self.engines = BlsEngines(
-            manifest.geometry, manifest.device, manifest.prefix, lora_engines, manifest.controlnets
-        )
+        self.folder = Path(args["model_repository"]) / args["model_version"]
+        manifest = PipelineManifest.read(self.folder / PIPELINE_MANIFEST)
         self.unit_inputs = list(unit_inputs(manifest.controlnet_units))  # controlnet_{i}_{field}
         self.logger = pb_utils.Logger
         self.metrics = PipelineMetrics(pb_utils, config["name"])
@@ -66,6 +65,22 @@ class TritonPythonModel:
         # sd-serve creates this file when it starts a graceful stop: new requests are refused from then on.
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
         self.jobs = JobBoard()  # requests with a job_id stop early when pipeline_control asks
+        self.assets = self.engines = None
+        if config["parameters"].get(OPEN_ON_FIRST_REQUEST, {}).get("string_value") != "true":
+            self._open_core()
+
+    def _open_core(self):
+        from python_backend.bls import BlsEngines
+        from python_backend.pipeline import PipelineAssets
+
+        lora_dir = os.environ.get(LORA_DIR_ENV)  # sd-serve --lora-dir
+        assets = PipelineAssets.load(self.folder, Path(lora_dir) if lora_dir else None)
+        manifest = assets.manifest
+        lora_engines = (TEXT_ENCODER, UNET) if assets.loras is not None else ()
+        self.engines = BlsEngines(
+            manifest.geometry, manifest.device, manifest.prefix, lora_engines, manifest.controlnets
+        )
+        self.assets = assets
 
     def execute(self, requests):
         for request in requests:
@@ -75,6 +90,20 @@ class TritonPythonModel:
                     request, "unavailable: the server is shutting down; retry (another replica will take it)"
                 )
                 continue
+            if self.assets is None:  # here, not in a worker: requests after this one wait in Triton's queue
+                try:
+                    self._open_core()
+                except Exception as e:
+                    self.logger.log_error(f"pipeline: could not open its core: {e!r}")
+                    self.metrics.failed("error")
+                    request.get_response_sender().send(
+                        _error(
+                            f"the pipeline could not load its tokenizer and scheduler ({e}); the server's "
+                            "log says why: fix the model repository and reload the model"
+                        ),
+                        flags=FINAL,
+                    )
+                    continue
             timeout_s = request.timeout() / 1e6
             deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
             self.metrics.started()
@@ -125,15 +154,20 @@ class TritonPythonModel:
             return _error(str(e), pb_utils.TritonError.INVALID_ARG)
 
     def _generate(self, request, inputs, sender, deadline, preview_every, job):
-        steps = 0
+        from python_backend.engines import EngineUnavailable
+        from python_backend.pipeline import Cancelled, Interrupted, generate
+        from python_backend.previews import preview_png
+
+        steps, timed_out = 0, False
 
         def on_step(progress):
-            nonlocal steps
+            nonlocal steps, timed_out
             steps = progress.step
             if request.is_cancelled():  # the client went away (stream cancelled, timeout): stop now
                 raise Cancelled
             if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded
+                timed_out = True
+                raise Cancelled
             if job is not None and job.stop_requested():
                 raise Interrupted  # the core decodes what it has and answers with it
             if sender is None:
@@ -154,7 +188,16 @@ class TritonPythonModel:
         except InvalidInput as e:
             self.metrics.failed("invalid_input")
             return _error(str(e), pb_utils.TritonError.INVALID_ARG)
-        except DeadlineExceeded:
+        except EngineUnavailable as e:
+            self.metrics.failed("unavailable")
+            return _error(
+                f"unavailable: {e}; the server is restarting that engine or stopping: retry in a few seconds",
+                pb_utils.TritonError.UNAVAILABLE,
+            )
+        except Cancelled:
+            if not timed_out:
+                self.metrics.cancelled()
+                return _error("cancelled", pb_utils.TritonError.CANCELLED)
             # Triton 2.51 has no DEADLINE_EXCEEDED code; the client's own deadline (sd-client --timeout
             # sets both) gives it that status, and the message says which limit it was.
             self.metrics.failed("timeout")
@@ -163,15 +206,6 @@ class TritonPythonModel:
                 "denoising step(s); send a longer timeout, or fewer steps or a smaller size",
                 pb_utils.TritonError.CANCELLED,
             )
-        except EngineUnavailable as e:
-            self.metrics.failed("unavailable")
-            return _error(
-                f"unavailable: {e}; the server is restarting that engine or stopping: retry in a few seconds",
-                pb_utils.TritonError.UNAVAILABLE,
-            )
-        except Cancelled:
-            self.metrics.cancelled()
-            return _error("cancelled", pb_utils.TritonError.CANCELLED)
         except Exception as e:  # one failed request must not fail the others
             self.logger.log_error(f"pipeline: request failed: {e!r}")
             self.metrics.failed("error")
