@@ -359,6 +359,12 @@ def weights_bytes(repo: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def ir_weights_bytes(repo: Path) -> int:
+    """The openvino target's weights as stored in its IRs (model.bin: fp32, or fp16 for bf16): 0 for another
+    target. Beside the fp32 denominator, what a reduced-precision server's memory compares with."""
+    return sum(f.stat().st_size for f in repo.glob("*/1/**/model.bin"))
+
+
 def process_tree(root: int) -> list[int]:
     """`root` and all its descendants (tritonserver forks one python backend stub per model instance)."""
     children: dict[int, list[int]] = {}
@@ -565,6 +571,14 @@ def report(
             f"({c.server_peak_rss / weights:.2f}×)",
             f"- weights: {_mib(weights)} at fp32 (every engine's ONNX export: model.onnx + model.onnx.data, "
             "the unused vae_encoder included)",
+            *(
+                [
+                    f"- the IRs' weights as stored (model.bin; fp16 for a bf16 build): {_mib(ir)}; the "
+                    f"server's PSS is {c.server_pss / ir:.2f}× those"
+                ]
+                if (ir := ir_weights_bytes(repo))
+                else []
+            ),
             "",
             "| process | count | PSS each | PSS total |",
             "|---|---:|---|---:|",
