@@ -142,9 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ov.add_argument(
         "--openvino-shapes",
         choices=[STATIC, DYNAMIC],
-        default=STATIC,
-        help="static (default): each input shape (batch, size, prompt length) compiled on first use and "
-        "cached; dynamic: each engine compiled once for every shape (one copy of the weights in memory)",
+        default=DYNAMIC,
+        help="dynamic (default): each engine compiled once for every shape (one copy of the weights in "
+        "memory); static: each image count and size compiled on first use and cached, for deployments that "
+        "serve a few sizes (docs/openvino.md)",
     )
     ov.add_argument(
         "--openvino-compiled-shapes",

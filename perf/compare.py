@@ -69,18 +69,34 @@ class Settings:
     rounds: int = 3  # requests per client for each throughput figure
     target: str = "onnx"  # build-engines --target of ours, (b) and (c): onnx or openvino
     precision: str = "fp32"  # ... and with openvino its --precision
+    openvino_shapes: str = "dynamic"  # ... and its --openvino-shapes
 
     @property
     def engine_name(self) -> str:
-        return "ONNX Runtime" if self.target == "onnx" else f"OpenVINO {self.precision}"
+        if self.target == "onnx":
+            return "ONNX Runtime"
+        return f"OpenVINO {self.precision}" + (", static shapes" if self.openvino_shapes == "static" else "")
 
     @property
     def build_args(self) -> list[str]:
-        return [] if self.target == "onnx" else ["--target", "openvino", "--precision", self.precision]
+        if self.target == "onnx":
+            return []
+        return [
+            "--target",
+            "openvino",
+            "--precision",
+            self.precision,
+            "--openvino-shapes",
+            self.openvino_shapes,
+        ]
 
     @property
     def repository_name(self) -> str:
-        return "repository" if self.target == "onnx" else f"repository-openvino-{self.precision}"
+        if self.target == "onnx":
+            return "repository"
+        return f"repository-openvino-{self.precision}" + (
+            "-static" if self.openvino_shapes == "static" else ""
+        )
 
 
 @dataclass
@@ -211,7 +227,7 @@ def in_process(s: Settings, repo: Path) -> Measurement:
     if s.target == "onnx":
         engines = OnnxRuntimeEngines(repo, geometry)
     else:
-        engines = OpenVinoEngines(repo, geometry, s.precision)
+        engines = OpenVinoEngines(repo, geometry, s.precision, shapes=s.openvino_shapes)
     request = _request(s)
     return Measurement(
         "b", f"ours in-process ({s.engine_name})", lambda: generate(request, engines, assets).images
@@ -590,8 +606,9 @@ def report(
         ]
     if c and c.warmup_s:
         lines.append(
-            f"- first served call (compiles each engine for this size with OpenVINO's static shapes; ONNX "
-            f"Runtime: warm-up): {c.warmup_s:.2f} s, {c.warmup_s / c.median_s:.2f}× a timed call"
+            f"- first served call (OpenVINO: its first run, which with static shapes compiles each engine "
+            f"for this size; ONNX Runtime: warm-up): {c.warmup_s:.2f} s, "
+            f"{c.warmup_s / c.median_s:.2f}× a timed call"
         )
     if s.precision == "fp32":
         lines.append(
@@ -732,6 +749,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="leave out contestant (b), e.g. where the full-size models of every contestant do not fit in "
         "memory at once",
     )
+    parser.add_argument(
+        "--openvino-shapes",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="build-engines --openvino-shapes of ours (with --target openvino; default dynamic)",
+    )
     parser.add_argument("--out", type=Path, help="write the report here as Markdown")
     args = parser.parse_args(argv)
     if args.precision != "fp32" and args.target != "openvino":
@@ -777,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         args.target,
         args.precision,
+        args.openvino_shapes,
     )
     digest = hashlib.sha256(str(checkpoint).encode()).hexdigest()[:8]
     work_dir = args.work_dir or default_cache_dir() / "perf" / f"{checkpoint.name}-{digest}"

@@ -151,7 +151,7 @@ class OpenVinoEngines(_LocalEngines):
         precision: str,
         lora_dir: Path | None = None,
         controlnets: Iterable[str] = (),
-        shapes: str = "static",
+        shapes: str = "dynamic",
         cache_dir: Path | None = None,
     ) -> None:
         from python_backend.ov_sessions import OpenVinoSessions, runs_once_per_request

@@ -5,16 +5,16 @@ for the served engine models (model_repository/engine) and the in-process engine
 An engine folder holds the IR `model.xml` (+ `model.bin`, memory-mapped), and the UNet of a LoRA build its
 branch graph in `lora/model.xml`, as on the onnx target (python_backend/ort_sessions.py).
 
-Shapes. OpenVINO's CPU plugin runs a model compiled for static shapes at its best speed, so by default each
-image count and size (the sizes of its image axes, `shapes.is_image_axis`: the batch rows and the sides) gets
-its own compiled model on first use: compiled once, kept in memory (at most `compiled_limit` per graph, least
-recently used dropped first, as each holds its own copy of the weights in the inference precision), and with
-a cache folder also written to disk, so that the next process, or this one after an eviction, imports it
-instead of compiling again. The axes that follow what a request says rather than its images (prompt length,
-LoRA ranks) stay dynamic in every compiled model: keyed too, mixed traffic compiled on nearly every request
-(perf/results/soak-tiny-openvino-180s.md). `dynamic` compiles each graph once for every shape instead: one
-copy of the weights, no compile on a new size. The IR names its inputs' axes (AXES_INFO, written by
-build_engines/openvino_engine.py from `shapes.engine_specs`).
+Shapes. `dynamic` (the default) compiles each graph once for every shape: one copy of the weights, no compile
+on a new size. `static` gives each image count and size (the sizes of its image axes, `shapes.is_image_axis`:
+the batch rows and the sides) its own compiled model on first use, the way OpenVINO's CPU plugin runs a
+model fastest: compiled once, kept in memory (at most `compiled_limit` per graph, least recently used dropped
+first, as each holds its own copy of the weights in the inference precision), and with a cache folder also
+written to disk, so that the next process, or this one after an eviction, imports it instead of compiling
+again. The axes that follow what a request says rather than its images (prompt length, LoRA ranks) stay
+dynamic in every compiled model. Under mixed traffic static shapes compile on most requests; at one shape
+they were 1-2% faster than dynamic on the full-size UNet here (docs/openvino.md). The IR names its inputs'
+axes (AXES_INFO, written by build_engines/openvino_engine.py from `shapes.engine_specs`).
 
 Precision is always explicit (OpenVINO's default depends on the host CPU: bf16 wherever it has AVX512_BF16
 or AMX).
@@ -84,6 +84,11 @@ def compile_config(precision: str, cache_dir: Path | None) -> dict[str, Any]:
         "NUM_STREAMS": "1",
         # Four engine processes (and the pipeline's) share the cores: threads pinned to cores would fight.
         "ENABLE_CPU_PINNING": False,
+        # OpenVINO caches the kernels it makes for each shape a dynamic axis takes, up to 5000 by default:
+        # a UNet with LoRA branches grew to 3.5 GB over mixed batch rows, sizes and ranks (tiny checkpoint,
+        # 120 calls), and stayed at 0.77 GB without. The kernels are made again at a change of shape; the
+        # full-size UNet ran as fast either way, at one shape and alternating two.
+        "CPU_RUNTIME_CACHE_CAPACITY": 0,
     }
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
@@ -115,7 +120,7 @@ class CompiledGraph:
         core: ov.Core,
         path: Path,
         config: dict[str, Any],
-        shapes: str = STATIC,
+        shapes: str = DYNAMIC,
         compiled_limit: int = DEFAULT_COMPILED_LIMIT,
         release_after_run: bool = False,
     ) -> None:
@@ -222,7 +227,7 @@ class OpenVinoSessions(LoraEngine):
         component: str | None = None,
         lora_dir: Path | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        shapes: str = STATIC,
+        shapes: str = DYNAMIC,
         compiled_limit: int = DEFAULT_COMPILED_LIMIT,
         cache_dir: Path | None = None,
         release_after_run: bool = False,
