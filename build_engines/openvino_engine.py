@@ -3,18 +3,22 @@ each IR against ONNX Runtime.
 
 The IR keeps the ONNX file's dynamic axes: the engine model compiles it per shape at serving time
 (python_backend/ov_sessions.py). Weights are stored fp32 for an fp32 build and fp16 for a bf16 one (half the
-file and the memory map; OpenVINO converts them to bf16 when it compiles).
+file and the memory map; OpenVINO converts them to bf16 when it compiles). An int8-hybrid build passes a
+`Compression` (build_engines/openvino_int8.py: NNCF's int8 weights, and int8 activations where it calibrated
+them) applied to the converted model before it is saved.
 
 A JSON sidecar records what the IR was made from (the ONNX export's own record, the precision, OpenVINO's
-version); a later build with the same record keeps it.
+version, the compression's settings); a later build with the same record keeps it.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -29,12 +33,21 @@ IR_FORMAT = 1  # bump when the conversion itself changes, so that kept IR files 
 # The IR run in f32 vs ONNX Runtime on the same inputs (CHECK_SIZES), relative L2 error per output. fp32: the
 # same weights, only kernels differ (measured ≤ 3e-6 on the full-size UNet). bf16 builds store fp16 weights:
 # their rounding alone (measured: ≈ 5e-4 relative on the tiny UNet).
-MAX_REL_ERROR = {"fp32": 1e-4, "bf16": 1e-2}
+MAX_REL_ERROR = {"fp32": 1e-4, "bf16": 1e-2, "int8-hybrid": 1.0}
 CHECK_RANK = 3  # LoRA branches' rank in that check
 
 
 class ConversionError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What NNCF does to a converted model before it is saved (int8-hybrid: build_engines/openvino_int8.py).
+    `key`: its settings, recorded in the sidecar, so that an IR compressed otherwise is made again."""
+
+    key: dict[str, Any]
+    apply: Callable[[Any], Any]  # ov.Model -> ov.Model
 
 
 @dataclass(frozen=True)
@@ -44,12 +57,23 @@ class Converted:
     reused: bool
 
 
-def convert_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, precision: str) -> Converted:
-    """out_dir/model.xml from `onnx_path` (an export with its sidecar), unless an up-to-date one is there."""
+def convert_engine(
+    onnx_path: Path, spec: EngineSpec, out_dir: Path, precision: str, compression: Compression | None = None
+) -> Converted:
+    """out_dir/model.xml from `onnx_path` (an export with its sidecar), unless an up-to-date one is there.
+    `compression`: int8-hybrid's (and only its: the other precisions are the converted graph as it is)."""
     if precision not in INFERENCE_PRECISION:
         raise ValueError(f"precision must be one of {tuple(INFERENCE_PRECISION)}, got {precision!r}")
-    onnx_record = json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())["key"]
-    key = {"onnx": onnx_record, "precision": precision, "openvino": ov.get_version(), "ir_format": IR_FORMAT}
+    if (compression is not None) != (precision == "int8-hybrid"):
+        raise ValueError(f"precision {precision!r} with compression {compression and compression.key}")
+    key: dict[str, Any] = {
+        "onnx": onnx_record(onnx_path),
+        "precision": precision,
+        "openvino": ov.get_version(),
+        "ir_format": IR_FORMAT,
+    }
+    if compression is not None:
+        key["compression"] = compression.key
     target, sidecar = out_dir / IR_FILE, out_dir / SIDECAR_FILE
     if target.exists() and sidecar.exists():
         recorded = json.loads(sidecar.read_text())
@@ -60,6 +84,8 @@ def convert_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, precision: 
     for stale in (target, sidecar, out_dir / WEIGHTS_FILE):
         stale.unlink(missing_ok=True)
     model = ov.convert_model(onnx_path)
+    if compression is not None:
+        model = compression.apply(model)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         ov.save_model(model, Path(tmp) / IR_FILE, compress_to_fp16=precision != "fp32")
         del model
@@ -73,6 +99,11 @@ def convert_engine(onnx_path: Path, spec: EngineSpec, out_dir: Path, precision: 
         )
     sidecar.write_text(json.dumps({"key": key, "rel_error": error}, indent=2) + "\n")
     return Converted(target, error, reused=False)
+
+
+def onnx_record(onnx_path: Path) -> dict[str, Any]:
+    """What an ONNX export was made from (onnx_export.export_engine's sidecar)."""
+    return dict(json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())["key"])
 
 
 def check_against_onnx(spec: EngineSpec, ir: Path, onnx_path: Path) -> float:

@@ -329,6 +329,7 @@ def write_openvino_model(
     if runs_once_per_request(spec.name):
         config.parameters[RELEASE_AFTER_RUN].string_value = "true"
     write_config(model_dir, config)
+    (model_dir / "1").mkdir(exist_ok=True)  # int8-hybrid IRs are converted into it after this
     shutil.copyfile(SOURCES / "engine" / "1" / "model.py", model_dir / "1" / "model.py")
 
 
