@@ -4,8 +4,9 @@
                            [--vae-precision fp32|fp16] [--noise 0.05] [--size N] [--steps N]
                            [--schedulers own,dpmpp_2m_karras] [--work-dir DIR] [--out FILE.md]
 
-Reduced precision (fp16 TensorRT plans, bf16 or int8 OpenVINO IR) cannot give fp32's images to 2/255, so it is
-judged by the budget below, defined once here and used by tests/test_quality_budget.py, at two levels:
+Reduced precision (fp16 TensorRT plans, bf16 or int8-hybrid OpenVINO IR) cannot give fp32's images to 2/255,
+so it is judged by the budget below, defined once here and used by tests/test_quality_budget.py, at two
+levels:
 
 1. per engine: on fixed seeded inputs of realistic ranges (token ids of fixed prompts; latents ~N(0, 1) at
    timesteps across the schedule with the reference text encoder's embeddings; decoder latents as the pipeline
@@ -607,6 +608,12 @@ CANDIDATES: dict[str, Candidate] = {
     ),
     "openvino-bf16": Candidate(
         "bf16", "the openvino target at --precision bf16 (needs AVX512_BF16 or AMX)", openvino("bf16")
+    ),
+    "openvino-int8-hybrid": Candidate(
+        "int8",
+        "the openvino target at --precision int8-hybrid (NNCF: int8 weights; the UNet's convolutions also "
+        "int8 activations, calibrated at build-engines' default --calibration-samples)",
+        openvino("int8-hybrid"),
     ),
 }
 
