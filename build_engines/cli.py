@@ -57,7 +57,7 @@ from python_backend.shapes import (
 from python_backend.trt_sessions import LORA_PLAN
 from services.serve import default_cache_dir
 
-SAMPLES = openvino_int8.DEFAULT_SAMPLES
+SAMPLES, STEPS = openvino_int8.DEFAULT_SAMPLES, openvino_int8.STEPS
 # --prefix: it becomes part of Triton model names and folder names, so nothing a path or URL treats specially.
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -149,8 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         metavar="N",
         help="int8-hybrid: UNet calls of the fp32 pipeline its activation ranges are calibrated on, at the "
-        f"opt size (default {SAMPLES}: {SAMPLES // openvino_int8.STEPS} prompts x {openvino_int8.STEPS} "
-        "steps; each costs about two fp32 UNet calls of build time)",
+        f"opt size (default {SAMPLES}: about {SAMPLES // STEPS} prompts x {STEPS} steps; each costs about "
+        "two fp32 UNet calls of build time)",
     )
     ov.add_argument(
         "--openvino-shapes",

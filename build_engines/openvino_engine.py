@@ -32,11 +32,11 @@ SIDECAR_FILE = "model.xml.json"
 IR_FORMAT = 1  # bump when the conversion itself changes, so that kept IR files are redone
 # The IR run in f32 vs ONNX Runtime on the same inputs (CHECK_SIZES), relative L2 error per output. fp32: the
 # same weights, only kernels differ (measured ≤ 3e-6 on the full-size UNet). bf16 builds store fp16 weights:
-# their rounding alone (measured: ≈ 5e-4 relative on the tiny UNet). int8-hybrid (build_engines/openvino_int8.py)
-# is int8 rounding of weights and of the UNet's convolution inputs, measured on the tiny checkpoint: UNet
-# 5.9e-2 (8 calibration samples at 256 px) to 9.1e-2 (200 at 512 px; the check's random inputs lie partly
-# outside the calibrated ranges), VAE decoder 2.4e-2, text encoder 1.9e-2, VAE encoder 1.0e-2. 0.2 is the int8
-# quality budget's per-engine limit (perf/quality.py), which judges the images; this check catches a broken
+# their rounding alone (measured: ≈ 5e-4 relative on the tiny UNet). int8-hybrid (openvino_int8.py) is int8
+# rounding of weights and of the UNet's convolution inputs, measured on the tiny checkpoint: UNet 5.9e-2 (8
+# calibration samples at 256 px) to 9.1e-2 (200 at 512 px; the check's random inputs lie partly outside the
+# calibrated ranges), VAE decoder 2.4e-2, text encoder 1.9e-2, VAE encoder 1.0e-2. 0.2 is the int8 quality
+# budget's per-engine limit (perf/quality.py), which judges the images; this check catches a broken
 # quantization (wrong ranges or weights give errors of order 1).
 MAX_REL_ERROR = {"fp32": 1e-4, "bf16": 1e-2, "int8-hybrid": 0.2}
 CHECK_RANK = 3  # LoRA branches' rank in that check

@@ -48,8 +48,8 @@ from python_backend.shapes import TEXT_ENCODER, UNET, EngineSpec
 
 PRECISION = "int8-hybrid"
 # UNet calls recorded for calibration. 200 is optimum-intel's default for hybrid quantization (its
-# `num_samples`; OpenVINO's SD 2.1 notebook used 300): 10 prompts × 20 steps, so every prompt is seen at every
-# stage of the schedule. Each sample costs one fp32 UNet call to record and one to collect statistics.
+# `num_samples`; OpenVINO's SD 2.1 notebook used 300): about 10 prompts × 20 steps, so that every prompt is
+# seen at every stage of the schedule. Each costs one fp32 UNet call to record and one to collect statistics.
 DEFAULT_SAMPLES = 200
 STEPS = 20  # per calibration prompt: a common serving step count (fewer when fewer samples are asked for)
 GUIDANCE = 7.5
