@@ -134,6 +134,32 @@ def test_calibration_records_the_unet_inputs_of_the_fp32_pipeline_across_the_sch
     assert len(more) == 25 and restart >= 20 and timesteps[restart] > 900
 
 
+def test_only_the_unets_plain_graph_is_calibrated_lora_branch_graphs_get_int8_weights_only(
+    int8_repository, tmp_path
+):
+    """A LoRA branch graph's factors are run-time inputs: its activations are not calibrated (build-engines
+    --lora with int8-hybrid; the text encoder then has only its branch graph, still the calibration's)."""
+    geometry = PipelineAssets.load(int8_repository / "pipeline" / "1").manifest.geometry
+    specs = engine_specs(geometry)
+
+    def graph(engine: str, branches: bool = False) -> openvino_int8.Graph:
+        onnx = int8_repository / engine / "onnx" / "model.onnx"
+        return openvino_int8.Graph(engine, onnx, specs[engine], tmp_path / engine, branches)
+
+    text_encoder, unet, branched = graph(TEXT_ENCODER, True), graph(UNET), graph(UNET, True)
+    assets = PipelineAssets.load(int8_repository / "pipeline" / "1")
+    converter = openvino_int8.Int8Converter(
+        [text_encoder, unet, branched], openvino_int8.Calibration(4, 256, 256), assets, tmp_path / "scratch"
+    )
+    assert [g.calibrated for g in (text_encoder, unet, branched)] == [False, True, False]
+    weights_only = converter.compression(branched).key
+    assert weights_only["weights"] == "int8_asym" and "calibration" not in weights_only
+    assert converter.compression(text_encoder).key == weights_only
+    assert converter.compression(unet).key["calibration"]["samples"] == 4
+    with pytest.raises(ValueError, match="calibration needs the text encoder's and the UNet's graphs"):
+        openvino_int8.Int8Converter([text_encoder, branched], openvino_int8.Calibration(), assets, tmp_path)
+
+
 def test_calibration_settings_are_checked_and_keyed():
     with pytest.raises(ValueError, match="calibration samples must be at least 1, got 0"):
         openvino_int8.Calibration(samples=0)
