@@ -157,7 +157,7 @@ BUDGETS: dict[str, Budget] = {
             ),
             SD_V1: ImageBudget(16.0, 20.0, 0.60, 0.70, "provisional: not measured"),
         },
-        "the openvino target's int8-hybrid IR, measured on the tiny checkpoint (AVX2, no VNNI); SD v1 images "
+        "the openvino target's int8-hybrid IR, measured on the tiny checkpoint (AVX-512 VNNI); SD v1 images "
         "provisional",
     ),
 }

@@ -189,7 +189,7 @@ def test_bf16_engines_run_in_bf16(openvino_repository):
     feeds = unet_feeds(2, 8)
     graph(feeds)
     (compiled,) = graph._compiled.values()
-    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "bf16"
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
 
 
 def test_native_backend_configs(tiny_checkpoint, tmp_path):
