@@ -139,10 +139,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=list(INFERENCE_PRECISION),
         default="fp32",
         help="inference precision of every engine (default fp32; bf16 needs a CPU with AVX512_BF16 or AMX; "
-        "int8-hybrid: int8 weights everywhere and int8 activations in the UNet's convolutions, calibrated "
-        "on the fp32 pipeline's own UNet inputs, docs/openvino.md); reduced precisions are judged by the "
-        "quality budget (perf/README.md); always set explicitly, as OpenVINO's own default depends on the "
-        "CPU",
+        "int8-hybrid: int8 weights everywhere, int8 activations in the UNet's convolutions and attention, "
+        "calibrated on the fp32 pipeline's own UNet inputs, docs/openvino.md); reduced precisions are judged "
+        "by the quality budget (perf/README.md); always set explicitly, as OpenVINO's own default depends on "
+        "the CPU",
     )
     ov.add_argument(
         "--calibration-samples",

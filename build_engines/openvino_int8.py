@@ -3,10 +3,11 @@ optimum-intel's "hybrid quantization" does (our own code: no optimum-intel).
 
 - The UNet's plain graph: int8 weights (`nncf.compress_weights`, INT8_ASYM: per output channel, with a zero
   point) for its MatMul and Gather ops with constant weights, then `nncf.quantize` with those ops ignored,
-  so that what is left, the convolutions, gets int8 weights and int8 activations (FakeQuantize), their
-  ranges calibrated on the UNet's own inputs (below). Attention and feed-forward layers keep fp32
-  activations: plain int8 PTQ of all of them "does not work well for Stable Diffusion" (optimum-intel's
-  documentation), and SmoothQuant is off, as those MatMuls are not quantized by it.
+  so that what is left gets int8 activations (FakeQuantize), their ranges calibrated on the UNet's own
+  inputs (below): the convolutions (with int8 weights) and attention's products of activations (OpenVINO's
+  fused ScaledDotProductAttention, quantized as NNCF's transformer rules do). The projections and
+  feed-forward layers keep fp32 activations: plain int8 PTQ of everything "does not work well for Stable
+  Diffusion" (optimum-intel's documentation), and SmoothQuant is off, as their weights are compressed.
 - The text encoder, the VAE and the UNet's LoRA branch graph (`lora/model.xml`, --lora): int8 weights
   only. The branch graph's LoRA factors are inputs, given per request at run time: those MatMuls have no
   constant weight to compress, and their activations, which depend on whichever LoRAs a request brings,
@@ -19,7 +20,7 @@ inputs the served UNet sees, without any data set to download. Its settings and 
 record are part of the UNet IR's sidecar key, so a rebuild keeps the IR only when they are the same.
 
 All of it runs at build time; the IR is served as any other, compiled with an f32 hint (OpenVINO's CPU
-plugin runs the FakeQuantize'd convolutions in int8 and decompresses the int8 weights of the others).
+plugin runs the FakeQuantize'd ops in int8 and decompresses the int8 weights of the others).
 """
 
 from __future__ import annotations
@@ -207,8 +208,8 @@ def compress_weights(model: ov.Model) -> ov.Model:
 
 
 def quantize_hybrid(model: ov.Model, feeds: list[dict[str, np.ndarray]]) -> ov.Model:
-    """int8 weights for the MatMul and Gather ops, int8 weights and activations for the rest (convolutions),
-    activation ranges from `feeds`."""
+    """int8 weights for the MatMul and Gather ops; int8 weights and activations for the convolutions and
+    int8 inputs for attention's products, activation ranges from `feeds`."""
     nncf = require_nncf()
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
@@ -224,7 +225,7 @@ def quantize_hybrid(model: ov.Model, feeds: list[dict[str, np.ndarray]]) -> ov.M
     return nncf.quantize(
         compressed,
         nncf.Dataset(feeds),
-        model_type=nncf.ModelType.TRANSFORMER,  # attention's own MatMuls (Q·K, ·V) stay unquantized
+        model_type=nncf.ModelType.TRANSFORMER,  # no quantizers around normalization, softmax, element-wise
         ignored_scope=nncf.IgnoredScope(names=weight_only),
         subset_size=len(feeds),
         # SmoothQuant moves scale from activations into weights: not for weights already compressed

@@ -604,7 +604,7 @@ CANDIDATES: dict[str, Candidate] = {
         "the fp32 engines with Gaussian noise (--noise × its RMS) added to every UNet output",
         noisy_unet,
     ),
-    # Lower bounds for the bf16 and int8 budgets until the OpenVINO target measures them.
+    # What storing the weights alone at bf16 or int8 costs: lower bounds for those budgets.
     "bf16-weights-onnx": Candidate(
         "bf16",
         "the fp32 graphs with every weight rounded to bf16 (activations fp32)",
@@ -620,8 +620,8 @@ CANDIDATES: dict[str, Candidate] = {
     ),
     "openvino-int8-hybrid": Candidate(
         "int8",
-        "the openvino target at --precision int8-hybrid (NNCF: int8 weights; the UNet's convolutions also "
-        "int8 activations, calibrated at build-engines' default --calibration-samples)",
+        "the openvino target at --precision int8-hybrid (NNCF: int8 weights; int8 activations into the "
+        "UNet's convolutions and attention, calibrated at build-engines' default --calibration-samples)",
         openvino("int8-hybrid"),
     ),
 }

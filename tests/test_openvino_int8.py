@@ -64,7 +64,12 @@ def test_the_unet_gets_int8_activations_in_its_convolutions_and_every_weight_is_
     convolutions = [op for op in unet.get_ops() if op.get_type_name() == "Convolution"]
     quantized = [op for op in convolutions if op.input_value(0).get_node().get_type_name() == "FakeQuantize"]
     assert len(quantized) > len(convolutions) / 2
-    # Attention and feed-forward layers keep fp32 activations: no quantizer feeds a MatMul.
+    # Attention's products of activations are quantized; the projections and feed-forward layers (their
+    # MatMuls, with int8 weights) keep fp32 activations: no quantizer feeds a MatMul.
+    attention = [op for op in unet.get_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+    assert attention and all(
+        op.input_value(0).get_node().get_type_name() == "FakeQuantize" for op in attention
+    )
     for op in unet.get_ops():
         if op.get_type_name() == "MatMul":
             assert all(p.get_node().get_type_name() != "FakeQuantize" for p in op.input_values())
