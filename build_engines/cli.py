@@ -24,6 +24,7 @@ from build_engines import (
     lora_branch,
     onnx_export,
     openvino_engine,
+    openvino_int8,
     repository,
     tensorrt_engine,
 )
@@ -34,6 +35,7 @@ from python_backend import adapters
 from python_backend.control import DEFAULT_MAX_UNITS
 from python_backend.ort_sessions import LORA_GRAPH
 from python_backend.ov_sessions import DEFAULT_COMPILED_LIMIT, DYNAMIC, INFERENCE_PRECISION, STATIC
+from python_backend.pipeline import PipelineAssets
 from python_backend.shapes import (
     CONTROLNET,
     ENGINE_NAMES,
@@ -55,6 +57,7 @@ from python_backend.shapes import (
 from python_backend.trt_sessions import LORA_PLAN
 from services.serve import default_cache_dir
 
+SAMPLES, STEPS = openvino_int8.DEFAULT_SAMPLES, openvino_int8.STEPS
 # --prefix: it becomes part of Triton model names and folder names, so nothing a path or URL treats specially.
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -135,9 +138,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision",
         choices=list(INFERENCE_PRECISION),
         default="fp32",
-        help="inference precision of every engine (default fp32; bf16 needs a CPU with AVX512_BF16 or AMX "
-        "and is judged by the quality budget, perf/README.md); always set explicitly, as OpenVINO's own "
-        "default depends on the CPU",
+        help="inference precision of every engine (default fp32; bf16 needs a CPU with AVX512_BF16 or AMX; "
+        "int8-hybrid: int8 weights everywhere, int8 activations in the UNet's convolutions and attention, "
+        "calibrated on the fp32 pipeline's own UNet inputs, docs/openvino.md); reduced precisions are judged "
+        "by the quality budget (perf/README.md); always set explicitly, as OpenVINO's own default depends on "
+        "the CPU",
+    )
+    ov.add_argument(
+        "--calibration-samples",
+        type=int,
+        metavar="N",
+        help="int8-hybrid: UNet calls of the fp32 pipeline its activation ranges are calibrated on, at the "
+        f"opt size (default {SAMPLES}: about {SAMPLES // STEPS} prompts x {STEPS} steps; each costs about "
+        "two fp32 UNet calls of build time)",
     )
     ov.add_argument(
         "--openvino-shapes",
@@ -285,6 +298,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--openvino-compiled-shapes must be at least 1, got {args.openvino_compiled_shapes}")
     if args.target != "openvino" and (args.precision != "fp32" or args.openvino_backend != "python"):
         parser.error("--precision and --openvino-backend are options of --target openvino")
+    if args.precision == openvino_int8.PRECISION:
+        if args.controlnets:
+            parser.error(
+                "--precision int8-hybrid does not take --controlnet: calibrating the UNet of a ControlNet "
+                "build would record the ControlNets' residuals of every step (about 70 MB a sample at 512 "
+                "px); build it at --precision fp32"
+            )
+        try:
+            openvino_int8.require_nncf()
+        except openvino_int8.Int8Unavailable as e:
+            parser.error(str(e))
+        if args.calibration_samples is None:
+            args.calibration_samples = openvino_int8.DEFAULT_SAMPLES
+        if args.calibration_samples < 1:
+            parser.error(f"--calibration-samples must be at least 1, got {args.calibration_samples}")
+    elif args.calibration_samples is not None:
+        parser.error("--calibration-samples is an option of --precision int8-hybrid")
     if args.openvino_backend == "native" and args.lora:
         parser.error(
             "--openvino-backend native cannot run LoRA branches (each row's factors are fed by our python "
@@ -408,6 +438,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                 digests[engine] = digest_folder(path)
             precision[engine] = precision[UNET]
     lora_targets: dict[str, dict[str, list[int]]] = {}  # --lora: {component: {layer: base weight shape}}
+    int8_graphs: list[openvino_int8.Graph] = []  # --precision int8-hybrid
     with tqdm(specs.values(), unit="engine", file=sys.stdout) as bar:
         for spec in bar:
             bar.set_description(f"{spec.name}: {precision[spec.name]} ONNX export + check")
@@ -444,6 +475,12 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                     continue
                 if args.target == "openvino":
                     for onnx_path, graph_spec, ir_dir in graphs:
+                        if args.precision == openvino_int8.PRECISION:  # converted once all are exported
+                            branches = lora and graph_spec is not spec
+                            int8_graphs.append(
+                                openvino_int8.Graph(spec.name, onnx_path, graph_spec, ir_dir, branches)
+                            )
+                            continue
                         bar.set_description(f"{spec.name}: OpenVINO IR")
                         ir = openvino_engine.convert_engine(onnx_path, graph_spec, ir_dir, args.precision)
                         bar.write(
@@ -512,6 +549,29 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
         token_table = embeddings.token_table(inversions, vocab_size(checkpoint), tokenizer(checkpoint))
         print(f"embeddings: {', '.join(e.name for e in inversions)}")
     repository.write_pipeline_model(repo, checkpoint, manifest, serving, token_table, lora_targets or None)
+    if int8_graphs:
+        return _convert_int8(repo, int8_graphs, args)
+    return 0
+
+
+def _convert_int8(repo: Path, graphs: list[openvino_int8.Graph], args: argparse.Namespace) -> int:
+    """The int8-hybrid IRs, calibrated on the fp32 pipeline: its assets are the pipeline model's, written
+    just before."""
+    assets = PipelineAssets.load(repo / triton_model(args.prefix, PIPELINE) / "1")
+    width, height = (side[1] for side in (args.profile.width, args.profile.height))
+    calibration = openvino_int8.Calibration(args.calibration_samples, width, height)
+    converter = openvino_int8.Int8Converter(graphs, calibration, assets, repo / ".openvino-fp32")
+    for graph in graphs:
+        what = "int8 activations and weights" if graph.calibrated else "int8 weights"
+        print(f"{graph.engine}: OpenVINO int8-hybrid IR ({what})", flush=True)
+        try:
+            ir = converter.convert(graph)
+        except openvino_engine.ConversionError as e:
+            print(f"build-engines: {e}", file=sys.stderr)
+            return 1
+        state = "up to date, kept" if ir.reused else "converted"
+        error = f"relative error vs ONNX Runtime {ir.rel_error:.1e}"
+        print(f"{graph.engine}: OpenVINO int8-hybrid IR {state}; {error}")
     return 0
 
 

@@ -111,7 +111,7 @@ def openvino_native_config(spec: EngineSpec, precision: str, prefix: str = "") -
     no bounded dynamic shapes and batches only to exactly max_batch_size, so: max_batch_size 0, the batch
     axis in the dims, no dynamic batcher (concurrent requests' UNet calls run one after another), the IR as
     converted (dynamic axes: compiled once for every shape). It cannot be told to run f32 on a CPU with
-    bf16: an fp32 build there runs bf16 (sd-serve says so)."""
+    bf16: an fp32 build there runs bf16, and an int8-hybrid one its unquantized ops (sd-serve says so)."""
     config = mc.ModelConfig(name=triton_model(prefix, spec.name), backend="openvino", max_batch_size=0)
     for t in spec.inputs:
         _tensor(config.input.add(), t.name, t.dtype, t.concrete_dims())
@@ -332,6 +332,7 @@ def write_openvino_model(
     if runs_once_per_request(spec.name):
         config.parameters[RELEASE_AFTER_RUN].string_value = "true"
     write_config(model_dir, config)
+    (model_dir / "1").mkdir(exist_ok=True)  # int8-hybrid IRs are converted into it after this
     shutil.copyfile(SOURCES / "engine" / "1" / "model.py", model_dir / "1" / "model.py")
 
 

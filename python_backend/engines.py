@@ -142,7 +142,8 @@ class OnnxRuntimeEngines(_LocalEngines):
 
 class OpenVinoEngines(_LocalEngines):
     """In-process OpenVINO models (CPU) over `<repository>/<engine>/1/model.xml` (build-engines --target
-    openvino), compiled at `precision` as the served engine models compile them."""
+    openvino), compiled at `precision` as the served engines compile them. `only`: open just these engines
+    (build_engines/openvino_int8.py calibrates on the text encoder and UNet before the others exist)."""
 
     def __init__(
         self,
@@ -153,8 +154,11 @@ class OpenVinoEngines(_LocalEngines):
         controlnets: Iterable[str] = (),
         shapes: str = "dynamic",
         cache_dir: Path | None = None,
+        only: Iterable[str] | None = None,
     ) -> None:
         from python_backend.ov_sessions import OpenVinoSessions, runs_once_per_request
+
+        names = _engine_names(geometry, controlnets) if only is None else list(only)
 
         self._sessions = {
             name: OpenVinoSessions(
@@ -166,5 +170,5 @@ class OpenVinoEngines(_LocalEngines):
                 cache_dir=cache_dir,
                 release_after_run=runs_once_per_request(name),
             )
-            for name in _engine_names(geometry, controlnets)
+            for name in names
         }

@@ -56,7 +56,7 @@ IR_FILE = "model.xml"  # beside it model.bin, the weights
 AXES_INFO = "sd_triton_axes"
 LORA_IR = Path("lora") / IR_FILE  # the UNet's branch graph, beside its plain model.xml
 # build-engines --precision → OpenVINO's inference precision
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8-hybrid": "f32"}
 STATIC, DYNAMIC = "static", "dynamic"
 DEFAULT_COMPILED_LIMIT = 2  # static shapes kept compiled per graph
 RELEASE_AFTER_RUN = "release_memory_after_run"  # an engine model's config parameter: "true" or absent

@@ -283,15 +283,17 @@ def check_openvino_precision(
             "(it needs AVX512_BF16 or AMX): rebuild them with build-engines --target openvino --precision "
             "fp32, or serve them on such a CPU (--skip-engine-check starts Triton anyway)"
         )
-    native_fp32 = sorted(
+    # fp32 and int8-hybrid (its unquantized ops) run f32 by our hint, which the native backend cannot give
+    native_f32 = sorted(
         model
         for model, precision in precisions.items()
-        if precision == "fp32" and _runs_on_openvino_backend(repository / model)
+        if precision != "bf16" and _runs_on_openvino_backend(repository / model)
     )
-    if native_fp32 and supports("bf16"):
+    if native_f32 and supports("bf16"):
         return [
-            f"{', '.join(native_fp32)}: fp32 OpenVINO engines on Triton's openvino backend run in bf16 on "
-            "this CPU (the backend cannot ask for f32): build with --openvino-backend python for fp32"
+            f"{', '.join(native_f32)}: OpenVINO engines built for f32 inference (fp32, int8-hybrid) on "
+            "Triton's openvino backend run in bf16 on this CPU (the backend cannot ask for f32): build with "
+            "--openvino-backend python for f32"
         ]
     return []
 

@@ -52,6 +52,19 @@ def openvino_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     return repo
 
 
+# Few calibration samples keep the int8 build quick; they still span the schedule (openvino_int8.Calibration).
+INT8_ARGS = ["--target", "openvino", "--precision", "int8-hybrid", "--calibration-samples", "4"]
+
+
+@pytest.fixture(scope="session")
+def int8_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint built for the openvino target at --precision int8-hybrid."""
+    repo = tmp_path_factory.mktemp("repository") / "openvino-int8"
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *INT8_ARGS, *PROFILE_ARGS]
+    assert build_cli.main(args) == 0
+    return repo
+
+
 @pytest.fixture(scope="session")
 def tiny_inpainting_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(

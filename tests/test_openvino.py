@@ -270,7 +270,10 @@ def test_sd_serve_warns_of_fp32_on_the_native_backend_of_a_bf16_cpu(openvino_rep
     config = native / UNET / "config.pbtxt"
     config.write_text(config.read_text().replace('backend: "python"', 'backend: "openvino"'))
     (warning,) = serve.check_openvino_precision(native, host_supports=lambda precision: True)
-    assert warning.startswith("unet: fp32 OpenVINO engines on Triton's openvino backend run in bf16")
+    assert warning.startswith(
+        "unet: OpenVINO engines built for f32 inference (fp32, int8-hybrid) on Triton's"
+    )
+    assert "openvino backend run in bf16" in warning
 
 
 @pytest.mark.skipif(BF16_HOST, reason="this CPU runs bf16")

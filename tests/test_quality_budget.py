@@ -145,3 +145,20 @@ def test_the_openvino_bf16_engines_are_within_the_bf16_budget(
     assert not failed(checks), quality.markdown(
         report, quality.BUDGETS["bf16"], quality.TINY, SETTINGS, "openvino-bf16", {}
     )
+
+
+def test_the_openvino_int8_hybrid_engines_are_within_the_int8_budget(
+    int8_repository: Path, engines: OnnxRuntimeEngines, assets: PipelineAssets
+) -> None:
+    """The openvino target at --precision int8-hybrid (tests/conftest.py: 4 calibration samples at the
+    profile's opt size, 256 px), in-process as served, against the fp32 reference."""
+    from python_backend.engines import OpenVinoEngines
+
+    candidate = OpenVinoEngines(int8_repository, assets.manifest.geometry, "int8-hybrid")
+    report = quality.evaluate(engines, candidate, assets, SETTINGS)
+    budget = quality.BUDGETS[quality.CANDIDATES["openvino-int8-hybrid"].precision]
+    checks = quality.judge(report, budget, quality.TINY)
+    assert not failed(checks), quality.markdown(report, budget, quality.TINY, SETTINGS, "int8-hybrid", {})
+    assert len(report.images) == len(quality.PROMPTS) * len(quality.SEEDS) * len(quality.SCHEDULERS)
+    # Every engine is its own int8 candidate: none gives fp32's outputs.
+    assert all(d.rel_l2 > 0 for d in report.engines if d.output != "latent_std")
