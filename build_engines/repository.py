@@ -29,8 +29,8 @@ from python_backend.adapters import LORA_INPUT
 from python_backend.control import unit_inputs
 from python_backend.ov_sessions import (
     DEFAULT_COMPILED_LIMIT,
-    DYNAMIC,
     RELEASE_AFTER_RUN,
+    STATIC,
     runs_once_per_request,
 )
 from python_backend.pipeline import EMBEDDINGS_FILE, LORA_TARGETS_FILE, SCHEDULER_CONFIG, TOKENIZER_DIR
@@ -156,7 +156,7 @@ class OpenVinoOptions:
     """The openvino target's engines (build-engines --precision, --openvino-shapes, --openvino-backend)."""
 
     precision: str = "fp32"
-    shapes: str = DYNAMIC
+    shapes: str = STATIC
     compiled_shapes: int = DEFAULT_COMPILED_LIMIT
     native: bool = False  # Triton's openvino backend instead of our python model
 

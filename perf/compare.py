@@ -69,13 +69,15 @@ class Settings:
     rounds: int = 3  # requests per client for each throughput figure
     target: str = "onnx"  # build-engines --target of ours, (b) and (c): onnx or openvino
     precision: str = "fp32"  # ... and with openvino its --precision
-    openvino_shapes: str = "dynamic"  # ... and its --openvino-shapes
+    openvino_shapes: str = "static"  # ... and its --openvino-shapes
 
     @property
     def engine_name(self) -> str:
         if self.target == "onnx":
             return "ONNX Runtime"
-        return f"OpenVINO {self.precision}" + (", static shapes" if self.openvino_shapes == "static" else "")
+        return f"OpenVINO {self.precision}" + (
+            ", dynamic shapes" if self.openvino_shapes == "dynamic" else ""
+        )
 
     @property
     def build_args(self) -> list[str]:
@@ -95,7 +97,7 @@ class Settings:
         if self.target == "onnx":
             return "repository"
         return f"repository-openvino-{self.precision}" + (
-            "-static" if self.openvino_shapes == "static" else ""
+            "-dynamic" if self.openvino_shapes == "dynamic" else ""
         )
 
 
@@ -751,9 +753,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--openvino-shapes",
-        choices=["dynamic", "static"],
-        default="dynamic",
-        help="build-engines --openvino-shapes of ours (with --target openvino; default dynamic)",
+        choices=["static", "dynamic"],
+        default="static",
+        help="build-engines --openvino-shapes of ours (with --target openvino; default static)",
     )
     parser.add_argument("--out", type=Path, help="write the report here as Markdown")
     args = parser.parse_args(argv)

@@ -152,7 +152,7 @@ class OpenVinoEngines(_LocalEngines):
         precision: str,
         lora_dir: Path | None = None,
         controlnets: Iterable[str] = (),
-        shapes: str = "dynamic",
+        shapes: str = "static",
         cache_dir: Path | None = None,
         only: Iterable[str] | None = None,
     ) -> None:

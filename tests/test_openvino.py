@@ -54,7 +54,7 @@ def test_build_writes_ir_and_python_models_and_keeps_them(openvino_repository, t
         config = repository.read_config(openvino_repository / engine)
         assert config.backend == "python"
         assert config.parameters["precision"].string_value == "fp32"
-        assert config.parameters["shapes"].string_value == DYNAMIC
+        assert config.parameters["shapes"].string_value == STATIC
         # Activations are given back after each run by the engines that run once per request.
         assert (RELEASE_AFTER_RUN in config.parameters) == (engine != UNET)
     assert repository.read_config(openvino_repository / UNET).HasField("dynamic_batching")
