@@ -5,10 +5,7 @@ serving tests, which run on both CPU targets (tests/conftest.py `engines`, tests
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -331,17 +328,12 @@ def test_models_only_some_requests_use_open_with_the_first_of_them(request, targ
 def test_openvino_sends_no_telemetry(openvino_repository, tmp_path):
     """OpenVINO's package phones home as it is imported, and again as it converts a model, unless told not
     to: our import of it must not, nor must a conversion (the build is offline)."""
-    from tests.test_single_file import BLOCK_NETWORK, PROJECT_ROOT
+    from tests.test_single_file import run_offline
 
-    site, tried = tmp_path / "site", tmp_path / "network-tried"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCK_NETWORK.format(tried=str(tried)))
     onnx = openvino_repository / "vae_decoder" / "onnx" / "model.onnx"
     code = (
         "import time; from python_backend.ov_sessions import ov; "
         f"ov.save_model(ov.convert_model({str(onnx)!r}), {str(tmp_path / 'model.xml')!r}); time.sleep(2)"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PROJECT_ROOT)])}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = run_offline(tmp_path, code, who="OpenVINO")
     assert done.returncode == 0, done.stderr
-    assert not tried.exists(), f"OpenVINO tried the network: {tried.read_text()}"

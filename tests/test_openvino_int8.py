@@ -6,9 +6,7 @@ of the precision and NNCF's telemetry. Its images are judged by the int8 quality
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -248,18 +246,13 @@ def test_the_int8_check_against_onnx_runtime_fails_a_broken_quantization(int8_re
 def test_nncf_sends_no_telemetry(openvino_repository, tmp_path):
     """NNCF reports usage through OpenVINO's telemetry package as it compresses a model (it does, to
     Google Analytics, imported on its own): through our module it must not."""
-    from tests.test_single_file import BLOCK_NETWORK, PROJECT_ROOT
+    from tests.test_single_file import run_offline
 
-    site, tried = tmp_path / "site", tmp_path / "network-tried"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCK_NETWORK.format(tried=str(tried)))
     ir = openvino_repository / VAE_DECODER / "1" / "model.xml"
     code = (
         "import time; from build_engines.openvino_int8 import compress_weights; "
         "from python_backend.ov_sessions import ov; "
         f"compress_weights(ov.Core().read_model({str(ir)!r})); time.sleep(2)"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PROJECT_ROOT)])}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = run_offline(tmp_path, code, who="NNCF")
     assert done.returncode == 0, done.stderr
-    assert not tried.exists(), f"NNCF tried the network: {tried.read_text()}"

@@ -175,20 +175,27 @@ socket.getaddrinfo = _blocked
 """
 
 
-def _build_offline(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """build-engines in a process whose sockets refuse to connect (and note any attempt)."""
+def run_offline(
+    tmp_path: Path, code: str, *args: str, who: str = "the build"
+) -> subprocess.CompletedProcess[str]:
+    """`python -c code args` in a process whose sockets refuse to connect; the test fails if it tried."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     tried = tmp_path / "network-tried"
     (site / "sitecustomize.py").write_text(BLOCK_NETWORK.format(tried=str(tried)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PROJECT_ROOT)])}
     env.pop("HF_HUB_OFFLINE", None)  # no help from the hub client's own offline switch
-    code = "import sys; from build_engines.cli import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run(
-        [sys.executable, "-c", code, *args, *PROFILE_ARGS], env=env, capture_output=True, text=True
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600
     )
-    assert not tried.exists(), f"the build tried the network: {tried.read_text()}"
+    assert not tried.exists(), f"{who} tried the network: {tried.read_text()}"
     return done
+
+
+def _build_offline(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """build-engines with the network blocked."""
+    code = "import sys; from build_engines.cli import main; sys.exit(main(sys.argv[1:]))"
+    return run_offline(tmp_path, code, *args, *PROFILE_ARGS)
 
 
 def _images(repository: Path, **request: Any) -> tuple[np.ndarray, dict[str, Any]]:
