@@ -2,7 +2,8 @@
 
     python -m perf.compare --checkpoint DIR [--size 64] [--steps 4] [--repeats 3] [--out perf/results/NAME.md]
                            [--loras 0,1,3 [--lora-rank 16]] [--controlnets 0,1,2]
-                           [--target onnx|openvino] [--precision fp32|bf16] [--no-optimum-openvino]
+                           [--target onnx|openvino] [--precision fp32|bf16|int8-hybrid]
+                           [--calibration-samples N] [--no-optimum-openvino]
                            [--no-in-process]
 
 Builds (or reuses: build-engines skips finished exports) the ONNX model repository of the checkpoint in a
@@ -70,6 +71,7 @@ class Settings:
     target: str = "onnx"  # build-engines --target of ours, (b) and (c): onnx or openvino
     precision: str = "fp32"  # ... and with openvino its --precision
     openvino_shapes: str = "static"  # ... and its --openvino-shapes
+    calibration_samples: int | None = None  # ... and int8-hybrid's --calibration-samples (None: its default)
 
     @property
     def engine_name(self) -> str:
@@ -83,14 +85,11 @@ class Settings:
     def build_args(self) -> list[str]:
         if self.target == "onnx":
             return []
-        return [
-            "--target",
-            "openvino",
-            "--precision",
-            self.precision,
-            "--openvino-shapes",
-            self.openvino_shapes,
-        ]
+        args = ["--target", "openvino", "--precision", self.precision]
+        args += ["--openvino-shapes", self.openvino_shapes]
+        if self.calibration_samples is not None:
+            args += ["--calibration-samples", str(self.calibration_samples)]
+        return args
 
     @property
     def repository_name(self) -> str:
@@ -128,16 +127,18 @@ class Measurement:
 
 
 def measure(contestants: list[Measurement], repeats: int) -> None:
-    """One warm-up call each, then `repeats` rounds of one timed call each (a, b, c, d, a, b, ...):
-    interleaved, a burst of load from elsewhere on the machine hits every contestant alike. Each timed
-    call starts SETTLE_S after the previous one ended, once ONNX Runtime's threads stopped spinning."""
+    """One warm-up call each, then `repeats` rounds of one timed call each, interleaved (a, b, c, d, d, c, b,
+    a, a, b, ...) so that a burst of load from elsewhere on the machine hits every contestant alike. Every
+    other round runs in reverse order, so that no contestant always runs right after the same other one
+    (after diffusers' long torch call, or in its place). Each timed call starts SETTLE_S after the previous
+    one ended, once ONNX Runtime's threads stopped spinning."""
     ready = [(m, m.call) for m in contestants if m.call is not None]
     for m, call in ready:
         started = time.perf_counter()
         call()
         m.warmup_s = time.perf_counter() - started
-    for _ in range(repeats):
-        for m, call in ready:
+    for round_ in range(repeats):
+        for m, call in ready if round_ % 2 == 0 else ready[::-1]:
             time.sleep(SETTLE_S)
             started = time.perf_counter()
             m.images = call()
@@ -330,9 +331,10 @@ def optimum_ort(s: Settings) -> Measurement:
 
 
 def optimum_openvino(s: Settings, precision: str, stack: contextlib.ExitStack) -> Measurement:
-    """(e) optimum-intel's OVStableDiffusionPipeline (OpenVINO at `precision`, fp32 or bf16), what FastSD CPU
-    runs: in its own venv (made on first use) and worker process (perf/optimum_openvino.py), which runs until
-    `stack` closes. Its first call is tried here; a failure skips it with the reason, never ends the run."""
+    """(e) optimum-intel's OVStableDiffusionPipeline (OpenVINO at `precision`: fp32, bf16, or int8-hybrid by
+    its own hybrid quantization, calibrated as ours is), what FastSD CPU runs: in its own venv (made on first
+    use) and worker process (perf/optimum_openvino.py), which runs until `stack` closes. Its first call is
+    tried here; a failure skips it with the reason, never ends the run."""
     import tempfile
 
     from perf import optimum_openvino as ov
@@ -342,7 +344,9 @@ def optimum_openvino(s: Settings, precision: str, stack: contextlib.ExitStack) -
         return Measurement(key, name, skipped="it runs the checkpoint's own scheduler: not with --scheduler")
     try:
         out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="perf-openvino-")))
-        worker = stack.enter_context(ov.start(s.checkpoint, s.size, precision, out_dir))
+        worker = stack.enter_context(
+            ov.start(s.checkpoint, s.size, precision, out_dir, calibration_samples=s.calibration_samples)
+        )
 
         def call() -> np.ndarray:
             return worker.generate(s.prompt, s.seed, s.steps, s.guidance)
@@ -527,7 +531,7 @@ def report(
         f"{s.size}×{s.size}, {s.steps} steps, guidance {s.guidance}, "
         f"scheduler {s.scheduler or checkpoint_scheduler(s.checkpoint) + ' (the checkpoint’s)'}; "
         f"1 image per call; 1 warm-up call each, then {s.repeats} rounds of one timed call per contestant "
-        f"(interleaved, {SETTLE_S} s apart); medians.",
+        f"(interleaved, every other round in reverse order, {SETTLE_S} s apart); medians.",
         "",
         *rows,
         "",
@@ -735,10 +739,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "int8-hybrid"],
         default="fp32",
         help="the OpenVINO precision of ours (with --target openvino) and of contestant (e), optimum-intel's "
-        "OpenVINO pipeline (default fp32)",
+        "OpenVINO pipeline (int8-hybrid: its own hybrid quantization; default fp32)",
+    )
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        help="with --precision int8-hybrid: UNet calls to calibrate on, ours (build-engines "
+        "--calibration-samples) and (e)'s (its num_samples); default build-engines'",
     )
     parser.add_argument(
         "--no-optimum-openvino",
@@ -760,7 +770,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the report here as Markdown")
     args = parser.parse_args(argv)
     if args.precision != "fp32" and args.target != "openvino":
-        parser.error("--precision bf16 compares ours at bf16 with (e): give --target openvino too")
+        parser.error(f"--precision {args.precision} is the openvino target's: give --target openvino too")
+    samples = args.calibration_samples
+    if samples is not None and (args.precision != "int8-hybrid" or samples < 1):
+        parser.error("--calibration-samples is a positive count, with --precision int8-hybrid")
     if args.lora_rank < 1:
         parser.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.loras is not None and args.controlnets is not None:
@@ -803,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         args.target,
         args.precision,
         args.openvino_shapes,
+        args.calibration_samples,
     )
     digest = hashlib.sha256(str(checkpoint).encode()).hexdigest()[:8]
     work_dir = args.work_dir or default_cache_dir() / "perf" / f"{checkpoint.name}-{digest}"

@@ -21,7 +21,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from perf.optimum_openvino_worker import checkpoint_key  # its module level is the standard library only
 from services.serve import default_cache_dir
 
 # The venv's pinned set: optimum-intel 2.2.0 (the newest; it needs transformers >= 4.51, < 5.6, optimum
@@ -41,6 +40,9 @@ REQUIREMENTS = (
     "torch==2.13.0",
     "numpy==2.4.6",
     "scipy==1.17.1",
+    # optimum-intel reads a list of calibration prompts (int8-hybrid) through datasets' Dataset; 5.0.1 is the
+    # newest pip pairs with huggingface_hub 1.21.
+    "datasets==5.0.1",
 )
 # Installed without its dependencies: optimum-intel 2.2.0 requires torchvision, and PyPI's torchvision is
 # built against CUDA torch; with CPU torch it is importable but broken ("operator torchvision::nms does not
@@ -48,8 +50,10 @@ REQUIREMENTS = (
 # optimum-intel's vision-language models use torchvision; without it transformers treats it as absent.
 NO_DEPS = ("optimum-intel==2.2.0",)
 WORKER = Path(__file__).with_name("optimum_openvino_worker.py")
-# perf.compare's --precision → OpenVINO's INFERENCE_PRECISION_HINT.
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# perf.compare's --precision (build-engines') → OpenVINO's INFERENCE_PRECISION_HINT, as ours compiles it:
+# int8-hybrid's FakeQuantize'd ops run int8 whatever the hint, the others f32.
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8-hybrid": "f32"}
+INT8_HYBRID = "int8-hybrid"
 READY_TIMEOUT_S = 3600.0  # export and compile: ≈1 min on the tiny checkpoint, several on the full-size one
 CALL_TIMEOUT_S = 1800.0
 
@@ -119,12 +123,34 @@ def _run(command: Sequence[str]) -> None:
         raise OpenVinoError(f"{what} failed (exit code {done.returncode}): {tail}")
 
 
+def calibration_args(precision: str, samples: int | None, cache: Path) -> list[str]:
+    """The worker's arguments for an int8-hybrid pipeline: optimum-intel's hybrid quantization calibrated on
+    `samples` UNet calls (None: build-engines' default) over the prompts our own calibration uses
+    (build_engines/openvino_int8.py), written to a file in `cache`; none for another precision."""
+    if precision != INT8_HYBRID:
+        return []
+    from build_engines import openvino_int8
+
+    prompts = cache / "calibration-prompts.json"
+    prompts.write_text(json.dumps(list(openvino_int8.PROMPTS)))
+    samples = samples or openvino_int8.DEFAULT_SAMPLES
+    return ["--int8-hybrid-samples", str(samples), "--calibration-prompts", str(prompts)]
+
+
 class OpenVinoWorker:
-    """The worker process with one compiled pipeline (size × size, `precision`); stop it with close() (or use
-    it as a context manager). Its stderr goes to `log`."""
+    """The worker process with one compiled pipeline (size × size, `precision`; int8-hybrid: quantized on
+    `calibration_samples`); stop it with close() (or use it as a context manager). Its stderr goes to
+    `log`."""
 
     def __init__(
-        self, python: Path, checkpoint: Path, size: int, precision: str, cache: Path, out_dir: Path
+        self,
+        python: Path,
+        checkpoint: Path,
+        size: int,
+        precision: str,
+        cache: Path,
+        out_dir: Path,
+        calibration_samples: int | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -135,6 +161,7 @@ class OpenVinoWorker:
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in close())
         command = [str(python), str(WORKER), "--checkpoint", str(checkpoint), "--cache", str(cache)]
         command += ["--size", str(size), "--precision", PRECISIONS[precision]]
+        command += calibration_args(precision, calibration_samples, cache)
         print(f"perf.optimum_openvino: starting the worker (log: {self.log_path})", flush=True)
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=_env()
@@ -208,6 +235,12 @@ class OpenVinoWorker:
         exported = (
             f"exported by this run in {i['export_s']:.0f} s" if i.get("exported") else "of an earlier run"
         )
+        if self.precision == INT8_HYBRID:
+            made = f"by this run in {i['quantize_s']:.0f} s" if i.get("quantized") else "by an earlier run"
+            exported += (
+                f", quantized (optimum-intel's hybrid quantization) {made}: "
+                f"{i.get('unet_fake_quantize')} FakeQuantize ops in its UNet"
+            )
         return (
             f"its own venv ({versions}); INFERENCE_PRECISION_HINT {PRECISIONS[self.precision]}: "
             f"UNet compiled at {i.get('unet_precision')} (a hint the CPU lacks falls back to f32), "
@@ -223,15 +256,19 @@ def _env() -> dict[str, str]:
     return env
 
 
-def export(python: Path, checkpoint: Path, cache: Path) -> float | None:
-    """The checkpoint's OpenVINO IR in `cache`, exported by a worker process of its own that exits after (its
-    peak memory is gone before the other contestants load), unless an earlier run exported it: the seconds
-    the export took, or None."""
-    if (cache / checkpoint_key(checkpoint) / "ir" / "model_index.json").is_file():
-        return None
+def export(
+    python: Path,
+    checkpoint: Path,
+    cache: Path,
+    precision: str = "fp32",
+    calibration_samples: int | None = None,
+) -> dict[str, Any]:
+    """The checkpoint's OpenVINO IR in `cache` (int8-hybrid: also quantized), made by a worker process of its
+    own that exits after (its peak memory is gone before the other contestants load) unless an earlier run
+    made it: the worker's answer (what it made now, and the seconds it took)."""
     cache.mkdir(parents=True, exist_ok=True)
     log = cache / "export.log"
-    print(f"perf.optimum_openvino: exporting {checkpoint} to OpenVINO IR (log: {log})", flush=True)
+    print(f"perf.optimum_openvino: exporting {checkpoint} unless done before (log: {log})", flush=True)
     command = [
         str(python),
         str(WORKER),
@@ -240,6 +277,7 @@ def export(python: Path, checkpoint: Path, cache: Path) -> float | None:
         "--cache",
         str(cache),
         "--export-only",
+        *calibration_args(precision, calibration_samples, cache),
     ]
     with open(log, "w") as stderr:
         try:
@@ -253,19 +291,26 @@ def export(python: Path, checkpoint: Path, cache: Path) -> float | None:
     if done.returncode != 0 or not answer.get("ready"):
         why = answer.get("error") or f"exit code {done.returncode}"
         raise OpenVinoError(f"the export failed: {why}; last lines of {log}: " + " | ".join(lines[-4:]))
-    print(f"perf.optimum_openvino: exported in {answer['export_s']:.0f} s to {answer['ir']}")
-    return float(answer["export_s"])
+    print(f"perf.optimum_openvino: the IR to serve: {answer['ir']}")
+    return answer
 
 
 def start(
-    checkpoint: Path, size: int, precision: str, out_dir: Path, cache: Path | None = None
+    checkpoint: Path,
+    size: int,
+    precision: str,
+    out_dir: Path,
+    cache: Path | None = None,
+    calibration_samples: int | None = None,
 ) -> OpenVinoWorker:
-    """The venv (made if needed), the IR (exported if needed) and a started worker for the checkpoint;
-    raises OpenVinoError."""
+    """The venv (made if needed), the IR (exported, and for int8-hybrid quantized, if needed) and a started
+    worker for the checkpoint; raises OpenVinoError."""
     python = ensure_venv()
     cache = cache or export_cache_dir()
-    export_s = export(python, checkpoint, cache)
-    worker = OpenVinoWorker(python, checkpoint, size, precision, cache, out_dir)
-    if export_s is not None:
-        worker.info["export_s"], worker.info["exported"] = export_s, True
+    made = export(python, checkpoint, cache, precision, calibration_samples)
+    worker = OpenVinoWorker(python, checkpoint, size, precision, cache, out_dir, calibration_samples)
+    # What the export process made now: the worker found it made.
+    for made_now, seconds in (("exported", "export_s"), ("quantized", "quantize_s")):
+        if made.get(made_now):
+            worker.info[made_now], worker.info[seconds] = True, made[seconds]
     return worker

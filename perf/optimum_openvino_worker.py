@@ -4,12 +4,15 @@ project.
 
     python optimum_openvino_worker.py --checkpoint DIR --cache DIR --size 512 --precision f32
     python optimum_openvino_worker.py --checkpoint DIR --cache DIR --export-only
+    ... [--int8-hybrid-samples N --calibration-prompts FILE]
 
 Loads the diffusers checkpoint as FastSD CPU does: `OVStableDiffusionPipeline.from_pretrained(...,
 export=True, compile=False)`, the exported OpenVINO IR saved in --cache (keyed by the checkpoint's path and
 newest file time: a second run loads it with `from_pretrained(IR, compile=False, ov_config=...)`), a static
 reshape to one size × size image, then `compile()`. The precision is set explicitly
-(ov_config's INFERENCE_PRECISION_HINT); threads are OpenVINO's default (all cores). With --export-only it
+(ov_config's INFERENCE_PRECISION_HINT); threads are OpenVINO's default (all cores). With
+--int8-hybrid-samples the pipeline served is optimum-intel's hybrid quantization of that IR (see
+quantize_hybrid), made once and kept in --cache beside it. With --export-only it
 exports the IR (unless it is there), answers and exits: perf.compare exports in a process of its own before
 it loads its other contestants, so that the export's peak memory (GBs at full size) is not added to theirs.
 Else it serves requests, one JSON object per line on stdin:
@@ -105,17 +108,63 @@ def export(checkpoint: Path, cache: Path) -> tuple[Path, bool]:
     return ir, True
 
 
-def load(checkpoint: Path, cache: Path, size: int, precision: str) -> tuple[Any, dict[str, Any]]:
+def quantize_hybrid(ir: Path, samples: int, prompts: list[str]) -> tuple[Path, bool]:
+    """optimum-intel's hybrid quantization of the fp32 IR `ir`, as its documentation gives it for Stable
+    Diffusion (`OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=..., num_samples=...)`): the
+    UNet's MatMul and Gather weights int8, its other ops int8 with activations calibrated on `samples` UNet
+    calls of its own pipeline over `prompts` (its loop: 512 px, the pipeline's default 50 steps, prompt after
+    prompt until it has enough), the text encoder and VAE int8 weights only. Kept beside `ir`, one folder per
+    samples and prompts: the folder, and whether it was made now."""
+    import gc
+
+    from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
+
+    digest = hashlib.sha256(json.dumps([samples, prompts]).encode()).hexdigest()[:16]
+    quantized = ir.parent / f"ir-int8-hybrid-{digest}"
+    if (quantized / "model_index.json").is_file():
+        return quantized, False
+    config = OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=prompts, num_samples=samples)
+    pipe = OVStableDiffusionPipeline.from_pretrained(ir, compile=False, quantization_config=config)
+    partial = quantized.with_name(quantized.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    del pipe
+    gc.collect()
+    partial.rename(quantized)
+    return quantized, True
+
+
+def prepare(checkpoint: Path, cache: Path, hybrid: tuple[int, list[str]] | None) -> dict[str, Any]:
+    """The IR to serve, exported and (with `hybrid`: samples and prompts) quantized unless an earlier run did:
+    its folder and what was made now, with the seconds it took."""
+    started = time.perf_counter()
+    ir, exported = export(checkpoint, cache)
+    info: dict[str, Any] = {"exported": exported, "export_s": round(time.perf_counter() - started, 3)}
+    if hybrid is not None:
+        started = time.perf_counter()
+        ir, info["quantized"] = quantize_hybrid(ir, *hybrid)
+        info["quantize_s"] = round(time.perf_counter() - started, 3)
+    info["ir"] = str(ir)
+    return info
+
+
+def fake_quantize_ops(ir: Path) -> int:
+    """How many of the UNet IR's ops quantize activations (0 but for an int8-hybrid IR)."""
+    import openvino as ov
+
+    unet = ov.Core().read_model(ir / "unet" / "openvino_model.xml")
+    return sum(op.get_type_name() == "FakeQuantize" for op in unet.get_ops())
+
+
+def load(
+    checkpoint: Path, cache: Path, size: int, precision: str, hybrid: tuple[int, list[str]] | None
+) -> tuple[Any, dict[str, Any]]:
     """The compiled pipeline and what to report about it."""
     from optimum.intel import OVStableDiffusionPipeline
 
-    started = time.perf_counter()
-    ir, exported = export(checkpoint, cache)
-    info: dict[str, Any] = {
-        "ir": str(ir),
-        "exported": exported,
-        "export_s": round(time.perf_counter() - started, 3),
-    }
+    info = prepare(checkpoint, cache, hybrid)
+    ir = Path(info["ir"])
+    info["unet_fake_quantize"] = fake_quantize_ops(ir)
     # OpenVINO's model cache (compiled models, per shape and precision) without the weights, which it reads
     # from the IR: at full size a blob with them would add the UNet's 3.4 GB again for each size.
     ov_config = {
@@ -177,11 +226,20 @@ def main() -> int:
     parser.add_argument("--size", type=int, help="image side (static reshape)")
     parser.add_argument("--precision", choices=PRECISIONS)
     parser.add_argument(
-        "--export-only", action="store_true", help="export the IR into --cache (unless there), answer, exit"
+        "--export-only",
+        action="store_true",
+        help="export (and quantize) the IR into --cache (unless there), answer, exit",
     )
+    parser.add_argument("--int8-hybrid-samples", type=int, help="hybrid-quantize on this many UNet calls")
+    parser.add_argument("--calibration-prompts", type=Path, help="JSON list of prompts to calibrate on")
     args = parser.parse_args()
     if not args.export_only and (args.size is None or args.precision is None):
         parser.error("--size and --precision are needed, but with --export-only")
+    if (args.int8_hybrid_samples is None) != (args.calibration_prompts is None):
+        parser.error("--int8-hybrid-samples and --calibration-prompts go together")
+    hybrid = None
+    if args.int8_hybrid_samples is not None:
+        hybrid = (args.int8_hybrid_samples, json.loads(args.calibration_prompts.read_text()))
 
     # The protocol owns stdout: anything else printed there (by optimum, diffusers, C++ code) goes to stderr.
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -193,18 +251,9 @@ def main() -> int:
 
     try:
         if args.export_only:
-            started = time.perf_counter()
-            ir, exported = export(args.checkpoint.resolve(), args.cache)
-            answer(
-                {
-                    "ready": True,
-                    "ir": str(ir),
-                    "exported": exported,
-                    "export_s": time.perf_counter() - started,
-                }
-            )
+            answer({"ready": True, **prepare(args.checkpoint.resolve(), args.cache, hybrid)})
             return 0
-        pipe, info = load(args.checkpoint.resolve(), args.cache, args.size, args.precision)
+        pipe, info = load(args.checkpoint.resolve(), args.cache, args.size, args.precision, hybrid)
         answer({"ready": True, "versions": versions(), **info})
     except Exception as e:
         traceback.print_exc()

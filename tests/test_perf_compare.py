@@ -3,6 +3,7 @@ measurements are given)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -171,3 +172,22 @@ def test_controlnet_counts_are_checked() -> None:
             parse_args(["--checkpoint", "x", "--controlnets", bad])
     with pytest.raises(SystemExit):
         parse_args(["--checkpoint", "x", "--controlnets", "1", "--loras", "1"])
+
+
+def test_calibration_samples_go_to_the_int8_hybrid_build_only() -> None:
+    from perf.compare import parse_args
+
+    base = ["--checkpoint", "x", "--target", "openvino"]
+    args = parse_args([*base, "--precision", "int8-hybrid", "--calibration-samples", "32"])
+    s = Settings(Path("x"), 256, 10, 3, 42, 7.5, "p", None, target="openvino", precision="int8-hybrid")
+    assert "--calibration-samples" not in s.build_args  # build-engines' default
+    s = dataclasses.replace(s, calibration_samples=args.calibration_samples)
+    assert s.build_args[-2:] == ["--calibration-samples", "32"]
+    assert s.repository_name == "repository-openvino-int8-hybrid"
+    for bad in (
+        [*base, "--precision", "bf16", "--calibration-samples", "32"],
+        [*base, "--precision", "int8-hybrid", "--calibration-samples", "0"],
+        ["--checkpoint", "x", "--precision", "int8-hybrid"],  # not the onnx target's
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

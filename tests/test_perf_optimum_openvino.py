@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,16 @@ import pytest
 
 from perf import optimum_openvino as ov
 from perf.compare import Settings, diffusers_eager, max_pixel_diff, optimum_openvino, process_tree
+from perf.quality import psnr_ssim
 
 SKIP_ENV = "SD_TRITON_SKIP_OPENVINO"
 # Measured on the tiny checkpoint, 64 px, 2 steps, seed 42: 1/255 (OpenVINO f32 against eager torch, the
 # same weights and scheduler: only the kernels' float rounding differs). 3/255 leaves a margin for other
 # CPUs' kernels; a text encoder with random weights or another scheduler moves pixels by far more.
 MAX_DIFF = 3
+# Measured 37.3 dB (int8-hybrid on 4 samples against diffusers' fp32 image, the settings below): the int8
+# budget's tiny floor (perf/quality.py, 32 dB) leaves room for other CPUs and calibrations.
+MIN_INT8_PSNR = 32.0
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +39,12 @@ def venv() -> Path:
         return ov.ensure_venv()
     except ov.OpenVinoError as e:
         pytest.skip(f"optimum-intel's venv ({ov.venv_dir()}) cannot be made (no package registry?): {e}")
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exported IRs of this session's checkpoint: in a folder of this module, not in the user's cache."""
+    return tmp_path_factory.mktemp("optimum-intel")
 
 
 def workers() -> list[int]:
@@ -47,10 +58,9 @@ def workers() -> list[int]:
 
 
 def test_openvino_contestant_makes_diffusers_image(
-    venv: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    venv: Path, tiny_checkpoint: Path, export_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The exported IR of this session's checkpoint in tmp_path, not in the user's cache.
-    monkeypatch.setattr(ov, "export_cache_dir", lambda: tmp_path / "openvino")
+    monkeypatch.setattr(ov, "export_cache_dir", lambda: export_cache)
     s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, "a photo of an astronaut riding a horse on mars", None)
     with contextlib.ExitStack() as stack:
         m = optimum_openvino(s, "fp32", stack)
@@ -67,6 +77,31 @@ def test_openvino_contestant_makes_diffusers_image(
     assert image.dtype == np.uint8 and image.shape == (1, 64, 64, 3)
     diff = max_pixel_diff(image, expected)
     assert diff <= MAX_DIFF, f"{diff}/255 from diffusers' image"
+
+
+def test_int8_hybrid_contestant_is_optimum_intels_hybrid_quantization(
+    venv: Path, tiny_checkpoint: Path, export_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(e) at int8-hybrid: the exported IR quantized by optimum-intel itself (its UNet gets FakeQuantize ops,
+    which an fp32 export has none of), compiled with the f32 hint as ours is, and still near diffusers' fp32
+    image: a quantization that broke the UNet would give noise."""
+    monkeypatch.setattr(ov, "export_cache_dir", lambda: export_cache)
+    prompt = "a photo of an astronaut riding a horse on mars"
+    s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, prompt, None, calibration_samples=4)
+    with contextlib.ExitStack() as stack:
+        m = optimum_openvino(s, "int8-hybrid", stack)
+        assert not m.skipped, m.skipped
+        assert m.call is not None
+        image = m.call()
+    assert "UNet compiled at f32" in m.note, m.note
+    fake_quantize = re.search(r"(\d+) FakeQuantize ops in its UNet", m.note)
+    assert fake_quantize and int(fake_quantize[1]) > 0, m.note
+    assert len(list(export_cache.glob("*/ir-int8-hybrid-*/unet/openvino_model.xml"))) == 1
+
+    reference = diffusers_eager(s).call
+    assert reference is not None
+    psnr, _ = psnr_ssim(reference()[0], image[0])
+    assert psnr >= MIN_INT8_PSNR, f"{psnr:.1f} dB from diffusers' fp32 image"
 
 
 def test_ensure_venv_reuses_a_finished_venv_and_remakes_another(

@@ -162,3 +162,17 @@ def test_the_openvino_int8_hybrid_engines_are_within_the_int8_budget(
     assert len(report.images) == len(quality.PROMPTS) * len(quality.SEEDS) * len(quality.SCHEDULERS)
     # Every engine is its own int8 candidate: none gives fp32's outputs.
     assert all(d.rel_l2 > 0 for d in report.engines if d.output != "latent_std")
+
+
+def test_calibration_samples_is_an_option_of_the_int8_hybrid_candidate() -> None:
+    from perf.quality import parse_args
+
+    hybrid = ["--checkpoint", "x", "--candidate", "openvino-int8-hybrid"]
+    assert parse_args([*hybrid, "--calibration-samples", "32"]).calibration_samples == 32
+    assert parse_args(hybrid).calibration_samples is None  # build-engines' default
+    for bad in (
+        [*hybrid, "--calibration-samples", "0"],
+        ["--checkpoint", "x", "--candidate", "openvino-bf16", "--calibration-samples", "32"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
