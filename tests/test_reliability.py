@@ -94,10 +94,26 @@ def server(model_repository: Path):
         yield server
 
 
+@pytest.fixture(scope="module")
+def openvino_server(openvino_repository: Path):
+    with TritonServer(openvino_repository) as server:
+        yield server
+
+
 @pytest.mark.parametrize("model", ["unet", "vae_decoder", "pipeline", "pipeline_stream"])
 def test_a_killed_process_comes_back(server: TritonServer, model: str) -> None:
     """kill -9 (the OOM killer's way) of an engine or a pipeline stub while a request runs: that request
     fails as UNAVAILABLE (retry), the server reports not ready, and within a minute it serves again."""
+    kill_and_recover(server, model)
+
+
+def test_a_killed_openvino_unet_comes_back(openvino_server: TritonServer) -> None:
+    """The same for the openvino target's UNet, which holds compiled models per shape and reused infer
+    requests: the reloaded one compiles again, and makes the same image as before the kill."""
+    kill_and_recover(openvino_server, "unet")
+
+
+def kill_and_recover(server: TritonServer, model: str) -> None:
     url = server.grpc_url
     before = StableDiffusionClient(url).generate("a lighthouse", steps=3, seed=5, width=64, height=64)
     victim = stub_of(server, model)
