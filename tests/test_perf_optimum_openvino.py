@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 from perf import optimum_openvino as ov
-from perf.compare import Settings, diffusers_eager, max_pixel_diff, optimum_openvino, process_tree
+from perf.compare import (
+    Measurement,
+    Settings,
+    diffusers_eager,
+    max_pixel_diff,
+    optimum_openvino,
+    process_tree,
+)
 from perf.quality import psnr_ssim
 
 SKIP_ENV = "SD_TRITON_SKIP_OPENVINO"
@@ -57,25 +64,36 @@ def workers() -> list[int]:
     return found
 
 
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def contestant_image(s: Settings, precision: str) -> tuple[Measurement, np.ndarray]:
+    """Contestant (e) at `precision` and its image; its worker runs only while the run's stack is open."""
+    with contextlib.ExitStack() as stack:
+        m = optimum_openvino(s, precision, stack)
+        assert not m.skipped, m.skipped
+        assert m.call is not None
+        image = m.call()
+        assert len(workers()) == 1
+    assert workers() == []  # the run's end stops the worker
+    assert image.dtype == np.uint8 and image.shape == (1, s.size, s.size, 3)
+    return m, image
+
+
+def diffusers_image(s: Settings) -> np.ndarray:
+    reference = diffusers_eager(s).call
+    assert reference is not None
+    return reference()
+
+
 def test_openvino_contestant_makes_diffusers_image(
     venv: Path, tiny_checkpoint: Path, export_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ov, "export_cache_dir", lambda: export_cache)
-    s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, "a photo of an astronaut riding a horse on mars", None)
-    with contextlib.ExitStack() as stack:
-        m = optimum_openvino(s, "fp32", stack)
-        assert not m.skipped, m.skipped
-        assert m.call is not None
-        image = m.call()
-        assert "UNet compiled at f32" in m.note, m.note
-        assert len(workers()) == 1
-    assert workers() == []  # the run's end stops the worker
-
-    reference = diffusers_eager(s).call
-    assert reference is not None
-    expected = reference()
-    assert image.dtype == np.uint8 and image.shape == (1, 64, 64, 3)
-    diff = max_pixel_diff(image, expected)
+    s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, PROMPT, None)
+    m, image = contestant_image(s, "fp32")
+    assert "UNet compiled at f32" in m.note, m.note
+    diff = max_pixel_diff(image, diffusers_image(s))
     assert diff <= MAX_DIFF, f"{diff}/255 from diffusers' image"
 
 
@@ -84,23 +102,15 @@ def test_int8_hybrid_contestant_is_optimum_intels_hybrid_quantization(
 ) -> None:
     """(e) at int8-hybrid: the exported IR quantized by optimum-intel itself (its UNet gets FakeQuantize ops,
     which an fp32 export has none of), compiled with the f32 hint as ours is, and still near diffusers' fp32
-    image: a quantization that broke the UNet would give noise."""
+    image, as the int8 budget asks of ours."""
     monkeypatch.setattr(ov, "export_cache_dir", lambda: export_cache)
-    prompt = "a photo of an astronaut riding a horse on mars"
-    s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, prompt, None, calibration_samples=4)
-    with contextlib.ExitStack() as stack:
-        m = optimum_openvino(s, "int8-hybrid", stack)
-        assert not m.skipped, m.skipped
-        assert m.call is not None
-        image = m.call()
+    s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, PROMPT, None, calibration_samples=4)
+    m, image = contestant_image(s, "int8-hybrid")
     assert "UNet compiled at f32" in m.note, m.note
     fake_quantize = re.search(r"(\d+) FakeQuantize ops in its UNet", m.note)
     assert fake_quantize and int(fake_quantize[1]) > 0, m.note
     assert len(list(export_cache.glob("*/ir-int8-hybrid-*/unet/openvino_model.xml"))) == 1
-
-    reference = diffusers_eager(s).call
-    assert reference is not None
-    psnr, _ = psnr_ssim(reference()[0], image[0])
+    psnr, _ = psnr_ssim(diffusers_image(s)[0], image[0])
     assert psnr >= MIN_INT8_PSNR, f"{psnr:.1f} dB from diffusers' fp32 image"
 
 
