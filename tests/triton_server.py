@@ -259,7 +259,10 @@ class TritonServer:
         if died or repaired:
             # Shown with the failures of the tests that ran on it (pytest prints a failed test's output).
             what = "exited" if died else "repaired its server"
-            print(f"sd-serve {what}; its output ends with:\n{self._tail()}")
+            # Why, first: the lines naming what died may have scrolled past the tail by now.
+            why = [line for line in self.log().splitlines() if line.startswith("sd-serve:")]
+            print(f"sd-serve {what}; what it said:\n" + "\n".join(why[-20:]))
+            print(f"its output ends with:\n{self._tail()}")
         self.stop()
 
 
