@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from python_backend.ov_sessions import INFERENCE_PRECISION
 from services.serve import default_cache_dir
 
 # The venv's pinned set: optimum-intel 2.2.0 (the newest; it needs transformers >= 4.51, < 5.6, optimum
@@ -50,9 +51,9 @@ REQUIREMENTS = (
 # optimum-intel's vision-language models use torchvision; without it transformers treats it as absent.
 NO_DEPS = ("optimum-intel==2.2.0",)
 WORKER = Path(__file__).with_name("optimum_openvino_worker.py")
-# perf.compare's --precision (build-engines') → OpenVINO's INFERENCE_PRECISION_HINT, as ours compiles it:
-# int8-hybrid's FakeQuantize'd ops run int8 whatever the hint, the others f32.
-PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8-hybrid": "f32"}
+# perf.compare's --precision (build-engines') → OpenVINO's INFERENCE_PRECISION_HINT: the one ours compiles
+# with (int8-hybrid's FakeQuantize'd ops run int8 whatever the hint, the others f32).
+PRECISIONS = INFERENCE_PRECISION
 INT8_HYBRID = "int8-hybrid"
 READY_TIMEOUT_S = 3600.0  # export and compile: ≈1 min on the tiny checkpoint, several on the full-size one
 CALL_TIMEOUT_S = 1800.0
