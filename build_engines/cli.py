@@ -34,7 +34,13 @@ from build_engines.single_file import SingleFileError
 from python_backend import adapters
 from python_backend.control import DEFAULT_MAX_UNITS
 from python_backend.ort_sessions import LORA_GRAPH
-from python_backend.ov_sessions import DEFAULT_COMPILED_LIMIT, DYNAMIC, INFERENCE_PRECISION, STATIC
+from python_backend.ov_sessions import (
+    DEFAULT_COMPILED_LIMIT,
+    DYNAMIC,
+    INFERENCE_PRECISION,
+    IR_PRECISION,
+    STATIC,
+)
 from python_backend.pipeline import PipelineAssets
 from python_backend.shapes import (
     CONTROLNET,
@@ -140,9 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fp32",
         help="inference precision of every engine (default fp32; bf16 needs a CPU with AVX512_BF16 or AMX; "
         "int8-hybrid: int8 weights everywhere, int8 activations in the UNet's convolutions and attention, "
-        "calibrated on the fp32 pipeline's own UNet inputs, docs/openvino.md); reduced precisions are judged "
-        "by the quality budget (perf/README.md); always set explicitly, as OpenVINO's own default depends on "
-        "the CPU",
+        "calibrated on the fp32 pipeline's own UNet inputs, docs/openvino.md; int8-hybrid-bf16: the same IR "
+        "with its other ops in bf16, on a CPU with bf16); reduced precisions are judged by the quality "
+        "budget (perf/README.md); always set explicitly, as OpenVINO's own default depends on the CPU",
     )
     ov.add_argument(
         "--calibration-samples",
@@ -298,12 +304,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--openvino-compiled-shapes must be at least 1, got {args.openvino_compiled_shapes}")
     if args.target != "openvino" and (args.precision != "fp32" or args.openvino_backend != "python"):
         parser.error("--precision and --openvino-backend are options of --target openvino")
-    if args.precision == openvino_int8.PRECISION:
+    if IR_PRECISION[args.precision] == openvino_int8.PRECISION:
         if args.controlnets:
             parser.error(
-                "--precision int8-hybrid does not take --controlnet: calibrating the UNet of a ControlNet "
-                "build would record the ControlNets' residuals of every step (about 70 MB a sample at 512 "
-                "px); build it at --precision fp32"
+                f"--precision {args.precision} does not take --controlnet: calibrating the UNet of a "
+                "ControlNet build would record the ControlNets' residuals of every step (about 70 MB a "
+                "sample at 512 px); build it at --precision fp32"
             )
         try:
             openvino_int8.require_nncf()
@@ -314,7 +320,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.calibration_samples < 1:
             parser.error(f"--calibration-samples must be at least 1, got {args.calibration_samples}")
     elif args.calibration_samples is not None:
-        parser.error("--calibration-samples is an option of --precision int8-hybrid")
+        parser.error("--calibration-samples is an option of --precision int8-hybrid(-bf16)")
     if args.openvino_backend == "native" and args.lora:
         parser.error(
             "--openvino-backend native cannot run LoRA branches (each row's factors are fed by our python "
@@ -438,7 +444,7 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                 digests[engine] = digest_folder(path)
             precision[engine] = precision[UNET]
     lora_targets: dict[str, dict[str, list[int]]] = {}  # --lora: {component: {layer: base weight shape}}
-    int8_graphs: list[openvino_int8.Graph] = []  # --precision int8-hybrid
+    int8_graphs: list[openvino_int8.Graph] = []  # --precision int8-hybrid(-bf16)
     with tqdm(specs.values(), unit="engine", file=sys.stdout) as bar:
         for spec in bar:
             bar.set_description(f"{spec.name}: {precision[spec.name]} ONNX export + check")
@@ -475,14 +481,16 @@ def build_into(repo: Path, args: argparse.Namespace, prepared: inputs.PreparedCh
                     continue
                 if args.target == "openvino":
                     for onnx_path, graph_spec, ir_dir in graphs:
-                        if args.precision == openvino_int8.PRECISION:  # converted once all are exported
+                        if IR_PRECISION[args.precision] == openvino_int8.PRECISION:  # once all are exported
                             branches = lora and graph_spec is not spec
                             int8_graphs.append(
                                 openvino_int8.Graph(spec.name, onnx_path, graph_spec, ir_dir, branches)
                             )
                             continue
                         bar.set_description(f"{spec.name}: OpenVINO IR")
-                        ir = openvino_engine.convert_engine(onnx_path, graph_spec, ir_dir, args.precision)
+                        ir = openvino_engine.convert_engine(
+                            onnx_path, graph_spec, ir_dir, IR_PRECISION[args.precision]
+                        )
                         bar.write(
                             f"{spec.name}: OpenVINO {args.precision} IR "
                             f"{'up to date, kept' if ir.reused else 'converted'}; relative error vs ONNX "

@@ -7,8 +7,9 @@ for an fp32 build and fp16 for a bf16 one (half the file and the memory map; Ope
 when it compiles). An int8-hybrid build passes a `Compression` (build_engines/openvino_int8.py: NNCF's int8
 weights, and int8 activations where it calibrated them) applied to the converted model before it is saved.
 
-A JSON sidecar records what the IR was made from (the ONNX export's own record, the precision, OpenVINO's
-version, the compression's settings); a later build with the same record keeps it.
+A JSON sidecar records what the IR was made from (the ONNX export's own record, the IR's precision, OpenVINO's
+version, the compression's settings); a later build with the same record keeps it. The IR's precision is
+ov_sessions.IR_PRECISION's: int8-hybrid and int8-hybrid-bf16 differ only in how the engine model compiles it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from build_engines.onnx_export import CHECK_SIZES, sample_inputs
-from python_backend.ov_sessions import AXES_INFO, INFERENCE_PRECISION, IR_FILE, compile_config, ov
+from python_backend.ov_sessions import AXES_INFO, IR_FILE, IR_PRECISION, compile_config, ov
 from python_backend.shapes import EngineSpec, with_scaled_latents
 
 WEIGHTS_FILE = "model.bin"
@@ -38,7 +39,8 @@ IR_FORMAT = 2  # bump when the conversion itself changes, so that kept IR files 
 # calibrated ranges), VAE decoder 2.4e-2, text encoder 1.9e-2, VAE encoder 1.0e-2. 0.2 is the int8 quality
 # budget's per-engine limit (perf/quality.py), which judges the images; this check catches a broken
 # quantization (wrong ranges or weights give errors of order 1).
-MAX_REL_ERROR = {"fp32": 1e-4, "bf16": 1e-2, "int8-hybrid": 0.2}
+MAX_REL_ERROR = {"fp32": 1e-4, "bf16": 1e-2, "int8-hybrid": 0.2}  # per IR precision (IR_PRECISION's values)
+assert set(MAX_REL_ERROR) == set(IR_PRECISION.values())
 CHECK_RANK = 3  # LoRA branches' rank in that check
 
 
@@ -66,9 +68,10 @@ def convert_engine(
     onnx_path: Path, spec: EngineSpec, out_dir: Path, precision: str, compression: Compression | None = None
 ) -> Converted:
     """out_dir/model.xml from `onnx_path` (an export with its sidecar), unless an up-to-date one is there.
-    `compression`: int8-hybrid's (and only its: the other precisions are the converted graph as it is)."""
-    if precision not in INFERENCE_PRECISION:
-        raise ValueError(f"precision must be one of {tuple(INFERENCE_PRECISION)}, got {precision!r}")
+    `precision`: the IR's (ov_sessions.IR_PRECISION). `compression`: int8-hybrid's (and only its: the other
+    precisions are the converted graph as it is)."""
+    if precision not in MAX_REL_ERROR:
+        raise ValueError(f"precision must be one of {tuple(MAX_REL_ERROR)}, got {precision!r}")
     if (compression is not None) != (precision == "int8-hybrid"):
         raise ValueError(f"precision {precision!r} with compression {compression and compression.key}")
     key: dict[str, Any] = {

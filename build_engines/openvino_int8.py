@@ -1,5 +1,5 @@
-"""build-engines --target openvino --precision int8-hybrid: the fp32 IR compressed to int8 with NNCF, as
-optimum-intel's "hybrid quantization" does (our own code: no optimum-intel).
+"""build-engines --target openvino --precision int8-hybrid (and int8-hybrid-bf16, the same IR): the fp32 IR
+compressed to int8 with NNCF, as optimum-intel's "hybrid quantization" does (our own code: no optimum-intel).
 
 - The UNet's plain graph: int8 weights (`nncf.compress_weights`, INT8_ASYM: per output channel, with a zero
   point) for its MatMul and Gather ops with constant weights, then `nncf.quantize` with those ops ignored,
@@ -19,8 +19,10 @@ prompts shipped here, at the profile's opt size, with the checkpoint's scheduler
 inputs the served UNet sees, without any data set to download. Its settings and the text encoder's export
 record are part of the UNet IR's sidecar key, so a rebuild keeps the IR only when they are the same.
 
-All of it runs at build time; the IR is served as any other, compiled with an f32 hint (OpenVINO's CPU
-plugin runs the FakeQuantize'd ops in int8 and decompresses the int8 weights of the others).
+All of it runs at build time; the IR is served as any other (OpenVINO's CPU plugin runs the FakeQuantize'd
+ops in int8 and decompresses the int8 weights of the others), compiled with an f32 hint, or for
+int8-hybrid-bf16 a bf16 one: the ops left out of int8 then run in bf16 (full-size, 256 px, AVX512_BF16: UNet
+0.64 instead of 0.71 s, VAE decoder 1.6 instead of 3.2 s), on a CPU with bf16 only.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from python_backend.adapters import LORA_INPUT
 from python_backend.control import unit_inputs
 from python_backend.ov_sessions import (
     DEFAULT_COMPILED_LIMIT,
+    INFERENCE_PRECISION,
     RELEASE_AFTER_RUN,
     STATIC,
     runs_once_per_request,
@@ -111,7 +112,8 @@ def openvino_native_config(spec: EngineSpec, precision: str, prefix: str = "") -
     no bounded dynamic shapes and batches only to exactly max_batch_size, so: max_batch_size 0, the batch
     axis in the dims, no dynamic batcher (concurrent requests' UNet calls run one after another), the IR as
     converted (dynamic axes: compiled once for every shape). It cannot be told to run f32 on a CPU with
-    bf16: an fp32 build there runs bf16, and an int8-hybrid one its unquantized ops (sd-serve says so)."""
+    bf16: an fp32 build there runs bf16, and an int8-hybrid one its unquantized ops (sd-serve says so). bf16
+    and int8-hybrid-bf16 hint bf16."""
     config = mc.ModelConfig(name=triton_model(prefix, spec.name), backend="openvino", max_batch_size=0)
     for t in spec.inputs:
         _tensor(config.input.add(), t.name, t.dtype, t.concrete_dims())
@@ -120,7 +122,7 @@ def openvino_native_config(spec: EngineSpec, precision: str, prefix: str = "") -
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     config.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
     config.parameters["NUM_STREAMS"].string_value = "1"
-    if precision == "bf16":
+    if INFERENCE_PRECISION[precision] == "bf16":
         config.parameters["HINT_BF16"].string_value = "YES"
     return config
 

@@ -2,7 +2,7 @@
 
     python -m perf.compare --checkpoint DIR [--size 64] [--steps 4] [--repeats 3] [--out perf/results/NAME.md]
                            [--loras 0,1,3 [--lora-rank 16]] [--controlnets 0,1,2]
-                           [--target onnx|openvino] [--precision fp32|bf16|int8-hybrid]
+                           [--target onnx|openvino] [--precision fp32|bf16|int8-hybrid|int8-hybrid-bf16]
                            [--calibration-samples N] [--no-optimum-openvino]
                            [--no-in-process]
 
@@ -50,7 +50,10 @@ REFERENCE = "a"
 # on the tiny model their CPU use ends within 0.5 s; waiting that long keeps it out of the next call.
 SETTLE_S = 0.5
 # The project's targets (issue 5): judged in the report, where each applies.
-TARGET_SPEED_VS_DIFFUSERS = 1.5  # served images/s ÷ diffusers eager, at least, full-size architecture
+# served images/s ÷ diffusers eager, at least, full-size architecture, per target: fp32 ONNX Runtime meets
+# the same kernels as torch; OpenVINO in bf16 or int8 is asked for 3× (the UNet alone ran 4.2× in bf16)
+TARGET_SPEED_VS_DIFFUSERS = {"onnx": 1.5, "openvino": 3.0}
+TARGET_SPEED_VS_OPTIMUM = 1.0  # the openvino target's served images/s ÷ (e)'s at the same precision, at least
 TARGET_SERVED_VS_IN_PROCESS = 1.03  # served ÷ in-process latency, at most
 TARGET_CONCURRENCY_GAIN = 1.2  # images/s at --concurrency ÷ at 1, at least, tiny checkpoint
 TARGET_MEMORY_VS_WEIGHTS = 1.2  # server PSS ÷ the weights' bytes, at most, full-size architecture
@@ -331,10 +334,10 @@ def optimum_ort(s: Settings) -> Measurement:
 
 
 def optimum_openvino(s: Settings, precision: str, stack: contextlib.ExitStack) -> Measurement:
-    """(e) optimum-intel's OVStableDiffusionPipeline (OpenVINO at `precision`: fp32, bf16, or int8-hybrid by
-    its own hybrid quantization, calibrated as ours is), what FastSD CPU runs: in its own venv (made on first
-    use) and worker process (perf/optimum_openvino.py), which runs until `stack` closes. Its first call is
-    tried here; a failure skips it with the reason, never ends the run."""
+    """(e) optimum-intel's OVStableDiffusionPipeline (OpenVINO at `precision`: fp32, bf16, or
+    int8-hybrid(-bf16) by its own hybrid quantization, calibrated as ours is), what FastSD CPU runs: in its
+    own venv (made on first use) and worker process (perf/optimum_openvino.py), which runs until `stack`
+    closes. Its first call is tried here; a failure skips it with the reason, never ends the run."""
     import tempfile
 
     from perf import optimum_openvino as ov
@@ -549,11 +552,18 @@ def report(
     b, c = by_key.get("b"), by_key.get("c")
     full_size = is_full_size(s.checkpoint)
     if c:
-        speed = ref.median_s / c.median_s
-        verdict = _verdict(speed, TARGET_SPEED_VS_DIFFUSERS, at_least=True, applies=full_size)
+        speed, target = ref.median_s / c.median_s, TARGET_SPEED_VS_DIFFUSERS[s.target]
+        verdict = _verdict(speed, target, at_least=True, applies=full_size)
         lines.append(
             f"- served images/s ÷ diffusers eager: **{speed:.2f}×** "
-            f"(target ≥ {TARGET_SPEED_VS_DIFFUSERS}× on the full-size architecture: {verdict})"
+            f"(target ≥ {target}× on the full-size architecture: {verdict})"
+        )
+    if c and e and s.target == "openvino":
+        speed = e.median_s / c.median_s
+        verdict = _verdict(speed, TARGET_SPEED_VS_OPTIMUM, at_least=True, applies=full_size)
+        lines.append(
+            f"- served images/s ÷ (e) optimum-intel's at {s.precision}: **{speed:.2f}×** "
+            f"(target ≥ {TARGET_SPEED_VS_OPTIMUM}× on the full-size architecture: {verdict})"
         )
     if b and c:
         per_step_ms = (c.median_s - b.median_s) / s.steps * 1000
@@ -691,6 +701,8 @@ def _verdict(value: float, target: float, *, at_least: bool, applies: bool = Tru
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from python_backend.ov_sessions import INFERENCE_PRECISION, IR_PRECISION  # imports OpenVINO
+
     parser = argparse.ArgumentParser(prog="python -m perf.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="diffusers SD v1.x checkpoint folder")
     parser.add_argument("--size", type=int, default=64, help="image side, pixels (default 64)")
@@ -739,15 +751,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "int8-hybrid"],
+        choices=list(INFERENCE_PRECISION),
         default="fp32",
         help="the OpenVINO precision of ours (with --target openvino) and of contestant (e), optimum-intel's "
-        "OpenVINO pipeline (int8-hybrid: its own hybrid quantization; default fp32)",
+        "OpenVINO pipeline (int8-hybrid(-bf16): its own hybrid quantization; default fp32)",
     )
     parser.add_argument(
         "--calibration-samples",
         type=int,
-        help="with --precision int8-hybrid: UNet calls to calibrate on, ours (build-engines "
+        help="with --precision int8-hybrid(-bf16): UNet calls to calibrate on, ours (build-engines "
         "--calibration-samples) and (e)'s (its num_samples); default build-engines'",
     )
     parser.add_argument(
@@ -772,8 +784,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.precision != "fp32" and args.target != "openvino":
         parser.error(f"--precision {args.precision} is the openvino target's: give --target openvino too")
     samples = args.calibration_samples
-    if samples is not None and (args.precision != "int8-hybrid" or samples < 1):
-        parser.error("--calibration-samples is a positive count, with --precision int8-hybrid")
+    if samples is not None and (IR_PRECISION[args.precision] != "int8-hybrid" or samples < 1):
+        parser.error("--calibration-samples is a positive count, with --precision int8-hybrid(-bf16)")
     if args.lora_rank < 1:
         parser.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.loras is not None and args.controlnets is not None:

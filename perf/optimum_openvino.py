@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from python_backend.ov_sessions import INFERENCE_PRECISION
+from python_backend.ov_sessions import INFERENCE_PRECISION, IR_PRECISION
 from services.serve import default_cache_dir
 
 # The venv's pinned set: optimum-intel 2.2.0 (the newest; it needs transformers >= 4.51, < 5.6, optimum
@@ -52,9 +52,10 @@ REQUIREMENTS = (
 NO_DEPS = ("optimum-intel==2.2.0",)
 WORKER = Path(__file__).with_name("optimum_openvino_worker.py")
 # perf.compare's --precision (build-engines') → OpenVINO's INFERENCE_PRECISION_HINT: the one ours compiles
-# with (int8-hybrid's FakeQuantize'd ops run int8 whatever the hint, the others f32).
+# with (int8-hybrid's FakeQuantize'd ops run int8 whatever the hint, the others f32, or bf16 for
+# int8-hybrid-bf16: the same quantized IR).
 PRECISIONS = INFERENCE_PRECISION
-INT8_HYBRID = "int8-hybrid"
+INT8_HYBRID = "int8-hybrid"  # IR_PRECISION's: both int8-hybrid precisions serve this IR
 READY_TIMEOUT_S = 3600.0  # export and compile: ≈1 min on the tiny checkpoint, several on the full-size one
 CALL_TIMEOUT_S = 1800.0
 
@@ -128,7 +129,7 @@ def calibration_args(precision: str, samples: int | None, cache: Path) -> list[s
     """The worker's arguments for an int8-hybrid pipeline: optimum-intel's hybrid quantization calibrated on
     `samples` UNet calls (None: build-engines' default) over the prompts our own calibration uses
     (build_engines/openvino_int8.py), written to a file in `cache`; none for another precision."""
-    if precision != INT8_HYBRID:
+    if IR_PRECISION[precision] != INT8_HYBRID:
         return []
     from build_engines import openvino_int8
 
@@ -236,7 +237,7 @@ class OpenVinoWorker:
         exported = (
             f"exported by this run in {i['export_s']:.0f} s" if i.get("exported") else "of an earlier run"
         )
-        if self.precision == INT8_HYBRID:
+        if IR_PRECISION[self.precision] == INT8_HYBRID:
             made = f"by this run in {i['quantize_s']:.0f} s" if i.get("quantized") else "by an earlier run"
             exported += (
                 f", quantized (optimum-intel's hybrid quantization) {made}: "

@@ -56,8 +56,11 @@ IR_FILE = "model.xml"  # beside it model.bin, the weights
 # The IR's rt_info entry naming each input's axes: JSON {input: [axis name, or null for a fixed dim, ...]}
 AXES_INFO = "sd_triton_axes"
 LORA_IR = Path("lora") / IR_FILE  # the UNet's branch graph, beside its plain model.xml
-# build-engines --precision → OpenVINO's inference precision
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8-hybrid": "f32"}
+# build-engines --precision → OpenVINO's inference precision (the arithmetic of the ops that are not int8)
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8-hybrid": "f32", "int8-hybrid-bf16": "bf16"}
+# ... → the IR it is compiled from: the int8-hybrid precisions share one (NNCF's, openvino_int8.py), so
+# that a repository rebuilt from one to the other keeps its IRs instead of calibrating again
+IR_PRECISION = {**{p: p for p in ("fp32", "bf16", "int8-hybrid")}, "int8-hybrid-bf16": "int8-hybrid"}
 STATIC, DYNAMIC = "static", "dynamic"
 DEFAULT_COMPILED_LIMIT = 2  # static shapes kept compiled per graph
 RELEASE_AFTER_RUN = "release_memory_after_run"  # an engine model's config parameter: "true" or absent

@@ -19,7 +19,6 @@ import errno
 import http.client
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -249,46 +248,59 @@ def check_engines(
 # --------------------------------------------------------------------------------------------------------
 # OpenVINO engines: does this CPU run their precision?
 
-IR_SIDECAR = "model.xml.json"  # build_engines.openvino_engine.SIDECAR_FILE, written beside each IR
+IR_FILE = "model.xml"  # python_backend.ov_sessions.IR_FILE (importing it imports OpenVINO)
 DEFAULT_OPENVINO_CACHE = "openvino"  # under default_cache_dir(): compiled models, per host
+_PRECISION_PARAMETER = re.compile(r'key:\s*"precision"\s*value\s*\{\s*string_value:\s*"([^"]+)"')
+_OPENVINO_BACKEND = re.compile(r'backend:\s*"openvino"')
+_HINT_BF16 = re.compile(r'key:\s*"HINT_BF16"')
 
 
-def openvino_precisions(repository: Path) -> dict[str, str]:
-    """Model name → the precision its OpenVINO IR was built for (build-engines --precision)."""
+@dataclass(frozen=True)
+class OpenVinoEngine:
+    precision: str  # build-engines --precision; Triton's openvino backend: "bf16" if hinted, else "fp32"
+    native: bool  # on Triton's openvino backend (build-engines --openvino-backend native)
+
+
+def openvino_engines(repository: Path) -> dict[str, OpenVinoEngine]:
+    """Model name → how its OpenVINO IR is served, as its config.pbtxt says: our python model's `precision`
+    parameter, or Triton's openvino backend with or without HINT_BF16 (it takes no other precision)."""
     found = {}
-    for sidecar in sorted(repository.glob(f"*/*/{IR_SIDECAR}")):
-        model, version = sidecar.parent.parent.name, sidecar.parent.name
-        if version.isdigit():
-            try:
-                found[model] = str(json.loads(sidecar.read_text())["key"]["precision"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
+    for ir in sorted(repository.glob(f"*/*/{IR_FILE}")):
+        model_dir = ir.parent.parent
+        try:
+            config = (model_dir / "config.pbtxt").read_text()
+        except OSError:
+            continue
+        if not ir.parent.name.isdigit():
+            continue
+        if _OPENVINO_BACKEND.search(config):
+            found[model_dir.name] = OpenVinoEngine("bf16" if _HINT_BF16.search(config) else "fp32", True)
+        elif match := _PRECISION_PARAMETER.search(config):
+            found[model_dir.name] = OpenVinoEngine(match[1], False)
     return found
 
 
 def check_openvino_precision(
     repository: Path, host_supports: Callable[[str], bool] | None = None
 ) -> list[str]:
-    """Raise `ServeError` when the repository's OpenVINO engines were built for a precision this CPU does
-    not run natively (bf16 without AVX512_BF16 or AMX: OpenVINO would emulate it, many times slower, or
-    refuse it); return warnings to print."""
-    precisions = openvino_precisions(repository)
-    if not precisions:
+    """Raise `ServeError` when the repository's OpenVINO engines are served at a precision this CPU does not
+    run natively (bf16, or int8-hybrid-bf16's other ops, without AVX512_BF16 or AMX: OpenVINO would emulate
+    it, many times slower, or refuse it); return warnings to print. `host_supports`: build-engines
+    --precision → whether this CPU runs it (ov_sessions.host_supports; tests give their own)."""
+    engines = openvino_engines(repository)
+    if not engines:
         return []
     supports = host_supports or _openvino_host_supports
-    bf16 = sorted(model for model, precision in precisions.items() if precision == "bf16")
-    if bf16 and not supports("bf16"):
+    unsupported = sorted(f"{m} ({e.precision})" for m, e in engines.items() if not supports(e.precision))
+    if unsupported:
         raise ServeError(
-            f"the OpenVINO engines {', '.join(bf16)} were built for bf16, which this CPU does not run "
-            "(it needs AVX512_BF16 or AMX): rebuild them with build-engines --target openvino --precision "
-            "fp32, or serve them on such a CPU (--skip-engine-check starts Triton anyway)"
+            f"the OpenVINO engines {', '.join(unsupported)} were built for bf16 inference, which this CPU "
+            "does not run (it needs AVX512_BF16 or AMX): rebuild them with build-engines --target openvino "
+            "--precision fp32 (or int8-hybrid), or serve them on such a CPU (--skip-engine-check starts "
+            "Triton anyway)"
         )
     # fp32 and int8-hybrid (its unquantized ops) run f32 by our hint, which the native backend cannot give
-    native_f32 = sorted(
-        model
-        for model, precision in precisions.items()
-        if precision != "bf16" and _runs_on_openvino_backend(repository / model)
-    )
+    native_f32 = sorted(model for model, e in engines.items() if e.native and e.precision == "fp32")
     if native_f32 and supports("bf16"):
         return [
             f"{', '.join(native_f32)}: OpenVINO engines built for f32 inference (fp32, int8-hybrid) on "
@@ -302,13 +314,6 @@ def _openvino_host_supports(precision: str) -> bool:
     from python_backend.ov_sessions import host_supports  # imports OpenVINO: only for such repositories
 
     return host_supports(precision)
-
-
-def _runs_on_openvino_backend(model_dir: Path) -> bool:
-    try:
-        return re.search(r'backend:\s*"openvino"', (model_dir / "config.pbtxt").read_text()) is not None
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -244,18 +244,23 @@ def test_precision_options_belong_to_the_openvino_target(tiny_checkpoint, tmp_pa
 
 
 def _with_precision(repo: Path, tmp_path: Path, precision: str) -> Path:
+    """A copy of `repo` whose engine models are configured to compile at `precision` (what sd-serve reads)."""
     copy = tmp_path / f"repo-{precision}"
     shutil.copytree(repo, copy)
-    for sidecar in copy.glob("*/1/model.xml.json"):
-        record = json.loads(sidecar.read_text())
-        record["key"]["precision"] = precision
-        sidecar.write_text(json.dumps(record))
+    for config in copy.glob("*/config.pbtxt"):
+        if (config.parent / "1" / "model.xml").exists():
+            config.write_text(
+                config.read_text().replace('string_value: "fp32"', f'string_value: "{precision}"')
+            )
     return copy
 
 
 def test_sd_serve_refuses_bf16_engines_on_a_cpu_without_bf16(openvino_repository, tmp_path):
     bf16 = _with_precision(openvino_repository, tmp_path, "bf16")
-    with pytest.raises(serve.ServeError, match=r"built for bf16, which this CPU does not run .*AVX512_BF16"):
+    with pytest.raises(
+        serve.ServeError,
+        match=r"unet \(bf16\).* built for bf16 inference, which this CPU does not run .*AVX512_BF16",
+    ):
         serve.check_openvino_precision(bf16, host_supports=lambda precision: precision != "bf16")
     assert serve.check_openvino_precision(bf16, host_supports=lambda precision: True) == []
     assert serve.check_openvino_precision(openvino_repository, host_supports=lambda p: p != "bf16") == []
@@ -280,7 +285,7 @@ def test_sd_serve_command_line_says_why_it_will_not_start(openvino_repository, t
     bf16 = _with_precision(openvino_repository, tmp_path, "bf16")
     result = run_sd_serve("--model-repository", str(bf16))
     assert result.returncode == 1
-    assert "were built for bf16, which this CPU does not run" in result.stdout
+    assert "were built for bf16 inference, which this CPU does not run" in result.stdout
 
 
 def _stub_maps(server, model: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 from build_engines import cli as build_cli
 from build_engines import openvino_engine, openvino_int8, repository
 from python_backend.engines import OpenVinoEngines
-from python_backend.ov_sessions import compile_config, host_supports, ov
+from python_backend.ov_sessions import INFERENCE_PRECISION, CompiledGraph, compile_config, host_supports, ov
 from python_backend.pipeline import PipelineAssets
 from python_backend.shapes import ENGINE_NAMES, TEXT_ENCODER, UNET, VAE_DECODER, engine_specs
 from services import serve
@@ -208,6 +208,53 @@ def test_int8_hybrid_compiles_with_an_f32_hint_and_runs_on_any_openvino_cpu(int8
     assert host_supports("int8-hybrid")
     assert "INT8" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     assert serve.check_openvino_precision(int8_repository, host_supports=lambda p: p != "bf16") == []
+
+
+def test_int8_hybrid_bf16_is_the_int8_hybrid_ir_compiled_with_a_bf16_hint(
+    int8_repository, tiny_checkpoint, tmp_path, capsys
+):
+    """--precision int8-hybrid-bf16: the same calibration makes the same IRs, so a repository rebuilt from
+    int8-hybrid keeps them; only the engine models' precision, so their compile hint, changes. sd-serve
+    refuses it on a CPU without bf16, and Triton's openvino backend is given HINT_BF16."""
+    repo = tmp_path / "repo"
+    shutil.copytree(int8_repository, repo)
+    bf16_args = [arg if arg != "int8-hybrid" else "int8-hybrid-bf16" for arg in INT8_ARGS]
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *bf16_args, *PROFILE_ARGS]
+    capsys.readouterr()
+    assert build_cli.main(args) == 0
+    assert capsys.readouterr().out.count("int8-hybrid IR up to date, kept") == len(ENGINE_NAMES)
+    for engine in ENGINE_NAMES:
+        config = repository.read_config(repo / engine)
+        assert config.parameters["precision"].string_value == "int8-hybrid-bf16"
+        key = json.loads((repo / engine / "1" / "model.xml.json").read_text())["key"]
+        assert key["precision"] == "int8-hybrid"
+    assert compile_config("int8-hybrid-bf16", None)["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert host_supports("int8-hybrid-bf16") == host_supports("bf16")
+
+    without_bf16 = lambda precision: INFERENCE_PRECISION[precision] != "bf16"  # noqa: E731
+    with pytest.raises(serve.ServeError, match=r"unet \(int8-hybrid-bf16\).* built for bf16 inference"):
+        serve.check_openvino_precision(repo, host_supports=without_bf16)
+    assert serve.check_openvino_precision(repo, host_supports=lambda precision: True) == []
+    assert serve.check_openvino_precision(int8_repository, host_supports=without_bf16) == []
+
+    geometry = PipelineAssets.load(repo / "pipeline" / "1").manifest.geometry
+    native = repository.openvino_native_config(engine_specs(geometry)[UNET], "int8-hybrid-bf16")
+    assert native.parameters["HINT_BF16"].string_value == "YES"
+
+
+@pytest.mark.skipif(not host_supports("bf16"), reason="this CPU has neither AVX512_BF16 nor AMX")
+def test_int8_hybrid_bf16_engines_run_their_other_ops_in_bf16(int8_repository):
+    """The int8 IR compiled for int8-hybrid-bf16 gets OpenVINO's bf16 hint, and so other outputs than at
+    int8-hybrid (f32); both are judged by the int8 budget (tests/test_quality_budget.py)."""
+    latent = {"latent": np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)}
+    outputs = {}
+    for precision, hint in (("int8-hybrid", ov.Type.f32), ("int8-hybrid-bf16", ov.Type.bf16)):
+        path = int8_repository / VAE_DECODER / "1" / "model.xml"
+        graph = CompiledGraph(ov.Core(), path, compile_config(precision, None))
+        outputs[precision] = graph(latent)[0]
+        (compiled,) = graph._compiled.values()
+        assert compiled.model.get_property("INFERENCE_PRECISION_HINT") == hint
+    assert not np.array_equal(outputs["int8-hybrid"], outputs["int8-hybrid-bf16"])
 
 
 def test_native_backend_configs_of_int8_hybrid_leave_the_hint_to_openvino(int8_repository, tmp_path):

@@ -184,6 +184,11 @@ def test_calibration_samples_go_to_the_int8_hybrid_build_only() -> None:
     s = dataclasses.replace(s, calibration_samples=args.calibration_samples)
     assert s.build_args[-2:] == ["--calibration-samples", "32"]
     assert s.repository_name == "repository-openvino-int8-hybrid"
+    # int8-hybrid-bf16 is built from the same calibration, in a repository of its own
+    args = parse_args([*base, "--precision", "int8-hybrid-bf16", "--calibration-samples", "32"])
+    s = dataclasses.replace(s, precision=args.precision, calibration_samples=args.calibration_samples)
+    assert s.build_args[3] == "int8-hybrid-bf16" and s.build_args[-2:] == ["--calibration-samples", "32"]
+    assert s.repository_name == "repository-openvino-int8-hybrid-bf16"
     for bad in (
         [*base, "--precision", "bf16", "--calibration-samples", "32"],
         [*base, "--precision", "int8-hybrid", "--calibration-samples", "0"],

@@ -27,6 +27,7 @@ from perf.compare import (
     process_tree,
 )
 from perf.quality import psnr_ssim
+from python_backend.ov_sessions import host_supports
 
 SKIP_ENV = "SD_TRITON_SKIP_OPENVINO"
 # Measured on the tiny checkpoint, 64 px, 2 steps, seed 42: 1/255 (OpenVINO f32 against eager torch, the
@@ -109,6 +110,22 @@ def test_int8_hybrid_contestant_is_optimum_intels_hybrid_quantization(
     assert "UNet compiled at f32" in m.note, m.note
     fake_quantize = re.search(r"(\d+) FakeQuantize ops in its UNet", m.note)
     assert fake_quantize and int(fake_quantize[1]) > 0, m.note
+    assert len(list(export_cache.glob("*/ir-int8-hybrid-*/unet/openvino_model.xml"))) == 1
+    psnr, _ = psnr_ssim(diffusers_image(s)[0], image[0])
+    assert psnr >= MIN_INT8_PSNR, f"{psnr:.1f} dB from diffusers' fp32 image"
+
+
+@pytest.mark.skipif(not host_supports("bf16"), reason="this CPU has neither AVX512_BF16 nor AMX")
+def test_int8_hybrid_bf16_contestant_is_the_same_quantization_compiled_in_bf16(
+    venv: Path, tiny_checkpoint: Path, export_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(e) at int8-hybrid-bf16, as ours: optimum-intel's hybrid quantization on the same samples (one IR for
+    both int8-hybrid precisions), its UNet compiled with the bf16 hint."""
+    monkeypatch.setattr(ov, "export_cache_dir", lambda: export_cache)
+    s = Settings(tiny_checkpoint, 64, 2, 1, 42, 7.5, PROMPT, None, calibration_samples=4)
+    m, image = contestant_image(s, "int8-hybrid-bf16")
+    assert "INFERENCE_PRECISION_HINT bf16" in m.note and "UNet compiled at bf16" in m.note, m.note
+    assert re.search(r"[1-9]\d* FakeQuantize ops in its UNet", m.note), m.note
     assert len(list(export_cache.glob("*/ir-int8-hybrid-*/unet/openvino_model.xml"))) == 1
     psnr, _ = psnr_ssim(diffusers_image(s)[0], image[0])
     assert psnr >= MIN_INT8_PSNR, f"{psnr:.1f} dB from diffusers' fp32 image"

@@ -164,12 +164,32 @@ def test_the_openvino_int8_hybrid_engines_are_within_the_int8_budget(
     assert all(d.rel_l2 > 0 for d in report.engines if d.output != "latent_std")
 
 
+@pytest.mark.skipif(not host_supports("bf16"), reason="this CPU has neither AVX512_BF16 nor AMX")
+def test_the_openvino_int8_hybrid_bf16_engines_are_within_the_int8_budget(
+    int8_repository: Path, engines: OnnxRuntimeEngines, assets: PipelineAssets
+) -> None:
+    """int8-hybrid's IR with its other ops in bf16 (--precision int8-hybrid-bf16 keeps that build's IRs), in
+    process as served, against the fp32 reference: the int8 budget, as the candidate is judged by."""
+    from python_backend.engines import OpenVinoEngines
+
+    candidate = OpenVinoEngines(int8_repository, assets.manifest.geometry, "int8-hybrid-bf16")
+    report = quality.evaluate(engines, candidate, assets, SETTINGS)
+    budget = quality.BUDGETS[quality.CANDIDATES["openvino-int8-hybrid-bf16"].precision]
+    assert budget.precision == "int8"
+    checks = quality.judge(report, budget, quality.TINY)
+    assert not failed(checks), quality.markdown(
+        report, budget, quality.TINY, SETTINGS, "int8-hybrid-bf16", {}
+    )
+
+
 def test_calibration_samples_is_an_option_of_the_int8_hybrid_candidate() -> None:
     from perf.quality import parse_args
 
     hybrid = ["--checkpoint", "x", "--candidate", "openvino-int8-hybrid"]
     assert parse_args([*hybrid, "--calibration-samples", "32"]).calibration_samples == 32
     assert parse_args(hybrid).calibration_samples is None  # build-engines' default
+    bf16 = ["--checkpoint", "x", "--candidate", "openvino-int8-hybrid-bf16", "--calibration-samples", "32"]
+    assert parse_args(bf16).calibration_samples == 32
     for bad in (
         [*hybrid, "--calibration-samples", "0"],
         ["--checkpoint", "x", "--candidate", "openvino-bf16", "--calibration-samples", "32"],
