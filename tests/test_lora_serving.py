@@ -19,7 +19,7 @@ from build_engines import cli as build_cli
 from build_engines.tiny_checkpoint import write_tiny_lora
 from client import GenerationError, StableDiffusionClient
 from python_backend.extra_networks import parse_extra_networks
-from tests.conftest import CPU_TARGETS, PROFILE_ARGS, cpu_repository
+from tests.conftest import CPU_TARGETS, INT8_ARGS, PROFILE_ARGS, cpu_repository
 from tests.parity import TOLERANCE, max_pixel_diff
 from tests.triton_server import TritonServer, concurrent_unet_runs
 
@@ -243,3 +243,29 @@ def test_a_killed_unet_process_comes_back_and_applies_loras_again(server):
     else:
         pytest.fail(f"no LoRA request succeeded {RECOVERY_S} s after killing the UNet:\n{server.log()}")
     assert np.array_equal(after, before)
+
+
+def test_int8_hybrid_serves_loras_within_the_int8_budget(
+    int8_repository, tiny_checkpoint, lora_dir, tmp_path
+):
+    """--precision int8-hybrid with --lora, served: the UNet keeps its calibrated IR, the LoRA branch graphs
+    get int8 weights with f32 activations (build_engines/openvino_int8.py), and a request's LoRA is applied
+    as diffusers fuses it, within the int8 quality budget's image floor for the tiny checkpoint."""
+    from perf.quality import BUDGETS, TINY, psnr_ssim
+
+    repo = tmp_path / "repo"
+    shutil.copytree(int8_repository, repo)  # the plain UNet's calibrated IR is kept
+    args = ["--checkpoint", str(tiny_checkpoint), "--output", str(repo), *INT8_ARGS, *PROFILE_ARGS, "--lora"]
+    assert build_cli.main(args) == 0
+    assert (repo / "unet" / "1" / "lora" / "model.xml").exists()
+    tags, files = "<lora:ink:0.6> <lora:paper_style:-0.4:0.9>", {"ink.safetensors": (0.6, 0.6)}
+    files["paper.safetensors"] = (-0.4, 0.9)
+    with TritonServer(repo, serve_args=["--lora-dir", str(lora_dir)]) as server:
+        plain, _ = _generate(server, PROMPT)
+        served, _ = _generate(server, f"{PROMPT} {tags}")
+    reference = _fused_reference(tiny_checkpoint, lora_dir, f"{PROMPT} {tags}", files)
+    psnr, ssim = psnr_ssim(reference, served)
+    floor = BUDGETS["int8"].images[TINY]
+    print(f"int8-hybrid with LoRAs served, vs diffusers with them fused: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}")
+    assert psnr >= floor.psnr_min_db and ssim >= floor.ssim_min, (psnr, ssim)
+    assert max_pixel_diff(served, plain) > 20  # the LoRAs changed the image
