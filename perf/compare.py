@@ -694,7 +694,8 @@ def _verdict(value: float, target: float, *, at_least: bool, applies: bool = Tru
     if not applies:
         return "not judged on this checkpoint"
     met = value >= target if at_least else value <= target
-    return "met" if met else f"**missed** by {abs(value - target):.2f}"
+    gap = abs(value - target)
+    return "met" if met else f"**missed** by {gap:.2f}" if gap >= 0.01 else f"**missed** by {gap:.1g}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -196,3 +196,12 @@ def test_calibration_samples_go_to_the_int8_hybrid_build_only() -> None:
     ):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_a_verdict_gives_a_gap_under_a_hundredth_its_own_digit() -> None:
+    from perf.compare import _verdict
+
+    assert _verdict(0.995, 1.0, at_least=True) == "**missed** by 0.005"  # not "by 0.00"
+    assert _verdict(1.25, 1.2, at_least=False) == "**missed** by 0.05"
+    assert _verdict(1.0, 1.0, at_least=True) == "met"
+    assert _verdict(0.5, 1.0, at_least=True, applies=False) == "not judged on this checkpoint"
