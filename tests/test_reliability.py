@@ -9,6 +9,7 @@ import concurrent.futures
 import os
 import re
 import signal
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -74,6 +75,15 @@ def ready(server: TritonServer) -> bool:
         return False
 
 
+def saw_not_ready(server: TritonServer, until: threading.Event) -> bool:
+    """Whether the server answered not ready at any time before `until` is set (asked every 20 ms)."""
+    seen = False
+    while not until.is_set():
+        seen |= not ready(server)
+        time.sleep(0.02)
+    return seen
+
+
 def stub_of(server: TritonServer, model: str) -> supervisor.Stub:
     pid = server.triton_pid()
     assert pid is not None, server.log()
@@ -117,7 +127,7 @@ def kill_and_recover(server: TritonServer, model: str) -> None:
     url = server.grpc_url
     before = StableDiffusionClient(url).generate("a lighthouse", steps=3, seed=5, width=64, height=64)
     victim = stub_of(server, model)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         if model == "pipeline_stream":
             client = StableDiffusionClient(url)
             running = pool.submit(
@@ -127,29 +137,33 @@ def kill_and_recover(server: TritonServer, model: str) -> None:
             running = pool.submit(infer, url, **LONG)
         time.sleep(2)  # mid-generation
         assert not running.done(), "the long request finished before the kill"
+        # Readiness is watched from the kill on: a tiny engine can be reloaded before the failed request's
+        # answer comes back, so the outage may be over before the loop below first looks.
+        recovered = threading.Event()
+        outage = pool.submit(saw_not_ready, server, recovered)
         killed = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
-        if model == "pipeline_stream":
-            with pytest.raises(GenerationError) as failure:
-                running.result(timeout=30)
-            status = failure.value.status
-        else:
-            status, _ = running.result(timeout=30)
-        if model == "vae_decoder":
-            # Killed while the request denoises: it is reloaded before the request needs it.
-            assert status == "OK", (status, server.log())
-        else:
-            assert status == "UNAVAILABLE", (status, server.log())
-
-        saw_not_ready = False
-        while time.monotonic() - killed < RECOVERY_S:
-            saw_not_ready |= not ready(server)
-            if infer(url)[0] == "OK":
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"no successful request {RECOVERY_S} s after killing {model}:\n{server.log()}")
-    assert saw_not_ready or model == "vae_decoder", "readiness never reported the outage"
+        try:
+            if model == "pipeline_stream":
+                with pytest.raises(GenerationError) as failure:
+                    running.result(timeout=30)
+                status = failure.value.status
+            else:
+                status, _ = running.result(timeout=30)
+            if model == "vae_decoder":
+                # Killed while the request denoises: it is reloaded before the request needs it.
+                assert status == "OK", (status, server.log())
+            else:
+                assert status == "UNAVAILABLE", (status, server.log())
+            while time.monotonic() - killed < RECOVERY_S:
+                if infer(url)[0] == "OK":
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"no successful request {RECOVERY_S} s after killing {model}:\n{server.log()}")
+        finally:
+            recovered.set()
+    assert outage.result() or model == "vae_decoder", "readiness never reported the outage"
     assert ready(server)
     assert stub_of(server, model).pid != victim.pid
     after = StableDiffusionClient(url).generate("a lighthouse", steps=3, seed=5, width=64, height=64)
