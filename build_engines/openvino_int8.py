@@ -202,11 +202,12 @@ def constant_weight_ops(model: ov.Model) -> list[str]:
     return names
 
 
-def compress_weights(model: ov.Model) -> ov.Model:
+def compress_weights(model: ov.Model, ignored: list[str] | None = None) -> ov.Model:
     """int8 weights (asymmetric, per output channel) for every op with constant weights: MatMul, Gather
-    (embeddings), Convolution."""
+    (embeddings), Convolution; but the ops named in `ignored`."""
     nncf = require_nncf()
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    scope = nncf.IgnoredScope(names=ignored) if ignored else None
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
 
 
 def compress_branch_weights(model: ov.Model) -> ov.Model:
@@ -216,17 +217,12 @@ def compress_branch_weights(model: ov.Model) -> ov.Model:
     Reshape after a transformer's proj_in (a 1x1 convolution with a LoCon branch beside it), measured on the
     tiny checkpoint; at dynamic shapes it compiles, and int8 3x3 convolutions compile either way. They are
     about 4% of SD v1's UNet weights (the transformers' proj_in and proj_out, the resnets' shortcuts)."""
-    nncf = require_nncf()
     ones = [
         op.get_friendly_name()
         for op in model.get_ops()
         if op.get_type_name() == "Convolution" and list(op.input_value(1).get_partial_shape())[2:] == [1, 1]
     ]
-    return nncf.compress_weights(
-        model,
-        mode=nncf.CompressWeightsMode.INT8_ASYM,
-        ignored_scope=nncf.IgnoredScope(names=ones),
-    )
+    return compress_weights(model, ones)
 
 
 def quantize_hybrid(model: ov.Model, feeds: list[dict[str, np.ndarray]]) -> ov.Model:

@@ -586,12 +586,12 @@ def openvino(precision: str) -> Callable[[CandidateContext], Engines]:
     def make(context: CandidateContext) -> Engines:
         from perf.compare import build_repository
         from python_backend.engines import OpenVinoEngines
-        from python_backend.ov_sessions import host_supports
+        from python_backend.ov_sessions import IR_PRECISION, host_supports
 
         if not host_supports(precision):
             raise SystemExit(f"perf.quality: this CPU does not run {precision} (it needs AVX512_BF16 or AMX)")
         args = ["--target", "openvino", "--precision", precision]
-        if precision.startswith("int8-hybrid") and context.calibration_samples is not None:
+        if IR_PRECISION[precision] == "int8-hybrid" and context.calibration_samples is not None:
             args += ["--calibration-samples", str(context.calibration_samples)]
         repo = build_repository(
             context.checkpoint, context.work_dir, f"repository-openvino-{precision}", *args

@@ -250,7 +250,6 @@ def check_engines(
 
 IR_FILE = "model.xml"  # python_backend.ov_sessions.IR_FILE (importing it imports OpenVINO)
 DEFAULT_OPENVINO_CACHE = "openvino"  # under default_cache_dir(): compiled models, per host
-_PRECISION_PARAMETER = re.compile(r'key:\s*"precision"\s*value\s*\{\s*string_value:\s*"([^"]+)"')
 _OPENVINO_BACKEND = re.compile(r'backend:\s*"openvino"')
 _HINT_BF16 = re.compile(r'key:\s*"HINT_BF16"')
 
@@ -267,16 +266,16 @@ def openvino_engines(repository: Path) -> dict[str, OpenVinoEngine]:
     found = {}
     for ir in sorted(repository.glob(f"*/*/{IR_FILE}")):
         model_dir = ir.parent.parent
+        if not ir.parent.name.isdigit():
+            continue
         try:
             config = (model_dir / "config.pbtxt").read_text()
         except OSError:
             continue
-        if not ir.parent.name.isdigit():
-            continue
         if _OPENVINO_BACKEND.search(config):
             found[model_dir.name] = OpenVinoEngine("bf16" if _HINT_BF16.search(config) else "fp32", True)
-        elif match := _PRECISION_PARAMETER.search(config):
-            found[model_dir.name] = OpenVinoEngine(match[1], False)
+        elif precision := _string_parameter(config, "precision"):
+            found[model_dir.name] = OpenVinoEngine(precision, False)
     return found
 
 
@@ -324,7 +323,6 @@ CUDA_POOL_FLAG = "--cuda-memory-pool-byte-size"
 # Used when the repository's pipeline.json cannot be read (a repository build-engines did not write).
 DEFAULT_CUDA_POOL_MIB = 512
 _POOL_STEP_MIB = 64  # Triton's own default pool size; sizes are rounded up to multiples of it
-_MAX_CONCURRENT = re.compile(r'key:\s*"max_concurrent_requests"\s*value\s*\{\s*string_value:\s*"(\d+)"')
 
 
 def has_tensorrt_plans(repository: Path) -> bool:
@@ -370,8 +368,14 @@ def _max_concurrent_requests(model_dir: Path, default: int) -> int:
         config = (model_dir / "config.pbtxt").read_text()
     except OSError:
         return 0
-    match = _MAX_CONCURRENT.search(config)
-    return int(match[1]) if match else default
+    value = _string_parameter(config, "max_concurrent_requests")
+    return int(value) if value and value.isdigit() else default
+
+
+def _string_parameter(config: str, key: str) -> str | None:
+    """A model config's (config.pbtxt text) string parameter `key`, or None."""
+    match = re.search(rf'key:\s*"{re.escape(key)}"\s*value\s*\{{\s*string_value:\s*"([^"]*)"', config)
+    return match[1] if match else None
 
 
 # --------------------------------------------------------------------------------------------------------
